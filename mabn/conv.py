@@ -1,0 +1,40 @@
+"""Weight centralization (eq. 18): convolutions whose kernels have zero mean per output channel."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["CenConv2d"]
+
+
+class CenConv2d(nn.Conv2d):
+    """nn.Conv2d that convolves with its weight centralized per output channel (eq. 18).
+
+    ``W_bar = W - mean(W[o, :, :, :])`` for every output channel o: the mean runs over the input
+    channels of the group and the kernel window, so each output is a zero-mean combination of its
+    inputs. This compensates for the missing mean-centring of the modified normalization (section
+    4.2). Same constructor signature and the same state_dict keys (``weight``, ``bias``) as
+    nn.Conv2d: the stored parameter is the raw W; the centring happens inside forward and is part
+    of the autograd graph.
+    """
+
+    def centered_weight(self) -> torch.Tensor:
+        """The kernel actually convolved with: W minus its mean over (in, kh, kw) per output."""
+        w = self.weight
+        return w - w.mean(dim=(1, 2, 3), keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.centered_weight(), self.bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "CenConv2d":
+        """A CenConv2d with ``conv``'s hyper-parameters, sharing its weight and bias parameters."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                  conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                  conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+        new.weight = conv.weight
+        if conv.bias is not None:
+            new.bias = conv.bias
+        new.train(conv.training)
+        return new

@@ -1,0 +1,496 @@
+"""Batch normalization with configurable forward and backward statistics.
+
+One layer family, :class:`BatchStatNorm2d`, covers every normalization of the paper
+"Towards Stabilizing Batch Statistics in Backward Propagation of Batch Normalization"
+(Yan et al., ICLR 2020) and of its ablations (Tables 2 and 4): vanilla BN, BN on small
+normalization groups, Batch Renormalization (BRN), the modified (un-centred) form and
+Moving Average Batch Normalization (MABN). The named presets at the end of this file set the
+paper's defaults.
+
+Notation (one channel; all statistics are per channel)
+-------------------------------------------------------
+Forward, vanilla form (eq. 1-3)::
+
+    Y = (X - mu) / sqrt(v + eps),          Z = gamma * Y + beta
+
+Forward, modified form (eq. 15), no centring::
+
+    Y = X / sqrt(q + eps),   q = chi^2 = E[X^2]
+
+Backward (eq. 4-5; eq. 16 for the modified form, where g = 0)::
+
+    dL/dX = (dL/dY - g - Y * Psi) / sqrt(v + eps),   g = E[dL/dY],   Psi = E[Y * dL/dY]
+
+Exact semantics of a training forward/backward
+-----------------------------------------------
+Iteration ``t`` counts training forwards from 1 (``num_batches_tracked`` holds ``t`` after the
+forward). The incoming batch of N samples is split, in order, into ``N / b`` groups of ``b =
+norm_batch_size`` consecutive samples (appendix B.2); ``norm_batch_size=None`` means one group.
+For each group k:
+
+* batch statistics: vanilla ``mu_k`` and the biased variance ``v_k`` over the group's samples and
+  pixels (eq. 2); modified ``q_k`` = mean of ``x^2`` over the same elements (eq. 15).
+* SMA (eq. 13): every group's statistic is pushed, in batch order, into a window of the last
+  ``m = buffer_size`` group statistics that persists across iterations; group k's SMA is the mean
+  of the window entries ending with its own (fewer than m entries while the window fills). This is
+  the sliding alignment of the authors' code (groups k+1.. of the previous iteration and 0..k of
+  this one when m equals the number of groups). For the vanilla form the window holds (mu_k, v_k)
+  and the SMA variance is the mean of the group variances.
+* EMA (eq. 12): updated once per training forward, after use, with the mean over groups of the
+  batch statistics; ``alpha = momentum`` is the weight of the OLD value (torch's BatchNorm
+  momentum is ``1 - alpha``). The variance EMA stores the unbiased estimate ``v * n / (n - 1)``
+  (n = elements per group), as nn.BatchNorm2d does; chi^2 is stored as is. ``ema_init="first"``
+  starts the EMA at the first training batch's value (the authors' code), ``"torch"`` starts
+  from mean 0 / variance 1 like nn.BatchNorm2d.
+* ``s`` = the ``bp_stats`` statistic (batch, SMA or EMA); the layer computes
+  ``Y = (x - mu_s) / sqrt(v_s + eps)`` (modified: ``x / sqrt(q_s + eps)``).
+* ``f`` = the ``fp_stats`` statistic. Renormalization (eq. 14, eq. 19)::
+
+      r = clip(sqrt(v_s + eps) / sqrt(v_f + eps), 1 / r_max, r_max)
+      d = clip((mu_s - mu_f) / sqrt(v_f + eps), -d_max, d_max)      (vanilla only; modified d = 0)
+      Yhat = r * Y + d,   output = weight * Yhat + bias
+
+  so that, unclipped, the output is normalized by the ``fp_stats`` statistic. r and d carry no
+  gradient.
+* Backward (eq. 20): ``G = r * dL/dYhat``; the group's backward statistics ``g_k = mean(G)``
+  (vanilla only) and ``Psi_k = mean(Y * G)`` are computed, pushed into their own SMA window (same
+  alignment as the forward window) and their own EMA (updated once per backward, ema_init as
+  above); then ``dL/dx = (G - g_u - Y * Psi_u) / sqrt(v_s + eps)`` where ``(g_u, Psi_u)`` are the
+  group's own statistics when ``bp_stats="batch"`` (this is then the exact gradient of Y through
+  its batch statistics, eq. 4/16) and the SMA / EMA statistics otherwise. ``weight`` and ``bias``
+  get their exact gradients.
+* Warm-ups: while ``t <= warmup_iters`` both passes use the batch statistics and r = 1, d = 0;
+  while ``t <= renorm_warmup_iters``, r = 1 and d = 0. Windows and EMAs are updated throughout.
+
+Eval mode uses the EMA statistics: exactly
+``F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)`` (for the modified
+form ``running_mean`` stays 0 and ``running_var`` holds the EMA of chi^2), a per-channel affine map
+that folds into the preceding convolution and whose buffers load into a stock nn.BatchNorm2d.
+
+Implementation: every per-group computation is vectorized over a ``(groups, b, C, H, W)`` view of
+the input (no Python loop over groups or channels, no host-device synchronisation); the
+normalization and its eq. 20 backward are one autograd Function. Statistics are computed in
+float32 for half-precision inputs (autocast) and the output keeps the input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "BatchStatNorm2d",
+    "BatchNorm2d",
+    "BatchRenorm2d",
+    "ModifiedBatchNorm2d",
+    "MABN2d",
+    "FORMS",
+    "STATISTICS",
+]
+
+FORMS = ("vanilla", "modified")
+STATISTICS = ("batch", "ema", "sma")
+EMA_INITS = ("first", "torch")
+
+_RED = (1, 3, 4)  # reduction dims of the (groups, b, C, H, W) view
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _sliding_mean(window, valid, new):
+    """Simple moving averages of ``new`` (G, K, C) continuing ``window`` (m-1, K, C).
+
+    Group k's average is the mean of the valid entries among the last m of
+    ``cat(window, new)`` ending at ``new[k]``. ``valid`` (m-1,) marks the filled window rows (0/1).
+    Returns the averages (G, K, C) and the updated (window, valid).
+    """
+    m = window.shape[0] + 1
+    seq = torch.cat([window, new.to(window.dtype)], 0)
+    seq_valid = torch.cat([valid, valid.new_ones(new.shape[0])], 0)
+    sums = seq.unfold(0, m, 1).sum(-1)  # (G, K, C)
+    counts = seq_valid.unfold(0, m, 1).sum(-1)  # (G,)
+    sma = sums / counts[:, None, None]
+    keep = m - 1
+    return sma, seq[seq.shape[0] - keep:], seq_valid[seq_valid.shape[0] - keep:]
+
+
+def _ema_update(running, value, alpha, first):
+    """running <- alpha * running + (1 - alpha) * value, or value itself where ``first`` is true."""
+    value = value.to(running.dtype)
+    updated = running * alpha + value * (1.0 - alpha)
+    if first is not None:
+        updated = torch.where(first, value, updated)
+    running.copy_(updated)
+
+
+class _NormalizeAffine(torch.autograd.Function):
+    """``out = Y * a + c`` with ``Y = (x - shift) * inv_std`` per (group, channel), eq. 19/20.
+
+    ``a = weight * r`` and ``c = weight * d + bias`` are differentiable (they carry the affine
+    parameters' gradients); ``shift`` and ``inv_std`` are treated as constants, and the input
+    gradient is replaced by eq. 20 with the backward statistics chosen by ``layer.bp_stats``.
+    All tensors are shaped to broadcast against the (G, b, C, H, W) view ``xg``.
+    """
+
+    @staticmethod
+    def forward(ctx, xg, shift, inv_std, a, c, layer, warm):
+        y = (xg - shift) * inv_std if shift is not None else xg * inv_std
+        out = torch.addcmul(c, y, a)
+        ctx.save_for_backward(y, inv_std, a)
+        ctx.layer = layer
+        ctx.warm = warm
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, inv_std, a = ctx.saved_tensors
+        layer = ctx.layer
+        dout = dout.to(y.dtype)
+        n = y.shape[1] * y.shape[3] * y.shape[4]
+        sum_dout = dout.sum(_RED, keepdim=True)  # (G,1,C,1,1)
+        sum_dout_y = (dout * y).sum(_RED, keepdim=True)
+        # Backward batch statistics of each group, eq. 5 with G = a * dout = weight * r * dL/dZ.
+        psi_b = a * sum_dout_y / n
+        g_b = a * sum_dout / n if layer.form == "vanilla" else None
+        g_u, psi_u = layer._backward_statistics(g_b, psi_b, ctx.warm)
+        # Eq. 20: dL/dx = (G - g_u - Y * Psi_u) / sqrt(v_s + eps).
+        dx = dout * (a * inv_std) - y * (psi_u * inv_std)
+        if g_u is not None:
+            dx = dx - g_u * inv_std
+        return dx, None, None, sum_dout_y, sum_dout, None, None
+
+
+class BatchStatNorm2d(nn.Module):
+    """Normalization of 4-D inputs with configurable forward/backward statistics.
+
+    See the module docstring for the exact semantics and equation numbers.
+
+    Args:
+        num_features: channels C of the (N, C, H, W) input.
+        form: ``"vanilla"`` (centre by mu, scale by sigma; eq. 1) or ``"modified"`` (scale by
+            chi = sqrt(E[x^2]), no centring; eq. 15).
+        fp_stats: statistic the forward pass effectively normalizes with:
+            ``"batch"``, ``"ema"`` or ``"sma"`` (applied through renormalization r, d).
+        bp_stats: statistic used to compute Y and in the backward pass (eq. 4, 16, 20).
+        norm_batch_size: b, samples per normalization group (appendix B.2); None = whole batch.
+        momentum: the paper's alpha, weight of the OLD value in the EMA, in [0, 1)
+            (torch's momentum is 1 - alpha). 0.9 for BN/BRN, 0.98 for MABN.
+        buffer_size: m, SMA window length counted in normalization groups (>= 1).
+        eps: added to the variance / chi^2.
+        r_max: lambda; r is clipped to [1/r_max, r_max] (>= 1).
+        d_max: d is clipped to [-d_max, d_max] (vanilla form only, >= 0).
+        warmup_iters: iterations t <= warmup_iters use batch statistics in both passes, r=1, d=0.
+        renorm_warmup_iters: iterations t <= renorm_warmup_iters use r = 1, d = 0.
+        ema_init: ``"first"`` (EMA starts at the first value, as the authors' code) or
+            ``"torch"`` (starts at mean 0 / variance 1 / g 0 / Psi 0, as nn.BatchNorm2d).
+    """
+
+    _version = 1
+
+    def __init__(
+        self,
+        num_features: int,
+        form: str = "vanilla",
+        fp_stats: str = "batch",
+        bp_stats: str = "batch",
+        norm_batch_size: int | None = None,
+        momentum: float = 0.9,
+        buffer_size: int = 16,
+        eps: float = 1e-5,
+        r_max: float = 5.0,
+        d_max: float = 5.0,
+        warmup_iters: int = 0,
+        renorm_warmup_iters: int = 0,
+        ema_init: str = "first",
+    ):
+        super().__init__()
+        _check_choice("form", form, FORMS)
+        _check_choice("fp_stats", fp_stats, STATISTICS)
+        _check_choice("bp_stats", bp_stats, STATISTICS)
+        _check_choice("ema_init", ema_init, EMA_INITS)
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features={num_features!r} must be a positive integer")
+        if norm_batch_size is not None and (not isinstance(norm_batch_size, int) or norm_batch_size < 1):
+            raise ValueError(f"norm_batch_size={norm_batch_size!r} must be a positive integer or None")
+        if not isinstance(buffer_size, int) or buffer_size < 1:
+            raise ValueError(f"buffer_size={buffer_size!r} must be an integer >= 1")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum={momentum!r} must be in [0, 1) (it is the weight of the old value)")
+        if not eps > 0:
+            raise ValueError(f"eps={eps!r} must be > 0")
+        if not r_max >= 1.0:
+            raise ValueError(f"r_max={r_max!r} must be >= 1")
+        if not d_max >= 0.0:
+            raise ValueError(f"d_max={d_max!r} must be >= 0")
+        for name, value in (("warmup_iters", warmup_iters), ("renorm_warmup_iters", renorm_warmup_iters)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an integer >= 0")
+
+        self.num_features = num_features
+        self.form = form
+        self.fp_stats = fp_stats
+        self.bp_stats = bp_stats
+        self.norm_batch_size = norm_batch_size
+        self.momentum = float(momentum)
+        self.buffer_size = buffer_size
+        self.eps = float(eps)
+        self.r_max = float(r_max)
+        self.d_max = float(d_max)
+        self.warmup_iters = warmup_iters
+        self.renorm_warmup_iters = renorm_warmup_iters
+        self.ema_init = ema_init
+
+        k = 2 if form == "vanilla" else 1  # forward statistics per group: (mu, v) or (q,)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        # EMA of the forward statistics (eq. 12); names match nn.BatchNorm2d.
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        # EMA of the backward statistics g and Psi (used when bp_stats="ema").
+        self.register_buffer("running_g", torch.zeros(num_features))
+        self.register_buffer("running_psi", torch.zeros(num_features))
+        self.register_buffer("num_backward_tracked", torch.tensor(0, dtype=torch.long))
+        # SMA windows (eq. 13): the last m-1 group statistics, oldest first, and their validity.
+        self.register_buffer("fp_window", torch.zeros(buffer_size - 1, k, num_features))
+        self.register_buffer("fp_window_valid", torch.zeros(buffer_size - 1))
+        self.register_buffer("bp_window", torch.zeros(buffer_size - 1, k, num_features))
+        self.register_buffer("bp_window_valid", torch.zeros(buffer_size - 1))
+
+    # ------------------------------------------------------------------ state
+    def reset_running_stats(self) -> None:
+        """Zero the EMAs (variance to 1), the iteration counters and the SMA windows."""
+        for name in ("running_mean", "running_g", "running_psi", "num_batches_tracked",
+                     "num_backward_tracked", "fp_window", "fp_window_valid", "bp_window",
+                     "bp_window_valid"):
+            getattr(self, name).zero_()
+        self.running_var.fill_(1.0)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.num_features}, form={self.form}, fp_stats={self.fp_stats}, "
+             f"bp_stats={self.bp_stats}, norm_batch_size={self.norm_batch_size}, "
+             f"momentum={self.momentum}, eps={self.eps}")
+        if "sma" in (self.fp_stats, self.bp_stats):
+            s += f", buffer_size={self.buffer_size}"
+        if self.fp_stats != self.bp_stats:
+            s += f", r_max={self.r_max}"
+            if self.form == "vanilla":
+                s += f", d_max={self.d_max}"
+        if self.warmup_iters or self.renorm_warmup_iters:
+            s += f", warmup_iters={self.warmup_iters}, renorm_warmup_iters={self.renorm_warmup_iters}"
+        return s
+
+    # ------------------------------------------------------------------ helpers
+    def _groups(self, x: torch.Tensor) -> int:
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"input has {x.shape[1]} channels but num_features={self.num_features}")
+        n = x.shape[0]
+        b = self.norm_batch_size or n
+        if n % b != 0:
+            raise ValueError(f"batch size {n} is not divisible by norm_batch_size={b}")
+        if self.form == "vanilla" and b * x.shape[2] * x.shape[3] < 2:
+            raise ValueError(f"vanilla normalization needs more than 1 value per channel in a group "
+                             f"(norm_batch_size={b}, input shape {tuple(x.shape)})")
+        return n // b
+
+    def _select(self, which, batch, sma, ema):
+        return {"batch": batch, "sma": sma, "ema": ema}[which]
+
+    def _ema(self):
+        if self.form == "vanilla":
+            return torch.stack([self.running_mean, self.running_var])[None]  # (1, 2, C)
+        return self.running_var[None, None]  # (1, 1, C)
+
+    def _warm(self, limit: int):
+        """0-dim bool tensor "t <= limit" for the current forward (None when limit is 0)."""
+        if limit <= 0:
+            return None
+        return self.num_batches_tracked < limit  # t = num_batches_tracked + 1 before the update
+
+    def _backward_statistics(self, g_b, psi_b, warm):
+        """Push the groups' backward statistics into their SMA window and EMA, return (g_u, Psi_u).
+
+        ``g_b``/``psi_b`` are (G, 1, C, 1, 1); the returned statistics broadcast to the same shape.
+        Called once per backward of a training forward (eq. 13 and eq. 20).
+        """
+        with torch.no_grad():
+            stats = psi_b if g_b is None else torch.cat([g_b, psi_b], 1)  # (G, K, C, 1, 1)
+            stats = stats[..., 0, 0]
+            sma = None
+            if self.bp_stats == "sma":
+                sma, window, valid = _sliding_mean(self.bp_window, self.bp_window_valid, stats)
+                self.bp_window.copy_(window)
+                self.bp_window_valid.copy_(valid)
+            mean = stats.mean(0)
+            first = self.num_backward_tracked == 0 if self.ema_init == "first" else None
+            # EMA statistics used by this backward are those of the previous backwards
+            # (EMA "after use"), except on the very first backward with ema_init="first".
+            if self.bp_stats == "ema":
+                ema_before = torch.stack([self.running_g, self.running_psi])[None]
+                if first is not None:
+                    ema_before = torch.where(first, torch.stack([mean[0], mean[-1]])[None].to(ema_before.dtype), ema_before)
+            if g_b is not None:
+                _ema_update(self.running_g, mean[0], self.momentum, first)
+            _ema_update(self.running_psi, mean[-1], self.momentum, first)
+            self.num_backward_tracked.add_(1)
+            if self.bp_stats == "batch":
+                u = stats
+            elif self.bp_stats == "sma":
+                u = sma.to(stats.dtype)
+            else:
+                u = ema_before.to(stats.dtype)
+                if g_b is None:
+                    u = u[:, 1:]
+            if warm is not None and self.bp_stats != "batch":
+                u = torch.where(warm, stats, u)
+            u = u[..., None, None]
+            if g_b is None:
+                return None, u[:, 0:1]
+            return u[:, 0:1], u[:, 1:2]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            if x.dim() != 4:
+                raise ValueError(f"{type(self).__name__} expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps)
+        return self._forward_train(x)
+
+    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self._groups(x)
+        n, c, h, w = x.shape
+        in_dtype = x.dtype
+        # Statistics in at least float32 (autocast / half inputs), output in the input's dtype.
+        compute_dtype = torch.promote_types(in_dtype, torch.float32)
+        xg = x.to(compute_dtype).view(groups, n // groups, c, h, w)
+        count = xg.shape[1] * h * w
+        vanilla = self.form == "vanilla"
+
+        with torch.no_grad():
+            # Batch statistics of every group (eq. 2 / eq. 15), shape (G, K, C).
+            if vanilla:
+                var, mean = torch.var_mean(xg, dim=_RED, correction=0)
+                batch = torch.stack([mean, var], 1)
+            else:
+                batch = (torch.linalg.vector_norm(xg, 2, dim=_RED) ** 2 / count)[:, None]
+            sma = None
+            if "sma" in (self.fp_stats, self.bp_stats):
+                sma, window, valid = _sliding_mean(self.fp_window, self.fp_window_valid, batch)
+                sma = sma.to(compute_dtype)
+            # The value the EMA takes in this iteration: mean over groups, unbiased variance.
+            ema_value = batch.mean(0, keepdim=True)  # (1, K, C)
+            if vanilla:
+                ema_value = ema_value * ema_value.new_tensor([1.0, count / (count - 1)])[:, None]
+            ema = self._ema().to(compute_dtype)
+            first = self.num_batches_tracked == 0 if self.ema_init == "first" else None
+            if first is not None and "ema" in (self.fp_stats, self.bp_stats):
+                ema = torch.where(first, ema_value, ema)
+
+            s = self._select(self.bp_stats, batch, sma, ema)
+            f = self._select(self.fp_stats, batch, sma, ema)
+            warm = self._warm(self.warmup_iters)
+            if warm is not None:
+                s = torch.where(warm, batch, s)
+                f = torch.where(warm, batch, f)
+            s = s.expand(groups, -1, -1)
+            inv_std_s = torch.rsqrt(s[:, -1] + self.eps)  # (G, C)
+            shift = s[:, 0] if vanilla else None
+            # Renormalization (eq. 14 / 19); r = 1, d = 0 when s and f are the same statistic.
+            r = d = None
+            if self.fp_stats != self.bp_stats or warm is not None:
+                inv_std_f = torch.rsqrt(f[:, -1] + self.eps)
+                r = ((s[:, -1] + self.eps).sqrt() * inv_std_f).clamp(1.0 / self.r_max, self.r_max)
+                if vanilla:
+                    d = ((s[:, 0] - f[:, 0]) * inv_std_f).clamp(-self.d_max, self.d_max)
+                off = self._warm(max(self.warmup_iters, self.renorm_warmup_iters))
+                if off is not None:
+                    r = torch.where(off, torch.ones_like(r), r)
+                    if d is not None:
+                        d = torch.where(off, torch.zeros_like(d), d)
+
+        # Affine coefficients per (group, channel): out = Y * a + c, a = weight*r, c = weight*d + bias.
+        weight = self.weight.to(compute_dtype)
+        bias = self.bias.to(compute_dtype)
+        a = weight.expand(groups, c) if r is None else weight * r
+        c_ = bias.expand(groups, c) if d is None else torch.addcmul(bias, weight, d)
+
+        def bc(t):  # (G, C) -> (G, 1, C, 1, 1)
+            return t[:, None, :, None, None]
+
+        out = _NormalizeAffine.apply(
+            xg, None if shift is None else bc(shift), bc(inv_std_s), bc(a), bc(c_), self, warm
+        )
+
+        with torch.no_grad():
+            # SMA window and EMA updates, after use (eq. 12, 13).
+            if sma is not None:
+                self.fp_window.copy_(window)
+                self.fp_window_valid.copy_(valid)
+            if vanilla:
+                _ema_update(self.running_mean, ema_value[0, 0], self.momentum, first)
+            _ema_update(self.running_var, ema_value[0, -1], self.momentum, first)
+            self.num_batches_tracked.add_(1)
+
+        return out.reshape(n, c, h, w).to(in_dtype)
+
+
+# ---------------------------------------------------------------------- presets
+class BatchNorm2d(BatchStatNorm2d):
+    """Vanilla BN (eq. 1-5) on normalization groups of ``norm_batch_size`` samples.
+
+    With ``norm_batch_size=None`` it equals nn.BatchNorm2d (torch momentum = 1 - momentum),
+    including the running statistics (``ema_init="torch"``).
+    """
+
+    def __init__(self, num_features, norm_batch_size=None, momentum=0.9, eps=1e-5, **kwargs):
+        kwargs.setdefault("ema_init", "torch")
+        super().__init__(num_features, form="vanilla", fp_stats="batch", bp_stats="batch",
+                         norm_batch_size=norm_batch_size, momentum=momentum, eps=eps, **kwargs)
+
+
+class BatchRenorm2d(BatchStatNorm2d):
+    """Batch Renormalization (Ioffe 2017; eq. 14): vanilla form, EMA in the forward pass, batch
+    statistics in the backward pass, r clipped to [1/r_max, r_max] and d to [-d_max, d_max]."""
+
+    def __init__(self, num_features, norm_batch_size=None, momentum=0.9, r_max=3.0, d_max=5.0,
+                 renorm_warmup_iters=100, **kwargs):
+        super().__init__(num_features, form="vanilla", fp_stats="ema", bp_stats="batch",
+                         norm_batch_size=norm_batch_size, momentum=momentum, r_max=r_max,
+                         d_max=d_max, renorm_warmup_iters=renorm_warmup_iters, **kwargs)
+
+
+class ModifiedBatchNorm2d(BatchStatNorm2d):
+    """The modified normalization of eq. 15-16: x / sqrt(E[x^2] + eps), batch statistics."""
+
+    def __init__(self, num_features, norm_batch_size=None, momentum=0.9, **kwargs):
+        super().__init__(num_features, form="modified", fp_stats="batch", bp_stats="batch",
+                         norm_batch_size=norm_batch_size, momentum=momentum, **kwargs)
+
+
+class MABN2d(BatchStatNorm2d):
+    """Moving Average Batch Normalization (eq. 19-20), a drop-in for nn.BatchNorm2d.
+
+    Modified form; the forward pass normalizes with the EMA of chi^2 (momentum alpha = 0.98)
+    through r = clip(chi_SMA / chi_EMA, 1/r_max, r_max); Y and the backward pass use the SMA over
+    the last ``buffer_size`` = 16 normalization groups of chi^2 and Psi. r = 1 for the first
+    ``renorm_warmup_iters`` iterations. Pair it with :class:`mabn.CenConv2d` (eq. 18).
+    """
+
+    def __init__(self, num_features, norm_batch_size=None, momentum=0.98, buffer_size=16,
+                 r_max=5.0, renorm_warmup_iters=100, **kwargs):
+        super().__init__(num_features, form="modified", fp_stats="ema", bp_stats="sma",
+                         norm_batch_size=norm_batch_size, momentum=momentum,
+                         buffer_size=buffer_size, r_max=r_max,
+                         renorm_warmup_iters=renorm_warmup_iters, **kwargs)
