@@ -1,0 +1,452 @@
+"""Numerical tests of the normalization family against independent computations.
+
+References used here: torch's nn.BatchNorm2d, torch.autograd.gradcheck (finite differences), and
+an explicit loop-based float64 re-implementation of the paper's equations (``LoopReference``)
+written from the formulas, group by group and iteration by iteration.
+"""
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mabn
+from mabn import BatchStatNorm2d
+
+D = torch.float64
+
+
+def make_input(n=8, c=3, h=4, w=4, seed=0, scale=2.0, offset=0.5):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, c, h, w, generator=g, dtype=D) * scale + offset)
+
+
+# --------------------------------------------------------------------------- BN equivalence
+def test_vanilla_one_group_equals_torch_batchnorm():
+    ours = mabn.BatchNorm2d(5, momentum=0.9).double()
+    ref = nn.BatchNorm2d(5, momentum=0.1).double()  # torch momentum = 1 - alpha
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(torch.linspace(0.5, 1.5, 5))
+            m.bias.copy_(torch.linspace(-1, 1, 5))
+    for it in range(4):
+        x = make_input(6, 5, 3, 3, seed=it).requires_grad_()
+        up = make_input(6, 5, 3, 3, seed=100 + it)
+        y1, y2 = ours(x), ref(x)
+        torch.testing.assert_close(y1, y2, rtol=0, atol=1e-12)
+        g1 = torch.autograd.grad(y1, (x, ours.weight, ours.bias), up)
+        g2 = torch.autograd.grad(y2, (x, ref.weight, ref.bias), up)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=0, atol=1e-14)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=0, atol=1e-13)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 4
+    ours.eval(), ref.eval()
+    x = make_input(3, 5, 3, 3, seed=9)
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-12)
+
+
+def test_groups_equal_separate_batchnorm_calls():
+    b, groups = 2, 4
+    ours = mabn.BatchNorm2d(3, norm_batch_size=b, momentum=0.9).double()
+    refs = [nn.BatchNorm2d(3, momentum=0.1).double() for _ in range(groups)]
+    x = make_input(b * groups, 3, 5, 5).requires_grad_()
+    up = make_input(b * groups, 3, 5, 5, seed=1)
+    y = ours(x)
+    chunks = [x[k * b:(k + 1) * b] for k in range(groups)]
+    y_ref = torch.cat([m(ch) for m, ch in zip(refs, chunks)])
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    gx, gw, gb = torch.autograd.grad(y, (x, ours.weight, ours.bias), up)
+    params = [p for m in refs for p in (m.weight, m.bias)]
+    grads = torch.autograd.grad(y_ref, [x] + params, up)
+    torch.testing.assert_close(gx, grads[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(gw, sum(grads[1::2]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(gb, sum(grads[2::2]), rtol=0, atol=1e-12)
+    # The EMA is updated with the mean over groups of the batch statistics.
+    torch.testing.assert_close(ours.running_mean, torch.stack([m.running_mean for m in refs]).mean(0))
+    torch.testing.assert_close(ours.running_var, torch.stack([m.running_var for m in refs]).mean(0))
+
+
+@pytest.mark.parametrize("form", ["vanilla", "modified"])
+@pytest.mark.parametrize("b", [None, 2])
+def test_batch_statistics_gradcheck(form, b):
+    layer = BatchStatNorm2d(3, form=form, norm_batch_size=b).double()
+    x = make_input(4, 3, 3, 3).requires_grad_()
+    w = torch.linspace(0.5, 2.0, 3, dtype=D).requires_grad_()
+    bias = torch.linspace(-1.0, 1.0, 3, dtype=D).requires_grad_()
+
+    def fn(x, w, bias):  # weight and bias as graph inputs
+        return torch.func.functional_call(layer, {"weight": w, "bias": bias}, (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, w, bias))
+
+
+def test_modified_form_formula():
+    layer = mabn.ModifiedBatchNorm2d(3, norm_batch_size=2).double()
+    x = make_input(4, 3, 2, 2)
+    y = layer(x)
+    for k in range(2):
+        xk = x[2 * k:2 * k + 2]
+        q = (xk ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        torch.testing.assert_close(y[2 * k:2 * k + 2], xk / torch.sqrt(q + 1e-5))
+
+
+# --------------------------------------------------------------------------- loop reference
+class LoopReference:
+    """Explicit, group-by-group float64 implementation of the layer's documented semantics."""
+
+    def __init__(self, C, form, fp, bp, b, alpha, m, eps, r_max, d_max, warmup, renorm_warmup, ema_init):
+        self.__dict__.update(C=C, form=form, fp=fp, bp=bp, b=b, alpha=alpha, m=m, eps=eps,
+                             r_max=r_max, d_max=d_max, warmup=warmup, renorm_warmup=renorm_warmup,
+                             ema_init=ema_init)
+        self.t = 0
+        self.fp_hist = []  # every group statistic ever pushed, in order
+        self.bp_hist = []
+        self.ema = None if ema_init == "first" else {"mu": torch.zeros(C, dtype=D), "v": torch.ones(C, dtype=D)}
+        self.bp_ema = None if ema_init == "first" else {"g": torch.zeros(C, dtype=D), "psi": torch.zeros(C, dtype=D)}
+
+    def _ema_step(self, ema, new):
+        if ema is None:
+            return dict(new)
+        return {k: self.alpha * ema[k] + (1 - self.alpha) * new[k] for k in ema}
+
+    def forward(self, x, weight, bias):
+        self.t += 1
+        N, C, H, W = x.shape
+        b = self.b or N
+        G = N // b
+        n = b * H * W
+        vanilla = self.form == "vanilla"
+        per_group = []
+        for k in range(G):
+            xk = x[k * b:(k + 1) * b]
+            if vanilla:
+                mu = xk.mean(dim=(0, 2, 3))
+                v = ((xk - mu[None, :, None, None]) ** 2).mean(dim=(0, 2, 3))
+            else:
+                mu = torch.zeros(C, dtype=D)
+                v = (xk ** 2).mean(dim=(0, 2, 3))
+            self.fp_hist.append((mu, v))
+            win = self.fp_hist[-self.m:]
+            sma = (sum(e[0] for e in win) / len(win), sum(e[1] for e in win) / len(win))
+            per_group.append({"batch": (mu, v), "sma": sma})
+        new = {"mu": sum(p["batch"][0] for p in per_group) / G,
+               "v": sum(p["batch"][1] for p in per_group) / G * (n / (n - 1) if vanilla else 1.0)}
+        ema_used = self.ema if self.ema is not None else new
+        warm = self.t <= self.warmup
+        off = self.t <= max(self.warmup, self.renorm_warmup)
+        outs, cache = [], []
+        for k in range(G):
+            xk = x[k * b:(k + 1) * b]
+            stats = dict(per_group[k], ema=(ema_used["mu"], ema_used["v"]))
+            mu_s, v_s = stats["batch" if warm else self.bp]
+            mu_f, v_f = stats["batch" if warm else self.fp]
+            if not vanilla:
+                mu_s = mu_f = torch.zeros(C, dtype=D)
+            sig_s, sig_f = torch.sqrt(v_s + self.eps), torch.sqrt(v_f + self.eps)
+            Y = (xk - mu_s[None, :, None, None]) / sig_s[None, :, None, None]
+            if off:
+                r, d = torch.ones(C, dtype=D), torch.zeros(C, dtype=D)
+            else:
+                r = torch.clamp(sig_s / sig_f, 1 / self.r_max, self.r_max)
+                d = torch.clamp((mu_s - mu_f) / sig_f, -self.d_max, self.d_max)
+                if not vanilla:
+                    d = torch.zeros(C, dtype=D)
+            bcast = lambda t: t[None, :, None, None]
+            Yhat = bcast(r) * Y + bcast(d)
+            outs.append(bcast(weight) * Yhat + bcast(bias))
+            cache.append((Y, Yhat, r, sig_s))
+        self.ema = self._ema_step(self.ema, new)
+        return torch.cat(outs), (cache, warm, b, G)
+
+    def backward(self, dout, weight, state):
+        cache, warm, b, G = state
+        vanilla = self.form == "vanilla"
+        bcast = lambda t: t[None, :, None, None]
+        gs = []
+        for k in range(G):
+            Y, Yhat, r, sig = cache[k]
+            Gk = dout[k * b:(k + 1) * b] * bcast(weight * r)
+            g = Gk.mean(dim=(0, 2, 3)) if vanilla else torch.zeros(self.C, dtype=D)
+            psi = (Gk * Y).mean(dim=(0, 2, 3))
+            self.bp_hist.append((g, psi))
+            win = self.bp_hist[-self.m:]
+            gs.append({"G": Gk, "batch": (g, psi),
+                       "sma": (sum(e[0] for e in win) / len(win), sum(e[1] for e in win) / len(win))})
+        new = {"g": sum(p["batch"][0] for p in gs) / G, "psi": sum(p["batch"][1] for p in gs) / G}
+        ema_used = self.bp_ema if self.bp_ema is not None else new
+        dx = []
+        for k in range(G):
+            Y, Yhat, r, sig = cache[k]
+            stats = dict(gs[k], ema=(ema_used["g"], ema_used["psi"]))
+            g_u, psi_u = stats["batch" if warm else self.bp]
+            dx.append((gs[k]["G"] - bcast(g_u) - Y * bcast(psi_u)) / bcast(sig))
+        self.bp_ema = self._ema_step(self.bp_ema, new)
+        dw = sum((dout[k * b:(k + 1) * b] * cache[k][1]).sum(dim=(0, 2, 3)) for k in range(G))
+        return torch.cat(dx), dw, dout.sum(dim=(0, 2, 3))
+
+    def ema_buffers(self):
+        return self.ema, self.bp_ema
+
+
+COMBOS = [(form, fp, bp) for form in ("vanilla", "modified")
+          for fp, bp in itertools.product(("batch", "ema", "sma"), repeat=2)]
+
+
+@pytest.mark.parametrize("form,fp,bp", COMBOS)
+@pytest.mark.parametrize("ema_init", ["first", "torch"])
+def test_matches_loop_reference_over_iterations(form, fp, bp, ema_init):
+    C, b, m, iters = 3, 2, 5, 9  # 4 groups per batch: the window of 5 wraps across iterations
+    kw = dict(form=form, fp_stats=fp, bp_stats=bp, norm_batch_size=b, momentum=0.8, buffer_size=m,
+              eps=1e-5, r_max=1.15, d_max=0.2, warmup_iters=2, renorm_warmup_iters=4, ema_init=ema_init)
+    layer = BatchStatNorm2d(C, **kw).double()
+    ref = LoopReference(C, form, fp, bp, b, 0.8, m, 1e-5, 1.15, 0.2, 2, 4, ema_init)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.7, 1.3, -0.4]))
+        layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    assert iters >= m + 3
+    for it in range(iters):
+        # A drifting input distribution so that batch, SMA and EMA statistics differ.
+        x = make_input(8, C, 3, 3, seed=it, scale=1.0 + 0.3 * it, offset=0.2 * it).requires_grad_()
+        up = make_input(8, C, 3, 3, seed=1000 + it)
+        y = layer(x)
+        y_ref, state = ref.forward(x.detach(), layer.weight.detach(), layer.bias.detach())
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10, msg=f"output, iteration {it + 1}")
+        gx, gw, gb = torch.autograd.grad(y, (x, layer.weight, layer.bias), up)
+        rx, rw, rb = ref.backward(up, layer.weight.detach(), state)
+        torch.testing.assert_close(gx, rx, rtol=1e-10, atol=1e-10, msg=f"dL/dx, iteration {it + 1}")
+        torch.testing.assert_close(gw, rw, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(gb, rb, rtol=1e-10, atol=1e-10)
+    ema, bp_ema = ref.ema_buffers()
+    if form == "vanilla":
+        torch.testing.assert_close(layer.running_mean, ema["mu"])
+        torch.testing.assert_close(layer.running_g, bp_ema["g"])
+    else:
+        assert torch.count_nonzero(layer.running_mean) == 0
+    torch.testing.assert_close(layer.running_var, ema["v"])
+    torch.testing.assert_close(layer.running_psi, bp_ema["psi"])
+    assert int(layer.num_batches_tracked) == iters
+
+
+def test_bp_sma_is_not_batch_gradient():
+    """Guard against a test that cannot fail: SMA backward differs from the exact gradient."""
+    torch.manual_seed(0)
+    kw = dict(form="modified", fp_stats="sma", norm_batch_size=2, buffer_size=4)
+    a = BatchStatNorm2d(3, bp_stats="sma", **kw).double()
+    bl = BatchStatNorm2d(3, bp_stats="batch", **kw).double()
+    for it in range(3):
+        x = make_input(4, 3, 3, 3, seed=it, scale=1 + it).requires_grad_()
+        up = make_input(4, 3, 3, 3, seed=50 + it)
+        ga = torch.autograd.grad(a(x), x, up)[0]
+        gb = torch.autograd.grad(bl(x), x, up)[0]
+    assert (ga - gb).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------- renormalization
+def test_r_d_identity_during_warmup_then_clipped():
+    layer = mabn.BatchRenorm2d(2, momentum=0.9, r_max=2.0, d_max=0.5, renorm_warmup_iters=3).double()
+    bn = BatchStatNorm2d(2).double()  # batch statistics reference
+    x = make_input(4, 2, 3, 3)
+    for it in range(3):  # t = 1..3: r = 1, d = 0 -> identical to BN with batch statistics
+        torch.testing.assert_close(layer(x), bn(x), rtol=0, atol=1e-12)
+    # Make the EMA far from the batch: sigma_EMA = 10 sigma_B, mu_EMA far away.
+    with torch.no_grad():
+        mu = x.mean(dim=(0, 2, 3))
+        v = x.var(dim=(0, 2, 3), unbiased=False)
+        layer.running_var.copy_(100 * (v + 1e-5) - 1e-5)
+        layer.running_mean.copy_(mu - 10 * torch.sqrt(v + 1e-5))
+    y = layer(x)  # t = 4
+    Y = (x - mu[None, :, None, None]) / torch.sqrt(v + 1e-5)[None, :, None, None]
+    # r = sigma_B / sigma_EMA = 0.1 -> clipped to 1/2; d = (mu_B - mu_EMA)/sigma_EMA = 1 -> 0.5.
+    torch.testing.assert_close(y, 0.5 * Y + 0.5, rtol=0, atol=1e-10)
+    # Unclipped case: r, d as computed from the formula.
+    layer2 = mabn.BatchRenorm2d(2, momentum=0.9, r_max=5.0, d_max=5.0, renorm_warmup_iters=0).double()
+    with torch.no_grad():
+        layer2.running_var.fill_(2.0)
+        layer2.running_mean.fill_(0.3)
+        layer2.num_batches_tracked.fill_(10)
+    y2 = layer2(x)
+    sig_f = torch.sqrt(torch.tensor(2.0 + 1e-5, dtype=D))
+    expected = (x - 0.3) / sig_f
+    torch.testing.assert_close(y2, expected, rtol=0, atol=1e-10)
+
+
+def test_brn_with_unit_clip_equals_bn():
+    brn = mabn.BatchRenorm2d(3, norm_batch_size=2, r_max=1.0, d_max=0.0, renorm_warmup_iters=0).double()
+    bn = mabn.BatchNorm2d(3, norm_batch_size=2, ema_init="first").double()
+    for it in range(4):
+        x = make_input(6, 3, 3, 3, seed=it, scale=1 + it).requires_grad_()
+        up = make_input(6, 3, 3, 3, seed=20 + it)
+        y1, y2 = brn(x), bn(x)
+        torch.testing.assert_close(y1, y2, rtol=0, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(y1, (x, brn.weight), up), torch.autograd.grad(y2, (x, bn.weight), up)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(brn.running_var, bn.running_var)
+
+
+def test_mabn_renorm_uses_ema_over_sma():
+    """After the warm-up, MABN output = x / sqrt(EMA + eps) (unclipped), as eq. 19 intends."""
+    layer = mabn.MABN2d(2, norm_batch_size=2, buffer_size=4, renorm_warmup_iters=1).double()
+    x = make_input(4, 2, 3, 3)
+    layer(x)  # t = 1
+    ema = layer.running_var.clone()
+    y = layer(x)  # t = 2: forward normalizes with the EMA (before this iteration's update)
+    torch.testing.assert_close(y, x / torch.sqrt(ema + 1e-5)[None, :, None, None], rtol=0, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- state, eval, conv
+def test_state_dict_round_trip_continues_bit_identically():
+    torch.manual_seed(0)
+    a = mabn.MABN2d(3, norm_batch_size=2, buffer_size=5, renorm_warmup_iters=2)
+    for it in range(4):
+        x = torch.randn(6, 3, 4, 4, requires_grad=True)
+        a(x).pow(2).sum().backward()
+    b = mabn.MABN2d(3, norm_batch_size=2, buffer_size=5, renorm_warmup_iters=2)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    a.zero_grad(set_to_none=True)
+    names = {n for n, _ in a.named_buffers()}
+    assert {"fp_window", "bp_window", "fp_window_valid", "running_psi", "num_backward_tracked"} <= names
+    for it in range(3):
+        x = torch.randn(6, 3, 4, 4)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = a(xa), b(xb)
+        assert torch.equal(ya, yb)
+        ya.pow(2).sum().backward()
+        yb.pow(2).sum().backward()
+        assert torch.equal(xa.grad, xb.grad)
+        assert torch.equal(a.weight.grad, b.weight.grad)
+        a.zero_grad(set_to_none=True), b.zero_grad(set_to_none=True)
+    for (n1, t1), (n2, t2) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2), n1
+
+
+@pytest.mark.parametrize("preset", ["BatchNorm2d", "BatchRenorm2d", "ModifiedBatchNorm2d", "MABN2d"])
+def test_eval_is_the_folded_affine_map(preset):
+    layer = getattr(mabn, preset)(4, norm_batch_size=2).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2)
+        layer.bias.uniform_(-1, 1)
+    for it in range(3):
+        layer(make_input(4, 4, 3, 3, seed=it)).sum().backward()
+    layer.eval()
+    x = make_input(3, 4, 3, 3, seed=7)
+    scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
+    shift = layer.bias - layer.running_mean * scale
+    torch.testing.assert_close(layer(x), x * scale[None, :, None, None] + shift[None, :, None, None],
+                               rtol=0, atol=1e-12)
+    # The modified form keeps running_mean at 0 and running_var = EMA of chi^2.
+    if preset in ("ModifiedBatchNorm2d", "MABN2d"):
+        assert torch.count_nonzero(layer.running_mean) == 0
+
+
+def test_cenconv_equals_conv_with_centred_weights():
+    torch.manual_seed(0)
+    conv = mabn.CenConv2d(4, 6, 3, padding=1, bias=True).double()
+    x = torch.randn(2, 4, 5, 5, dtype=D)
+    w = conv.weight.detach().clone()
+    centred = torch.empty_like(w)
+    for o in range(w.shape[0]):  # explicit per-output-channel mean
+        centred[o] = w[o] - w[o].sum() / w[o].numel()
+    torch.testing.assert_close(conv(x), F.conv2d(x, centred, conv.bias, padding=1), rtol=0, atol=1e-12)
+    assert set(conv.state_dict()) == set(nn.Conv2d(4, 6, 3).state_dict())
+    assert torch.autograd.gradcheck(lambda inp: conv(inp), (x[:1, :, :3, :3].clone().requires_grad_(),))
+
+
+# --------------------------------------------------------------------------- dtypes, layouts
+def test_channels_last_and_float32_match_float64():
+    x64 = make_input(8, 3, 5, 5)
+    up64 = make_input(8, 3, 5, 5, seed=3)
+    layers = [mabn.MABN2d(3, norm_batch_size=2, renorm_warmup_iters=1).double(),
+              mabn.MABN2d(3, norm_batch_size=2, renorm_warmup_iters=1)]
+    for it in range(3):
+        outs = []
+        for layer, dtype, fmt in ((layers[0], D, torch.contiguous_format), (layers[1], torch.float32, torch.channels_last)):
+            x = x64.to(dtype).to(memory_format=fmt).requires_grad_()
+            y = layer(x)
+            assert y.dtype == dtype and y.shape == x.shape
+            if fmt is torch.channels_last:
+                assert y.is_contiguous(memory_format=torch.channels_last)
+            (gx,) = torch.autograd.grad(y, x, up64.to(dtype))
+            outs.append((y.double(), gx.double()))
+        torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_keeps_float32_statistics():
+    layer = mabn.MABN2d(3, norm_batch_size=2)
+    x = torch.randn(4, 3, 4, 4).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.running_var.dtype == torch.float32 and layer.fp_window.dtype == torch.float32
+    assert torch.isfinite(x.grad).all()
+
+
+# --------------------------------------------------------------------------- builders
+def test_build_norm_layers_and_momentum_conversion():
+    bn = mabn.build_norm(8, layer="bn", momentum=0.9)
+    assert type(bn) is nn.BatchNorm2d and bn.momentum == pytest.approx(0.1)
+    gn = mabn.build_norm(8, layer="gn", num_groups=4)
+    assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 4
+    assert isinstance(mabn.build_norm(8, layer="syncbn"), nn.SyncBatchNorm)
+    layer = mabn.build_norm(8, form="modified", fp_stats="ema", bp_stats="sma", norm_batch_size=2,
+                            momentum=0.98, buffer_size=16)
+    assert (layer.form, layer.fp_stats, layer.bp_stats, layer.norm_batch_size, layer.momentum,
+            layer.buffer_size) == ("modified", "ema", "sma", 2, 0.98, 16)
+
+
+def test_convert_model_swaps_layers_and_keeps_weights():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():
+        model.layer1[0].bn1.weight.uniform_()
+    w_bn = model.layer1[0].bn1.weight.clone()
+    w_conv = model.conv1.weight.clone()
+    n_bn = sum(type(m) is nn.BatchNorm2d for m in model.modules())
+    n_conv = sum(type(m) is nn.Conv2d for m in model.modules())
+    mabn.convert_model(model, dict(form="modified", fp_stats="ema", bp_stats="sma", norm_batch_size=2,
+                                   momentum=0.98), weight_centralization=True)
+    assert sum(isinstance(m, BatchStatNorm2d) for m in model.modules()) == n_bn
+    assert sum(isinstance(m, mabn.CenConv2d) for m in model.modules()) == n_conv
+    assert not any(type(m) in (nn.BatchNorm2d, nn.Conv2d) for m in model.modules())
+    assert torch.equal(model.layer1[0].bn1.weight, w_bn) and torch.equal(model.conv1.weight, w_conv)
+    out = model(torch.randn(4, 3, 32, 32))
+    out.sum().backward()
+    assert out.shape == (4, 10) and model.conv1.weight.grad is not None
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(form="centred"), "form='centred'"),
+    (dict(fp_stats="median"), "fp_stats='median'"),
+    (dict(bp_stats="EMA"), "bp_stats='EMA'"),
+    (dict(buffer_size=0), "buffer_size=0"),
+    (dict(momentum=1.0), "momentum=1.0"),
+    (dict(momentum=-0.1), "momentum=-0.1"),
+    (dict(norm_batch_size=0), "norm_batch_size=0"),
+    (dict(r_max=0.5), "r_max=0.5"),
+    (dict(ema_init="zero"), "ema_init='zero'"),
+])
+def test_bad_options_name_the_option(kwargs, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        BatchStatNorm2d(4, **kwargs)
+
+
+def test_bad_inputs():
+    layer = mabn.MABN2d(3, norm_batch_size=4)
+    with pytest.raises(ValueError, match="batch size 6 is not divisible by norm_batch_size=4"):
+        layer(torch.randn(6, 3, 2, 2))
+    with pytest.raises(ValueError, match="4-D"):
+        layer(torch.randn(4, 3, 2))
+    with pytest.raises(ValueError, match="4-D"):
+        layer.eval()(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="unknown normalization option.*'buffersize'"):
+        mabn.build_norm(3, buffersize=4)
+    with pytest.raises(ValueError, match="layer='bnn'"):
+        mabn.build_norm(3, layer="bnn")
+    with pytest.raises(ValueError, match="norm_batch_size=2 needs layer='mabn'"):
+        mabn.build_norm(3, layer="bn", norm_batch_size=2)
