@@ -67,10 +67,15 @@ Eval mode uses the EMA statistics: exactly
 form ``running_mean`` stays 0 and ``running_var`` holds the EMA of chi^2), a per-channel affine map
 that folds into the preceding convolution and whose buffers load into a stock nn.BatchNorm2d.
 
-Implementation: every per-group computation is vectorized over a ``(groups, b, C, H, W)`` view of
-the input (no Python loop over groups or channels, no host-device synchronisation); the
-normalization and its eq. 20 backward are one autograd Function. Statistics are computed in
-float32 for half-precision inputs (autocast) and the output keeps the input's dtype.
+Implementation: every per-group computation is vectorized (per-(sample, channel) reductions over
+H*W, then sums over the consecutive samples of each group; no Python loop over groups or
+channels); the normalization and its eq. 20 backward are one autograd Function that never
+materialises Y (one fused pass forward, two passes and two reductions backward), which keeps it
+close to nn.BatchNorm2d's speed. Group variances come from float64 combinations of float32
+partial sums; when an input is so badly centred that this loses precision (mean^2 > 16 var),
+and always on CUDA, torch's centred var_mean kernel is used instead. Statistics are computed in
+float32 for half-precision inputs (autocast) and the output keeps the input's dtype and memory
+format (channels_last stays channels_last).
 """
 
 from __future__ import annotations
@@ -92,9 +97,6 @@ __all__ = [
 FORMS = ("vanilla", "modified")
 STATISTICS = ("batch", "ema", "sma")
 EMA_INITS = ("first", "torch")
-
-_RED = (1, 3, 4)  # reduction dims of the (groups, b, C, H, W) view
-
 
 def _check_choice(name, value, choices):
     if value not in choices:
@@ -127,41 +129,98 @@ def _ema_update(running, value, alpha, first):
     running.copy_(updated)
 
 
+def _plane_sums(x):
+    """Per-(sample, channel) sum and sum of squares of a 4-D tensor, shape (N, C) each.
+
+    Reductions over the contiguous H*W axis only (fast on CPU and CUDA); float32 partial sums are
+    returned in float64 so that the group variance E[x^2] - mu^2 is formed without float32
+    cancellation.
+    """
+    n, c = x.shape[:2]
+    if x.is_contiguous():
+        flat = x.view(n, c, -1)
+        s1 = flat.sum(-1)
+        s2 = torch.linalg.vector_norm(flat, 2, dim=-1).square()
+    else:
+        s1 = x.sum((2, 3))
+        s2 = torch.linalg.vector_norm(x, 2, dim=(2, 3)).square()
+    return s1.double(), s2.double()
+
+
+#: Above this ratio mean^2 / variance, E[x^2] - mu^2 in float32 loses too many digits: the layer
+#: then recomputes the statistics (and the backward reduction) with centred, Welford-style kernels.
+_CANCELLATION_RATIO = 16.0
+
+
+def _plane_dot(a, b):
+    """Per-(sample, channel) sum of ``a * b`` over H, W without materialising the product."""
+    if a.is_contiguous() and b.is_contiguous() and a.dtype == b.dtype:
+        n, c, h, w = a.shape
+        return torch.bmm(a.view(n * c, 1, h * w), b.view(n * c, h * w, 1)).view(n, c)
+    return (a * b).sum((2, 3))
+
+
+def _group_sum(t, groups):
+    """(N, C) per-sample sums -> (G, C) per-group sums (groups of consecutive samples)."""
+    return t.view(groups, -1, t.shape[-1]).sum(1)
+
+
+def _per_sample(t, groups, n):
+    """(G, C) or (1, C) per-group coefficients -> (N, C, 1, 1), to broadcast against the input."""
+    g, c = t.shape
+    return t[:, None, :].expand(groups, n // groups, c).reshape(n, c)[:, :, None, None]
+
+
 class _NormalizeAffine(torch.autograd.Function):
     """``out = Y * a + c`` with ``Y = (x - shift) * inv_std`` per (group, channel), eq. 19/20.
 
-    ``a = weight * r`` and ``c = weight * d + bias`` are differentiable (they carry the affine
-    parameters' gradients); ``shift`` and ``inv_std`` are treated as constants, and the input
-    gradient is replaced by eq. 20 with the backward statistics chosen by ``layer.bp_stats``.
-    All tensors are shaped to broadcast against the (G, b, C, H, W) view ``xg``.
+    ``a = weight * r`` and ``c = weight * d + bias`` (G, C) are differentiable (they carry the
+    affine parameters' gradients); ``shift`` and ``inv_std`` (G, C) are constants (the ``bp_stats``
+    statistic), and the input gradient is eq. 20 with the backward statistics chosen by
+    ``layer.bp_stats``. Y is never materialised: the forward is one fused pass
+    ``out = x * (a * inv_std) + (c - a * inv_std * shift)`` and the backward two passes plus two
+    reductions, with x saved instead of Y.
     """
 
     @staticmethod
-    def forward(ctx, xg, shift, inv_std, a, c, layer, warm):
-        y = (xg - shift) * inv_std if shift is not None else xg * inv_std
-        out = torch.addcmul(c, y, a)
-        ctx.save_for_backward(y, inv_std, a)
+    def forward(ctx, x, shift, inv_std, a, c, layer, warm, centred):
+        groups, n = inv_std.shape[0], x.shape[0]
+        scale = a * inv_std
+        offset = c if shift is None else c - scale * shift
+        out = torch.addcmul(_per_sample(offset, groups, n), x, _per_sample(scale, groups, n))
+        ctx.save_for_backward(x, shift, inv_std, a)
         ctx.layer = layer
         ctx.warm = warm
+        ctx.centred = centred
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        y, inv_std, a = ctx.saved_tensors
+        x, shift, inv_std, a = ctx.saved_tensors
         layer = ctx.layer
-        dout = dout.to(y.dtype)
-        n = y.shape[1] * y.shape[3] * y.shape[4]
-        sum_dout = dout.sum(_RED, keepdim=True)  # (G,1,C,1,1)
-        sum_dout_y = (dout * y).sum(_RED, keepdim=True)
-        # Backward batch statistics of each group, eq. 5 with G = a * dout = weight * r * dL/dZ.
-        psi_b = a * sum_dout_y / n
-        g_b = a * sum_dout / n if layer.form == "vanilla" else None
+        dout = dout.to(x.dtype)
+        groups, n = inv_std.shape[0], x.shape[0]
+        count = (n // groups) * x.shape[2] * x.shape[3]
+        sum_dout = _group_sum(dout.sum((2, 3)), groups).to(a.dtype)  # (G, C)
+        if ctx.centred:  # badly centred input: reduce dout * (x - shift) directly
+            centred_x = x - _per_sample(shift.to(x.dtype), groups, n)
+            sum_dout_y = inv_std * _group_sum(_plane_dot(dout, centred_x), groups).to(a.dtype)
+        else:
+            sum_dout_x = _group_sum(_plane_dot(dout, x), groups).to(a.dtype)
+            sum_dout_y = inv_std * (sum_dout_x if shift is None else sum_dout_x - shift * sum_dout)
+        # Backward batch statistics of every group, eq. 5 with G = a * dL/dout = weight * r * dL/dYhat.
+        psi_b = a * sum_dout_y / count
+        g_b = a * sum_dout / count if layer.form == "vanilla" else None
         g_u, psi_u = layer._backward_statistics(g_b, psi_b, ctx.warm)
-        # Eq. 20: dL/dx = (G - g_u - Y * Psi_u) / sqrt(v_s + eps).
-        dx = dout * (a * inv_std) - y * (psi_u * inv_std)
+        # Eq. 20: dL/dx = (G - g_u - Y * Psi_u) * inv_std with Y = (x - shift) * inv_std, i.e.
+        # dL/dx = dout * (a inv) + x * (-Psi_u inv^2) + (Psi_u inv^2 shift - g_u inv).
+        coef_x = -psi_u * inv_std * inv_std
+        const = torch.zeros_like(coef_x) if shift is None else -coef_x * shift
         if g_u is not None:
-            dx = dx - g_u * inv_std
-        return dx, None, None, sum_dout_y, sum_dout, None, None
+            const = const - g_u * inv_std
+        dx = torch.addcmul(_per_sample(const, groups, n), x, _per_sample(coef_x, groups, n))
+        dx.addcmul_(dout, _per_sample(a * inv_std, groups, n))
+        return dx, None, None, sum_dout_y, sum_dout, None, None, None
 
 
 class BatchStatNorm2d(nn.Module):
@@ -321,43 +380,30 @@ class BatchStatNorm2d(nn.Module):
     def _backward_statistics(self, g_b, psi_b, warm):
         """Push the groups' backward statistics into their SMA window and EMA, return (g_u, Psi_u).
 
-        ``g_b``/``psi_b`` are (G, 1, C, 1, 1); the returned statistics broadcast to the same shape.
-        Called once per backward of a training forward (eq. 13 and eq. 20).
+        ``g_b`` (None for the modified form) and ``psi_b`` are (G, C); the returned statistics are
+        (G, C) or (1, C). Called once per backward of a training forward (eq. 13 and eq. 20).
         """
         with torch.no_grad():
-            stats = psi_b if g_b is None else torch.cat([g_b, psi_b], 1)  # (G, K, C, 1, 1)
-            stats = stats[..., 0, 0]
-            sma = None
-            if self.bp_stats == "sma":
-                sma, window, valid = _sliding_mean(self.bp_window, self.bp_window_valid, stats)
+            stats = psi_b[:, None] if g_b is None else torch.stack([g_b, psi_b], 1)  # (G, K, C)
+            mean = stats.mean(0)  # (K, C)
+            first = self.num_backward_tracked == 0 if self.ema_init == "first" else None
+            if self.bp_stats == "batch":
+                u = stats
+            elif self.bp_stats == "sma":
+                u, window, valid = _sliding_mean(self.bp_window, self.bp_window_valid, stats)
                 self.bp_window.copy_(window)
                 self.bp_window_valid.copy_(valid)
-            mean = stats.mean(0)
-            first = self.num_backward_tracked == 0 if self.ema_init == "first" else None
-            # EMA statistics used by this backward are those of the previous backwards
-            # (EMA "after use"), except on the very first backward with ema_init="first".
-            if self.bp_stats == "ema":
-                ema_before = torch.stack([self.running_g, self.running_psi])[None]
-                if first is not None:
-                    ema_before = torch.where(first, torch.stack([mean[0], mean[-1]])[None].to(ema_before.dtype), ema_before)
+            else:  # EMA of the previous backwards ("after use"); the current mean on the first one
+                ema = torch.stack([self.running_g, self.running_psi])[-stats.shape[1]:]
+                u = ema[None] if first is None else torch.where(first, mean, ema)[None]
+            u = u.to(stats.dtype)
+            if warm is not None and self.bp_stats != "batch":
+                u = torch.where(warm, stats, u)
             if g_b is not None:
                 _ema_update(self.running_g, mean[0], self.momentum, first)
             _ema_update(self.running_psi, mean[-1], self.momentum, first)
             self.num_backward_tracked.add_(1)
-            if self.bp_stats == "batch":
-                u = stats
-            elif self.bp_stats == "sma":
-                u = sma.to(stats.dtype)
-            else:
-                u = ema_before.to(stats.dtype)
-                if g_b is None:
-                    u = u[:, 1:]
-            if warm is not None and self.bp_stats != "batch":
-                u = torch.where(warm, stats, u)
-            u = u[..., None, None]
-            if g_b is None:
-                return None, u[:, 0:1]
-            return u[:, 0:1], u[:, 1:2]
+            return (None if g_b is None else u[:, 0]), u[:, -1]
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -374,25 +420,37 @@ class BatchStatNorm2d(nn.Module):
         in_dtype = x.dtype
         # Statistics in at least float32 (autocast / half inputs), output in the input's dtype.
         compute_dtype = torch.promote_types(in_dtype, torch.float32)
-        xg = x.to(compute_dtype).view(groups, n // groups, c, h, w)
-        count = xg.shape[1] * h * w
+        x = x.to(compute_dtype)
+        count = (n // groups) * h * w
         vanilla = self.form == "vanilla"
 
         with torch.no_grad():
             # Batch statistics of every group (eq. 2 / eq. 15), shape (G, K, C).
+            s1, s2 = _plane_sums(x)
+            second = _group_sum(s2, groups) / count
+            centred = False
             if vanilla:
-                var, mean = torch.var_mean(xg, dim=_RED, correction=0)
+                mean = _group_sum(s1, groups) / count
+                var = (second - mean * mean).clamp_min(0.0)
+                if compute_dtype != torch.float64 and (
+                        x.device.type != "cpu"
+                        or bool((mean * mean > _CANCELLATION_RATIO * (var + self.eps)).any())):
+                    # One-pass E[x^2] - mu^2 is inaccurate here: use torch's centred kernel.
+                    var, mean = torch.var_mean(x.view(groups, n // groups, c, h, w), dim=(1, 3, 4),
+                                               correction=0)
+                    centred = True
                 batch = torch.stack([mean, var], 1)
             else:
-                batch = (torch.linalg.vector_norm(xg, 2, dim=_RED) ** 2 / count)[:, None]
-            sma = None
-            if "sma" in (self.fp_stats, self.bp_stats):
-                sma, window, valid = _sliding_mean(self.fp_window, self.fp_window_valid, batch)
-                sma = sma.to(compute_dtype)
+                batch = second[:, None]
+            batch = batch.to(compute_dtype)
             # The value the EMA takes in this iteration: mean over groups, unbiased variance.
             ema_value = batch.mean(0, keepdim=True)  # (1, K, C)
             if vanilla:
                 ema_value = ema_value * ema_value.new_tensor([1.0, count / (count - 1)])[:, None]
+            sma = None
+            if "sma" in (self.fp_stats, self.bp_stats):
+                sma, window, valid = _sliding_mean(self.fp_window, self.fp_window_valid, batch)
+                sma = sma.to(compute_dtype)
             ema = self._ema().to(compute_dtype)
             first = self.num_batches_tracked == 0 if self.ema_init == "first" else None
             if first is not None and "ema" in (self.fp_stats, self.bp_stats):
@@ -406,7 +464,7 @@ class BatchStatNorm2d(nn.Module):
                 f = torch.where(warm, batch, f)
             s = s.expand(groups, -1, -1)
             inv_std_s = torch.rsqrt(s[:, -1] + self.eps)  # (G, C)
-            shift = s[:, 0] if vanilla else None
+            shift = s[:, 0].contiguous() if vanilla else None
             # Renormalization (eq. 14 / 19); r = 1, d = 0 when s and f are the same statistic.
             r = d = None
             if self.fp_stats != self.bp_stats or warm is not None:
@@ -425,13 +483,7 @@ class BatchStatNorm2d(nn.Module):
         bias = self.bias.to(compute_dtype)
         a = weight.expand(groups, c) if r is None else weight * r
         c_ = bias.expand(groups, c) if d is None else torch.addcmul(bias, weight, d)
-
-        def bc(t):  # (G, C) -> (G, 1, C, 1, 1)
-            return t[:, None, :, None, None]
-
-        out = _NormalizeAffine.apply(
-            xg, None if shift is None else bc(shift), bc(inv_std_s), bc(a), bc(c_), self, warm
-        )
+        out = _NormalizeAffine.apply(x, shift, inv_std_s, a, c_, self, warm, centred)
 
         with torch.no_grad():
             # SMA window and EMA updates, after use (eq. 12, 13).
@@ -442,8 +494,7 @@ class BatchStatNorm2d(nn.Module):
                 _ema_update(self.running_mean, ema_value[0, 0], self.momentum, first)
             _ema_update(self.running_var, ema_value[0, -1], self.momentum, first)
             self.num_batches_tracked.add_(1)
-
-        return out.reshape(n, c, h, w).to(in_dtype)
+        return out.to(in_dtype)
 
 
 # ---------------------------------------------------------------------- presets

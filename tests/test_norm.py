@@ -450,3 +450,19 @@ def test_bad_inputs():
         mabn.build_norm(3, layer="bnn")
     with pytest.raises(ValueError, match="norm_batch_size=2 needs layer='mabn'"):
         mabn.build_norm(3, layer="bn", norm_batch_size=2)
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0, 100.0])  # fast one-pass path, and the centred path
+@pytest.mark.parametrize("bp", ["batch", "sma"])
+def test_float32_precision_for_badly_centred_inputs(offset, bp):
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(8, 4, 6, 6, generator=g, dtype=D) + offset
+    up = torch.randn(8, 4, 6, 6, generator=g, dtype=D)
+    kw = dict(form="vanilla", fp_stats="batch", bp_stats=bp, norm_batch_size=2)
+    l32, l64 = BatchStatNorm2d(4, **kw), BatchStatNorm2d(4, **kw).double()
+    for it in range(2):
+        xa, xb = x64.float().requires_grad_(), x64.clone().requires_grad_()
+        ya, yb = l32(xa), l64(xb)
+        ya.backward(up.float()), yb.backward(up)
+        torch.testing.assert_close(ya.double(), yb, rtol=0, atol=2e-5)
+        torch.testing.assert_close(xa.grad.double(), xb.grad, rtol=0, atol=2e-5)
