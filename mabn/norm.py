@@ -212,6 +212,10 @@ class _NormalizeAffine(torch.autograd.Function):
         psi_b = a * sum_dout_y / count
         g_b = a * sum_dout / count if layer.form == "vanilla" else None
         g_u, psi_u = layer._backward_statistics(g_b, psi_b, ctx.warm)
+        if layer.record_used_statistics:
+            layer.used_statistics["psi"] = psi_u[0].detach().clone()
+            if g_u is not None:
+                layer.used_statistics["g"] = g_u[0].detach().clone()
         # Eq. 20: dL/dx = (G - g_u - Y * Psi_u) * inv_std with Y = (x - shift) * inv_std, i.e.
         # dL/dx = dout * (a inv) + x * (-Psi_u inv^2) + (Psi_u inv^2 shift - g_u inv).
         coef_x = -psi_u * inv_std * inv_std
@@ -302,6 +306,12 @@ class BatchStatNorm2d(nn.Module):
         self.warmup_iters = warmup_iters
         self.renorm_warmup_iters = renorm_warmup_iters
         self.ema_init = ema_init
+        #: When true (set by mabn.stats.StatisticsRecorder), each training forward/backward stores
+        #: the statistics it used for the FIRST group in ``used_statistics`` (detached):
+        #: "mean"/"var" (vanilla) or "chi2" (modified) of the bp_stats statistic s, "r", and after
+        #: the backward "g" (vanilla) and "psi". Off by default: it costs one attribute check.
+        self.record_used_statistics = False
+        self.used_statistics: dict[str, torch.Tensor] = {}
 
         k = 2 if form == "vanilla" else 1  # forward statistics per group: (mu, v) or (q,)
         self.weight = nn.Parameter(torch.ones(num_features))
@@ -484,6 +494,10 @@ class BatchStatNorm2d(nn.Module):
         a = weight.expand(groups, c) if r is None else weight * r
         c_ = bias.expand(groups, c) if d is None else torch.addcmul(bias, weight, d)
         out = _NormalizeAffine.apply(x, shift, inv_std_s, a, c_, self, warm, centred)
+        if self.record_used_statistics:
+            used = {"mean": s[0, 0], "var": s[0, 1]} if vanilla else {"chi2": s[0, 0]}
+            used["r"] = torch.ones_like(s[0, -1]) if r is None else r[0]
+            self.used_statistics = {k: v.detach().clone() for k, v in used.items()}
 
         with torch.no_grad():
             # SMA window and EMA updates, after use (eq. 12, 13).
