@@ -117,3 +117,27 @@ def test_unknown_layer_name_is_a_clear_error():
     model = nn.Sequential(mabn.MABN2d(3))
     with pytest.raises(ValueError, match="layer 'layer1.0.bn1' is not a module"):
         StatisticsRecorder(model)
+
+
+def test_plot_script_renders_figures_from_the_csv(tmp_path):
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "plot_statistics", os.path.join(os.path.dirname(__file__), "..", "scripts", "plot_statistics.py"))
+    plot_statistics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_statistics)
+    csv_path = str(tmp_path / "statistics.csv")
+    model = nn.Sequential()
+    model.add_module("bn", mabn.MABN2d(3, norm_batch_size=2))
+    rec = StatisticsRecorder(model, layers=["bn"], every=1, csv_path=csv_path)
+    for it in range(1, 4):
+        rec.start(it)
+        model(torch.randn(4, 3, 4, 4)).pow(2).sum().backward()
+        rec.finish()
+    for fig in ("3", "4"):
+        out = tmp_path / f"figure{fig}.png"
+        plot_statistics.main([str(tmp_path), "--figure", fig, "--layer", "bn", "--out", str(out)])
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match=r"figure 2 needs statistics \['mu', 'sigma2', 'g'\]"):
+        plot_statistics.main([csv_path, "--figure", "2", "--layer", "bn", "--out", str(tmp_path / "f2.png")])
