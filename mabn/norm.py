@@ -98,6 +98,7 @@ FORMS = ("vanilla", "modified")
 STATISTICS = ("batch", "ema", "sma")
 EMA_INITS = ("first", "torch")
 
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
@@ -116,8 +117,8 @@ def _sliding_mean(window, valid, new):
     sums = seq.unfold(0, m, 1).sum(-1)  # (G, K, C)
     counts = seq_valid.unfold(0, m, 1).sum(-1)  # (G,)
     sma = sums / counts[:, None, None]
-    keep = m - 1
-    return sma, seq[seq.shape[0] - keep:], seq_valid[seq_valid.shape[0] - keep:]
+    g = new.shape[0]  # the window keeps the last m - 1 entries
+    return sma, seq[g:], seq_valid[g:]
 
 
 def _ema_update(running, value, alpha, first):
