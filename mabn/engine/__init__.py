@@ -1,0 +1,15 @@
+"""The ImageNet training engine of mabn (pycls-style: one concern per module).
+
+- :mod:`mabn.engine.config`       structured config (dataclasses) and its validation
+- :mod:`mabn.engine.distributed`  torchrun / single-process set-up and collectives
+- :mod:`mabn.engine.data`         datasets, augmentation, resumable samplers, loaders
+- :mod:`mabn.engine.models`       ResNet builders, initialization, normalization conversion
+- :mod:`mabn.engine.meters`       top-k error, timers, the evaluation loop
+- :mod:`mabn.engine.checkpoint`   atomic checkpoints, keep-last-K, corruption fallback
+- :mod:`mabn.engine.run`          run directory: logging, TensorBoard, metrics.json, provenance
+- :mod:`mabn.engine.trainer`      the training loop itself
+- :mod:`mabn.engine.evaluation`   evaluation of a checkpoint (eval.py)
+
+It may use OmegaConf but never Hydra (Hydra lives in the top-level scripts only), and the layer
+library (:mod:`mabn`) does not import it.
+"""

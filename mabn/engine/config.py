@@ -1,0 +1,368 @@
+"""Structured configuration of a training run, and its validation.
+
+Every field is documented where it is defined (the string under it). The Hydra YAML files under
+``configs/`` fill these dataclasses; :func:`load` merges any OmegaConf/dict config onto the schema
+(unknown keys and wrong types are rejected by OmegaConf) and :func:`validate` checks the values, so
+that a bad run stops before any work with a message naming the key.
+
+The paper's setting (appendix B.2): ResNet-50, 8 GPUs x 32 images, normalization groups of
+``norm.norm_batch_size`` images, SGD momentum 0.9, weight decay 1e-4 on every parameter,
+lr 0.1 x global batch / 256, 600k iterations with lr / 10 at 150k, 300k and 450k.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["NormConfig", "ModelConfig", "DataConfig", "ScheduleConfig", "OptimConfig",
+           "DebugConfig", "Config", "ConfigError", "load", "validate", "norm_options"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the offending key."""
+
+
+@dataclass
+class NormConfig:
+    """Normalization layers: the option names of ``mabn.build_norm`` plus weight centralization."""
+
+    layer: str = "mabn"
+    """Implementation: "mabn" (the configurable family mabn.BatchStatNorm2d: BN, BRN, modified,
+    MABN and every ablation), "bn" (torch nn.BatchNorm2d, the regular-batch reference), "syncbn"
+    (nn.SyncBatchNorm over all ranks), "gn" (nn.GroupNorm)."""
+    form: str = "vanilla"
+    """"vanilla" (centre by the mean, scale by the std; eq. 1) or "modified" (scale by
+    sqrt(E[x^2]), no centring; eq. 15, the "w/o centralizing feature maps" column of Table 4)."""
+    fp_stats: str = "batch"
+    """Statistics the forward pass normalizes with: "batch", "ema" (EMAS) or "sma" (SMAS)."""
+    bp_stats: str = "batch"
+    """Statistics of the backward pass: "batch", "ema" or "sma" (Table 4's "BP statistics")."""
+    norm_batch_size: Optional[int] = None
+    """Images per normalization group (the paper's |B|); the per-GPU batch is split into
+    data.batch_size / norm_batch_size groups (appendix B.2). null = the whole per-GPU batch
+    ("regular": 32 in the paper). Only for layer=mabn."""
+    momentum: float = 0.9
+    """The paper's alpha: weight of the OLD value in the EMA (torch's momentum is 1 - alpha).
+    0.9 for BN/BRN, 0.98 when SMA statistics are used (MABN)."""
+    buffer_size: int = 16
+    """m: SMA window length, counted in normalization groups (16 in the paper)."""
+    eps: float = 1.0e-5
+    """Added to the variance / chi^2 before the square root."""
+    r_max: float = 5.0
+    """lambda: the renormalization factor r is clipped to [1/r_max, r_max]."""
+    d_max: float = 5.0
+    """The renormalization shift d is clipped to [-d_max, d_max] (vanilla form only)."""
+    warmup_iters: int = 0
+    """Iterations that use batch statistics in both passes (and r = 1, d = 0)."""
+    renorm_warmup_iters: int = 0
+    """Iterations with r = 1, d = 0 (the authors' code: 100)."""
+    ema_init: str = "first"
+    """"first": the EMAs start at the first batch's value (authors' code); "torch": at mean 0,
+    variance 1 as nn.BatchNorm2d."""
+    num_groups: int = 32
+    """Groups of nn.GroupNorm (layer=gn only)."""
+    weight_centralization: bool = False
+    """Convolve with kernels centred per output channel (eq. 18, mabn.CenConv2d) in EVERY conv,
+    stem and shortcut projections included (Table 4's "Centralizing weights W")."""
+
+
+@dataclass
+class ModelConfig:
+    """The network."""
+
+    arch: str = "resnet18"
+    """"resnet18" or "resnet50" (torchvision's; resnet50 is v1.5, stride in the 3x3 conv, as the
+    authors' code)."""
+    small_input: bool = True
+    """Stem for 32-64 px images: a 3x3 stride-1 convolution and no max-pool instead of the 7x7
+    stride-2 convolution + max-pool of the ImageNet stem."""
+    num_classes: Optional[int] = None
+    """Output classes; null = taken from the data (data.num_classes or the ImageFolder)."""
+    zero_init_residual: bool = False
+    """Zero-initialize the last gamma of each residual branch (not done in the paper)."""
+
+
+@dataclass
+class DataConfig:
+    """Data sets, augmentation and loading."""
+
+    name: str = "synthetic"
+    """"imagenet" (root/train, root/val ImageFolders, 224 px), "imagefolder" (any such folder, e.g.
+    ../shared/data/tiny-imagenet-10) or "synthetic" (generated, deterministic, learnable)."""
+    root: Optional[str] = None
+    """Folder holding the train/ and val/ ImageFolders (imagenet, imagefolder)."""
+    train_dir: str = "train"
+    """Training ImageFolder, relative to root."""
+    val_dir: str = "val"
+    """Validation ImageFolder (one sub-folder per class), relative to root."""
+    batch_size: int = 32
+    """Images per GPU / process per iteration (the paper's gradient batch B_g = 32)."""
+    eval_batch_size: Optional[int] = None
+    """Images per process per validation step; null = batch_size."""
+    image_size: int = 16
+    """Training crop and validation centre-crop size (224 for ImageNet)."""
+    val_resize: Optional[int] = None
+    """Shorter side before the validation centre crop; null = round(image_size * 256 / 224)."""
+    min_crop_area: float = 0.08
+    """Smallest area fraction of RandomResizedCrop (fb.resnet.torch: 0.08)."""
+    color_jitter: float = 0.4
+    """Brightness, contrast and saturation jitter (fb.resnet.torch: 0.4; 0 disables)."""
+    lighting: float = 0.1
+    """Std of the AlexNet PCA lighting noise (fb.resnet.torch: 0.1; 0 disables)."""
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """Per-channel mean subtracted after ToTensor (RGB)."""
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    """Per-channel std divided by after ToTensor (RGB)."""
+    workers: int = 4
+    """DataLoader worker processes per rank (0 = load in the main process)."""
+    pin_memory: bool = True
+    """Pinned host memory for faster host-to-GPU copies (used on CUDA only)."""
+    num_classes: int = 10
+    """Classes of the synthetic data (ImageFolders count their sub-folders)."""
+    train_size: int = 8192
+    """Training images of the synthetic data."""
+    val_size: int = 512
+    """Validation images of the synthetic data."""
+    noise: float = 4.0
+    """Std of the per-image noise added to the class pattern of the synthetic data (higher is
+    harder); the class patterns have std 1."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Length of training and the learning-rate schedule (iteration based)."""
+
+    iterations: int = 300
+    """Total training iterations (the paper: 600,000)."""
+    milestones: List[int] = field(default_factory=lambda: [200, 260])
+    """Iterations after which the lr is multiplied by gamma (the paper: 150k, 300k, 450k)."""
+    gamma: float = 0.1
+    """Factor applied at each milestone."""
+    warmup_iters: int = 0
+    """Linear lr warm-up from warmup_factor x lr over this many iterations (0 = none, the paper)."""
+    warmup_factor: float = 0.1
+    """Starting fraction of the lr during warm-up."""
+    log_every: int = 20
+    """Iterations between training log lines / TensorBoard points."""
+    eval_every: int = 100
+    """Iterations between validations (0 = only at the end; there is always one at the end)."""
+    ckpt_every: int = 100
+    """Iterations between checkpoints (one is also written at the end and on interruption)."""
+
+
+@dataclass
+class OptimConfig:
+    """SGD and the loss."""
+
+    base_lr: float = 0.1
+    """lr for a global batch of reference_batch images; the lr used is
+    base_lr x (data.batch_size x world size) / reference_batch (0.1 x 256 / 256 in the paper)."""
+    reference_batch: int = 256
+    """Global batch at which the lr equals base_lr."""
+    lr: Optional[float] = None
+    """Explicit lr; overrides the scaling rule when set."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """Nesterov momentum (not in the paper)."""
+    weight_decay: float = 1.0e-4
+    """L2 weight decay."""
+    decay_norm_and_bias: bool = True
+    """Apply weight decay to normalization gamma/beta and biases as well (the paper: yes)."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing (the authors' code uses 0.1; the paper does not mention it)."""
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection, used by the tests and to rehearse a cluster's pre-emption handling."""
+
+    nan_loss_at: int = 0
+    """Replace the loss of this iteration (1-based) by NaN; 0 = never."""
+
+
+@dataclass
+class Config:
+    """A whole training (or evaluation) run."""
+
+    norm: NormConfig = field(default_factory=NormConfig)
+    """Normalization layers (configs/norm/)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Network (configs/model/)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data (configs/data/)."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Iterations and lr schedule (configs/schedule/)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and loss (configs/optim/)."""
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    """Fault injection."""
+    name: str = "quickstart"
+    """Run name (experiment presets set it to the table row)."""
+    out_dir: str = "runs/quickstart"
+    """Run directory: config, provenance, logs, TensorBoard events, metrics.json, checkpoints."""
+    seed: int = 0
+    """Seed of initialization, sampling and augmentation (the same on every rank)."""
+    device: str = "auto"
+    """"auto" (cuda when available), "cpu" or "cuda"."""
+    amp: str = "none"
+    """Mixed precision (torch.autocast): "none", "bf16" or "fp16" (with loss scaling). Meant for
+    CUDA; bf16 also runs on CPU."""
+    channels_last: bool = False
+    """Use the channels_last memory format for the model and inputs."""
+    resume: str = "none"
+    """"none": start fresh (refused if out_dir already holds checkpoints); "auto": continue from
+    the newest valid checkpoint in out_dir, or start fresh if there is none; or a checkpoint path."""
+    stop_after: Optional[int] = None
+    """End this invocation after this iteration with a checkpoint (status "interrupted"), e.g. to
+    fit a job's time slice; resume=auto continues. null = run to schedule.iterations."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept in out_dir/checkpoints (older ones are deleted)."""
+    progress_bar: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+# Options of build_norm that each layer accepts (the others must not be passed).
+_LAYER_OPTIONS = {
+    "mabn": ("form", "fp_stats", "bp_stats", "norm_batch_size", "momentum", "buffer_size", "eps",
+             "r_max", "d_max", "warmup_iters", "renorm_warmup_iters", "ema_init"),
+    "bn": ("momentum", "eps"),
+    "syncbn": ("momentum", "eps"),
+    "gn": ("num_groups", "eps"),
+}
+
+
+def norm_options(norm: NormConfig | DictConfig) -> dict:
+    """The ``mabn.build_norm`` keyword arguments of a norm config (those its layer accepts)."""
+    return {"layer": norm.layer, **{k: getattr(norm, k) for k in _LAYER_OPTIONS[norm.layer]}}
+
+
+def load(cfg: Any = None) -> DictConfig:
+    """Merge ``cfg`` (DictConfig, dict or None) onto the schema and validate it.
+
+    Returns a read-only typed DictConfig. Raises :class:`ConfigError` naming the key.
+    """
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, cfg if cfg is not None else {})
+        OmegaConf.resolve(merged)
+    except Exception as e:  # omegaconf's ValidationError / ConfigKeyError name the key
+        raise ConfigError(str(e).split("\n    full_key")[0] + _full_key(e)) from None
+    validate(merged)
+    OmegaConf.set_readonly(merged, True)
+    return merged
+
+
+def _full_key(e: Exception) -> str:
+    key = getattr(e, "full_key", None)
+    return f" (key: {key})" if key else ""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _one_of(key: str, value, choices) -> None:
+    _check(value in choices, f"{key}={value!r} is not one of {list(choices)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value that could make the run fail or be meaningless later; no side effects
+    beyond reading the data roots' existence."""
+    n, d, m, s, o = cfg.norm, cfg.data, cfg.model, cfg.schedule, cfg.optim
+
+    # norm
+    _one_of("norm.layer", n.layer, tuple(_LAYER_OPTIONS))
+    _one_of("norm.form", n.form, ("vanilla", "modified"))
+    _one_of("norm.fp_stats", n.fp_stats, ("batch", "ema", "sma"))
+    _one_of("norm.bp_stats", n.bp_stats, ("batch", "ema", "sma"))
+    _one_of("norm.ema_init", n.ema_init, ("first", "torch"))
+    _check(0.0 <= n.momentum < 1.0,
+           f"norm.momentum={n.momentum} must be in [0, 1) (it is the weight of the old value)")
+    _check(n.buffer_size >= 1, f"norm.buffer_size={n.buffer_size} must be >= 1")
+    _check(n.eps > 0, f"norm.eps={n.eps} must be > 0")
+    _check(n.r_max >= 1, f"norm.r_max={n.r_max} must be >= 1")
+    _check(n.d_max >= 0, f"norm.d_max={n.d_max} must be >= 0")
+    _check(n.warmup_iters >= 0, f"norm.warmup_iters={n.warmup_iters} must be >= 0")
+    _check(n.renorm_warmup_iters >= 0, f"norm.renorm_warmup_iters={n.renorm_warmup_iters} must be >= 0")
+    _check(n.num_groups >= 1, f"norm.num_groups={n.num_groups} must be >= 1")
+    if n.layer != "mabn":
+        _check(n.norm_batch_size is None,
+               f"norm.norm_batch_size={n.norm_batch_size} needs norm.layer=mabn "
+               f"(norm.layer={n.layer} normalizes the whole batch); set it to null")
+        family = {k: getattr(n, k) for k in ("form", "fp_stats", "bp_stats")}
+        _check(family == {"form": "vanilla", "fp_stats": "batch", "bp_stats": "batch"},
+               f"norm.form/fp_stats/bp_stats={list(family.values())} need norm.layer=mabn "
+               f"(norm.layer={n.layer})")
+    if n.norm_batch_size is not None:
+        _check(n.norm_batch_size >= 1, f"norm.norm_batch_size={n.norm_batch_size} must be >= 1")
+        _check(d.batch_size % n.norm_batch_size == 0,
+               f"data.batch_size={d.batch_size} is not divisible by "
+               f"norm.norm_batch_size={n.norm_batch_size}")
+
+    # model
+    _one_of("model.arch", m.arch, ("resnet18", "resnet50"))
+    _check(m.num_classes is None or m.num_classes >= 2, f"model.num_classes={m.num_classes} must be >= 2")
+
+    # data
+    _one_of("data.name", d.name, ("imagenet", "imagefolder", "synthetic"))
+    _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
+    _check(d.eval_batch_size is None or d.eval_batch_size >= 1,
+           f"data.eval_batch_size={d.eval_batch_size} must be >= 1")
+    _check(d.image_size >= 8, f"data.image_size={d.image_size} must be >= 8")
+    _check(d.val_resize is None or d.val_resize >= d.image_size,
+           f"data.val_resize={d.val_resize} must be >= data.image_size={d.image_size}")
+    _check(0 < d.min_crop_area <= 1, f"data.min_crop_area={d.min_crop_area} must be in (0, 1]")
+    _check(d.color_jitter >= 0, f"data.color_jitter={d.color_jitter} must be >= 0")
+    _check(d.lighting >= 0, f"data.lighting={d.lighting} must be >= 0")
+    _check(len(d.mean) == 3 and len(d.std) == 3 and all(x > 0 for x in d.std),
+           "data.mean and data.std must have 3 entries and data.std must be > 0")
+    _check(d.workers >= 0, f"data.workers={d.workers} must be >= 0")
+    if d.name == "synthetic":
+        _check(d.num_classes >= 2, f"data.num_classes={d.num_classes} must be >= 2")
+        _check(d.train_size >= d.batch_size, f"data.train_size={d.train_size} must be >= data.batch_size={d.batch_size}")
+        _check(d.val_size >= 1, f"data.val_size={d.val_size} must be >= 1")
+        _check(d.noise >= 0, f"data.noise={d.noise} must be >= 0")
+    else:
+        _check(d.root is not None and str(d.root) != "",
+               f"data.root is required for data.name={d.name} (pass data.root=/path/to/{d.name})")
+        for sub in ("train_dir", "val_dir"):
+            path = os.path.join(d.root, d[sub])
+            _check(os.path.isdir(path), f"data.root={d.root}: data.{sub} folder {path} does not exist")
+
+    # schedule
+    _check(s.iterations >= 1, f"schedule.iterations={s.iterations} must be >= 1")
+    _check(list(s.milestones) == sorted(s.milestones) and all(0 < x < s.iterations for x in s.milestones),
+           f"schedule.milestones={list(s.milestones)} must be increasing and inside (0, schedule.iterations={s.iterations})")
+    _check(0 < s.gamma <= 1, f"schedule.gamma={s.gamma} must be in (0, 1]")
+    _check(s.warmup_iters >= 0, f"schedule.warmup_iters={s.warmup_iters} must be >= 0")
+    _check(0 < s.warmup_factor <= 1, f"schedule.warmup_factor={s.warmup_factor} must be in (0, 1]")
+
+    # optim
+    _check(o.base_lr > 0, f"optim.base_lr={o.base_lr} must be > 0")
+    _check(o.lr is None or o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    _check(o.reference_batch >= 1, f"optim.reference_batch={o.reference_batch} must be >= 1")
+    _check(0 <= o.momentum < 1, f"optim.momentum={o.momentum} must be in [0, 1)")
+    _check(not o.nesterov or o.momentum > 0, "optim.nesterov=true needs optim.momentum > 0")
+    _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _check(0 <= o.label_smoothing < 1, f"optim.label_smoothing={o.label_smoothing} must be in [0, 1)")
+
+    # run
+    _one_of("device", cfg.device, ("auto", "cpu", "cuda"))
+    _one_of("amp", cfg.amp, ("none", "bf16", "fp16"))
+    _check(n.layer != "syncbn" or cfg.device != "cpu", "norm.layer=syncbn needs device=cuda (nn.SyncBatchNorm is CUDA-only)")
+    _check(cfg.resume in ("none", "auto") or os.path.isfile(cfg.resume),
+           f"resume={cfg.resume!r} must be 'none', 'auto' or an existing checkpoint file")
+    _check(cfg.stop_after is None or 1 <= cfg.stop_after <= s.iterations,
+           f"stop_after={cfg.stop_after} must be in [1, schedule.iterations={s.iterations}]")
+    for key in ("log_every", "ckpt_every"):
+        _check(s[key] >= 1, f"schedule.{key}={s[key]} must be >= 1")
+    _check(s.eval_every >= 0, f"schedule.eval_every={s.eval_every} must be >= 0")
+    _check(cfg.keep_checkpoints >= 1, f"keep_checkpoints={cfg.keep_checkpoints} must be >= 1")
+    _check(cfg.debug.nan_loss_at >= 0, f"debug.nan_loss_at={cfg.debug.nan_loss_at} must be >= 0")
+    _check(bool(cfg.out_dir), "out_dir must be set")

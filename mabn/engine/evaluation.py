@@ -1,0 +1,66 @@
+"""Evaluate a checkpoint: top-1/top-5 error on centre crops of a validation set."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+from omegaconf import OmegaConf
+
+from . import checkpoint, config, data, distributed, models, run
+from .meters import evaluate
+
+__all__ = ["resolve_checkpoint", "evaluate_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_checkpoint(path: str) -> tuple[dict, str]:
+    """A checkpoint file, or a run directory (its newest usable checkpoint)."""
+    if os.path.isdir(path):
+        ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+        found = checkpoint.load_latest(ckpt_dir)
+        if found is None:
+            raise checkpoint.CheckpointError(f"no usable checkpoint in {ckpt_dir}")
+        return found
+    return checkpoint.load(path), path
+
+
+def evaluate_checkpoint(path: str, overrides: list[str] | None = None, device: str | None = None) -> dict:
+    """Load ``path`` with the config it was trained with (plus dotlist ``overrides`` such as
+    ``data.root=/data/imagenet``), evaluate it on that config's validation set (single process or
+    torchrun) and write ``<checkpoint>.eval.json``. Returns the result."""
+    state, ckpt_path = resolve_checkpoint(path)
+    cfg = OmegaConf.merge(state["config"], OmegaConf.from_dotlist(list(overrides or [])))
+    if device is not None:
+        cfg.device = device
+    cfg.resume = "none"
+    cfg = config.load(cfg)
+    di = distributed.setup(cfg.device)
+    try:
+        run.setup_logging(None, di.is_main, stream=sys.stderr)  # stdout carries the JSON
+        _, val_set, num_classes = data.build_datasets(cfg.data, cfg.seed, train=False)
+        loader = data.build_val_loader(val_set, cfg.data, di.rank, di.world_size, di.device)
+        model = models.build_model(cfg.model, cfg.norm, cfg.model.num_classes or num_classes)
+        model.load_state_dict(state["model"])
+        model.to(di.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        res = evaluate(model, loader, di.device, cfg.channels_last,
+                       torch.autocast(di.device.type, dtype=amp) if amp else None)
+        result = {"checkpoint": os.path.abspath(ckpt_path), "iteration": state["iteration"],
+                  "top1_err": res["top1_err"], "top5_err": res["top5_err"], "samples": res["samples"],
+                  "data": cfg.data.name, "val": os.path.join(cfg.data.root, cfg.data.val_dir) if cfg.data.root else None,
+                  "world_size": di.world_size}
+        if di.is_main:
+            out = os.path.splitext(ckpt_path)[0] + ".eval.json"
+            run.write_json(out, result)
+            result["output"] = out
+            log.info("%s (iteration %d): top-1 error %.2f%%, top-5 error %.2f%% on %d images -> %s",
+                     ckpt_path, state["iteration"], res["top1_err"], res["top5_err"], res["samples"], out)
+        return result
+    finally:
+        distributed.cleanup()

@@ -1,0 +1,68 @@
+"""Error metrics, running averages and the evaluation loop."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from . import distributed
+
+__all__ = ["topk_correct", "WindowMeter", "evaluate"]
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[int]:
+    """Number of samples whose target is among the top-k logits, for each k (k capped at the
+    number of classes)."""
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(target[:, None])
+    return [int(hit[:, :min(k, maxk)].any(1).sum()) for k in ks]
+
+
+class WindowMeter:
+    """Sums over the current logging window (reset after each log line)."""
+
+    def __init__(self):
+        self.last_loss = None  # mean loss of the last logged window
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = self.correct1 = self.correct5 = 0.0
+        self.samples = self.iters = 0
+        self.data_time = self.step_time = 0.0
+
+    def update(self, loss: float, correct1, correct5, samples: int, data_time: float,
+               step_time: float) -> None:
+        """One iteration: its mean loss, top-1/top-5 hits, images, seconds waiting for data and
+        seconds of the whole iteration (data included; validation and checkpoints excluded)."""
+        self.loss += loss
+        self.correct1 += correct1
+        self.correct5 += correct5
+        self.samples += samples
+        self.iters += 1
+        self.data_time += data_time
+        self.step_time += step_time
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False,
+             autocast: contextlib.AbstractContextManager | None = None) -> dict:
+    """Top-1/top-5 error (%) of ``model`` in eval mode over the loader, summed over all ranks
+    (each rank evaluates its own shard). Restores the model's train/eval mode."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64)  # top-1 correct, top-5 correct, samples
+    for images, target in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        target = target.to(device, non_blocking=True)
+        with autocast or contextlib.nullcontext():
+            logits = model(images)
+        c1, c5 = topk_correct(logits.float(), target)
+        counts += torch.tensor([c1, c5, target.shape[0]], dtype=torch.float64)
+    model.train(was_training)
+    c1, c5, n = distributed.all_reduce_sum(counts, device).tolist()
+    return {"top1_err": 100.0 * (1 - c1 / n), "top5_err": 100.0 * (1 - c5 / n), "samples": int(n)}

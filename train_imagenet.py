@@ -1,0 +1,41 @@
+"""Train a ResNet on ImageNet (or any ImageFolder, or synthetic data) with any mabn normalization.
+
+    python train_imagenet.py                                   # quickstart: synthetic data, CPU, minutes
+    torchrun --nproc_per_node=8 train_imagenet.py experiment=table2_row8_mabn data.root=/data/imagenet
+    python train_imagenet.py norm=brn data=imagefolder data.root=../shared/data/tiny-imagenet-10 schedule=short
+    python train_imagenet.py out_dir=runs/x resume=auto        # continue from the newest checkpoint
+
+Hydra overrides select config groups (norm, model, data, schedule, optim, experiment; see
+configs/) and set any field documented in mabn/engine/config.py. The steps:
+
+1. compose the config (Hydra) and validate it: a bad value stops here, naming the key (exit 2);
+2. train (mabn/engine/trainer.py): set up torchrun/DDP, resume if asked, build data and model,
+   run the iteration loop with logging, validation, checkpoints;
+3. the run directory's metrics.json says how it ended: finished, diverged or interrupted (all
+   exit 0: divergence and pre-emption are results, not crashes).
+"""
+
+import sys
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from mabn.engine import config, trainer
+
+# The schema: every field with its type and documentation (mabn/engine/config.py).
+ConfigStore.instance().store(name="mabn_schema", node=config.Config)
+
+
+@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        cfg = config.load(cfg)  # validate before any work
+        trainer.train(cfg)      # ConfigError here: refused before training (e.g. out_dir in use)
+    except config.ConfigError as e:
+        print(f"invalid configuration: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
