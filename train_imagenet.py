@@ -15,11 +15,12 @@ configs/) and set any field documented in mabn/engine/config.py. The steps:
    exit 0: divergence and pre-emption are results, not crashes).
 """
 
+import json
 import sys
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mabn.engine import config, trainer
 
@@ -31,6 +32,9 @@ ConfigStore.instance().store(name="mabn_schema", node=config.Config)
 def main(cfg: DictConfig) -> None:
     try:
         cfg = config.load(cfg)  # validate before any work
+        if cfg.dry_run:  # what this (multi)run job would train; nothing else
+            print("DRY-RUN " + json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True), flush=True)
+            return
         trainer.train(cfg)      # ConfigError here: refused before training (e.g. out_dir in use)
     except config.ConfigError as e:
         print(f"invalid configuration: {e}", file=sys.stderr)

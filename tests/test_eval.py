@@ -46,3 +46,34 @@ def test_eval_under_torchrun_matches_single_process(tmp_path):
         result = json.load(f)
     assert result["world_size"] == 2 and result["samples"] == 25
     assert result["top1_err"] == m["val_top1_err"]
+
+
+def test_eval_folded_and_torchvision_forms_match_the_trained_model(tmp_path):
+    import torch
+    from omegaconf import OmegaConf
+
+    from mabn.engine import config, models
+    from mabn.engine.evaluation import evaluate_checkpoint, inference_model, resolve_checkpoint
+
+    out = tmp_path / "run"
+    m = train_in_process(tiny(out, iterations=4))  # the quickstart's MABN with weight centralization
+    assert m["status"] == "finished"
+    results = {form: evaluate_checkpoint(str(out), [], "cpu", form) for form in ("trained", "folded", "torchvision")}
+    for form in ("folded", "torchvision"):
+        assert results[form]["top1_err"] == results["trained"]["top1_err"] == m["val_top1_err"]
+        assert results[form]["top5_err"] == results["trained"]["top5_err"]
+        assert os.path.exists(out / "checkpoints" / f"ckpt_0000004.eval-{form}.json")
+    # The logits themselves agree.
+    state, _ = resolve_checkpoint(str(out))
+    cfg = config.load(OmegaConf.create(state["config"]))
+    nc = cfg.model.num_classes or cfg.data.num_classes
+    x = torch.randn(3, 3, cfg.data.image_size, cfg.data.image_size)
+    logits = {}
+    for form in ("trained", "folded", "torchvision"):
+        model = models.build_model(cfg.model, cfg.norm, nc)
+        model.load_state_dict(state["model"])
+        with torch.no_grad():
+            logits[form] = inference_model(model, form, cfg.model, nc)(x)
+    assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in inference_model(model, "folded", cfg.model, nc).modules())
+    torch.testing.assert_close(logits["folded"], logits["trained"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits["torchvision"], logits["trained"], rtol=1e-4, atol=1e-4)

@@ -141,3 +141,22 @@ def test_plot_script_renders_figures_from_the_csv(tmp_path):
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match=r"figure 2 needs statistics \['mu', 'sigma2', 'g'\]"):
         plot_statistics.main([csv_path, "--figure", "2", "--layer", "bn", "--out", str(tmp_path / "f2.png")])
+
+
+def test_trainer_records_statistics_when_enabled(tmp_path):
+    from _train_utils import tiny, train_in_process
+
+    from mabn.engine.config import ConfigError
+
+    out = tmp_path / "run"
+    m = train_in_process(tiny(out, iterations=4, **{"stats.enabled": "true", "stats.every": 2}))
+    assert m["status"] == "finished"
+    with open(out / "statistics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["iteration"], r["statistic"]) for r in rows] == [("2", "chi2"), ("2", "psi"), ("4", "chi2"), ("4", "psi")]
+    assert all(r["layer"] == "layer1.0.bn1" and float(r["used"]) > 0 for r in rows)
+    with pytest.raises(ConfigError, match="stats.layers: layer 'layer9.bn' is not a module"):
+        train_in_process(tiny(tmp_path / "bad", **{"stats.enabled": "true", "stats.layers": "[layer9.bn]"}))
+    # Off (the default): no CSV.
+    train_in_process(tiny(tmp_path / "off", iterations=2))
+    assert not (tmp_path / "off" / "statistics.csv").exists()

@@ -19,7 +19,7 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 __all__ = ["NormConfig", "ModelConfig", "DataConfig", "ScheduleConfig", "OptimConfig",
-           "DebugConfig", "Config", "ConfigError", "load", "validate", "norm_options"]
+           "StatsConfig", "DebugConfig", "Config", "ConfigError", "load", "validate", "norm_options"]
 
 
 class ConfigError(ValueError):
@@ -178,6 +178,20 @@ class OptimConfig:
 
 
 @dataclass
+class StatsConfig:
+    """Batch-statistics recording of Figures 2-4 (mabn.stats.StatisticsRecorder), on rank 0."""
+
+    enabled: bool = False
+    """Record the statistics; when false no hooks are attached and training costs nothing extra."""
+    layers: List[str] = field(default_factory=lambda: ["layer1.0.bn1"])
+    """Module names of the normalization layers to record (the paper: layer1.0.bn1)."""
+    every: int = 10
+    """Record on every k-th iteration (the cost is one float64 pass over the layer's input)."""
+    small_batch_size: Optional[int] = None
+    """Samples of the "small" batch; null = the layer's norm_batch_size, else 2."""
+
+
+@dataclass
 class DebugConfig:
     """Fault injection, used by the tests and to rehearse a cluster's pre-emption handling."""
 
@@ -199,6 +213,8 @@ class Config:
     """Iterations and lr schedule (configs/schedule/)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and loss (configs/optim/)."""
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    """Batch-statistics recording (Figures 2-4): statistics.csv and TensorBoard statistics/..."""
     debug: DebugConfig = field(default_factory=DebugConfig)
     """Fault injection."""
     name: str = "quickstart"
@@ -224,6 +240,9 @@ class Config:
     """Checkpoints kept in out_dir/checkpoints (older ones are deleted)."""
     progress_bar: bool = True
     """tqdm progress bar on rank 0."""
+    dry_run: bool = False
+    """Validate, print the resolved config as one line "DRY-RUN <json>" and exit without any
+    work: shows what a (multi)run would train, e.g. ``-m +study=table2 dry_run=true``."""
 
 
 # Options of build_norm that each layer accepts (the others must not be passed).
@@ -364,5 +383,9 @@ def validate(cfg: DictConfig) -> None:
         _check(s[key] >= 1, f"schedule.{key}={s[key]} must be >= 1")
     _check(s.eval_every >= 0, f"schedule.eval_every={s.eval_every} must be >= 0")
     _check(cfg.keep_checkpoints >= 1, f"keep_checkpoints={cfg.keep_checkpoints} must be >= 1")
+    _check(cfg.stats.every >= 1, f"stats.every={cfg.stats.every} must be >= 1")
+    _check(len(cfg.stats.layers) >= 1, "stats.layers must name at least one layer")
+    _check(cfg.stats.small_batch_size is None or cfg.stats.small_batch_size >= 1,
+           f"stats.small_batch_size={cfg.stats.small_batch_size} must be >= 1")
     _check(cfg.debug.nan_loss_at >= 0, f"debug.nan_loss_at={cfg.debug.nan_loss_at} must be >= 0")
     _check(bool(cfg.out_dir), "out_dir must be set")

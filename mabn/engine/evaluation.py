@@ -9,10 +9,11 @@ import sys
 import torch
 from omegaconf import OmegaConf
 
+from .. import fold
 from . import checkpoint, config, data, distributed, models, run
 from .meters import evaluate
 
-__all__ = ["resolve_checkpoint", "evaluate_checkpoint"]
+__all__ = ["resolve_checkpoint", "evaluate_checkpoint", "inference_model", "FORMS"]
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,30 @@ def resolve_checkpoint(path: str) -> tuple[dict, str]:
     return checkpoint.load(path), path
 
 
-def evaluate_checkpoint(path: str, overrides: list[str] | None = None, device: str | None = None) -> dict:
+FORMS = ("trained", "folded", "torchvision")
+
+
+def inference_model(model: torch.nn.Module, form: str, model_cfg, num_classes: int) -> torch.nn.Module:
+    """The eval-mode ``model`` as trained, folded (mabn.fold.fold_model: plain convs with bias, no
+    normalization), or exported into a stock torchvision ResNet (strict state_dict load)."""
+    if form not in FORMS:
+        raise config.ConfigError(f"form={form!r} is not one of {list(FORMS)}")
+    model.eval()
+    if form == "folded":
+        return fold.fold_model(model)
+    if form == "torchvision":
+        stock = models.build_stock_model(model_cfg, num_classes)
+        stock.load_state_dict(fold.export_torchvision_state_dict(model), strict=True)
+        return stock.eval()
+    return model
+
+
+def evaluate_checkpoint(path: str, overrides: list[str] | None = None, device: str | None = None,
+                        form: str = "trained") -> dict:
     """Load ``path`` with the config it was trained with (plus dotlist ``overrides`` such as
     ``data.root=/data/imagenet``), evaluate it on that config's validation set (single process or
-    torchrun) and write ``<checkpoint>.eval.json``. Returns the result."""
+    torchrun) and write ``<checkpoint>.eval.json`` (``.eval-<form>.json`` for the folded or
+    torchvision forms, see :func:`inference_model`). Returns the result."""
     state, ckpt_path = resolve_checkpoint(path)
     cfg = OmegaConf.merge(state["config"], OmegaConf.from_dotlist(list(overrides or [])))
     if device is not None:
@@ -45,6 +66,7 @@ def evaluate_checkpoint(path: str, overrides: list[str] | None = None, device: s
         loader = data.build_val_loader(val_set, cfg.data, di.rank, di.world_size, di.device)
         model = models.build_model(cfg.model, cfg.norm, cfg.model.num_classes or num_classes)
         model.load_state_dict(state["model"])
+        model = inference_model(model, form, cfg.model, cfg.model.num_classes or num_classes)
         model.to(di.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -54,9 +76,9 @@ def evaluate_checkpoint(path: str, overrides: list[str] | None = None, device: s
         result = {"checkpoint": os.path.abspath(ckpt_path), "iteration": state["iteration"],
                   "top1_err": res["top1_err"], "top5_err": res["top5_err"], "samples": res["samples"],
                   "data": cfg.data.name, "val": os.path.join(cfg.data.root, cfg.data.val_dir) if cfg.data.root else None,
-                  "world_size": di.world_size}
+                  "world_size": di.world_size, "form": form}
         if di.is_main:
-            out = os.path.splitext(ckpt_path)[0] + ".eval.json"
+            out = os.path.splitext(ckpt_path)[0] + (".eval.json" if form == "trained" else f".eval-{form}.json")
             run.write_json(out, result)
             result["output"] = out
             log.info("%s (iteration %d): top-1 error %.2f%%, top-5 error %.2f%% on %d images -> %s",

@@ -32,6 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import checkpoint, data, distributed, models, run
 from .config import ConfigError, norm_options
 from .meters import WindowMeter, evaluate
+from ..stats import StatisticsRecorder
 
 try:  # numpy is optional; its RNG is saved when present
     import numpy as np
@@ -128,6 +129,7 @@ def train(cfg) -> dict:
 
 def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
     device, out_dir = di.device, cfg.out_dir
+    t_start, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     if cfg.norm.layer == "syncbn" and device.type != "cuda":
         raise ConfigError("norm.layer=syncbn needs device=cuda (nn.SyncBatchNorm is CUDA-only)")
@@ -217,6 +219,15 @@ def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start_iter + 1)
         _truncate_jsonl(train_log, start_iter)  # drop lines logged after the checkpoint
+    recorder = None
+    if cfg.stats.enabled and di.is_main:  # Figures 2-4, from rank 0's batches
+        stats_csv = os.path.join(out_dir, "statistics.csv")
+        _truncate_csv(stats_csv, start_iter)
+        try:
+            recorder = StatisticsRecorder(model, list(cfg.stats.layers), cfg.stats.every, stats_csv,
+                                          writer, cfg.stats.small_batch_size)
+        except ValueError as e:
+            raise ConfigError(f"stats.layers: {e}") from None
     result = {"status": "running", "iteration": start_iter, "iterations": end_iter, "name": cfg.name}
     if di.is_main:
         run.write_json(metrics_path, result)
@@ -269,6 +280,8 @@ def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
+            if recorder:
+                recorder.start(it)
             with autocast():
                 logits = net(images)
                 loss = criterion(logits.float(), target)
@@ -287,6 +300,8 @@ def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
 
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if recorder:
+                recorder.finish()
             scaler.step(optimizer)
             scaler.update()
 
@@ -312,7 +327,9 @@ def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
     bar.close()
 
     # ---- 6. The end: final validation, checkpoint, metrics ---------------------------------------
-    result.update(status=status, iteration=it, train_loss=meter.last_loss)
+    result.update(status=status, iteration=it, train_loss=meter.last_loss, started_at=started_at,
+                  ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  wall_time_s=round(time.perf_counter() - t_start, 1))  # of this invocation
     if status == "finished":
         last_val = validate(it)
         save_checkpoint(it, status)
@@ -346,6 +363,18 @@ def _warn_config_changes(saved: dict, cfg) -> None:
     if changed:
         log.warning("resuming with settings that differ from the checkpoint's: %s",
                     ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+
+
+def _truncate_csv(path: str, last_iter: int) -> None:
+    """Drop the rows of a statistics CSV recorded after ``last_iter`` (a resumed run redoes them)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= last_iter]
+    if len(keep) != len(lines):
+        with open(path, "w") as f:
+            f.writelines(keep)
 
 
 def _params_digest(model: nn.Module) -> str | None:
