@@ -1,7 +1,9 @@
 """Process-group set-up and the few collectives the trainer needs.
 
 Works under ``torchrun`` (env:// rendezvous: RANK, WORLD_SIZE, LOCAL_RANK; nccl on CUDA, gloo on
-CPU) and as a plain single process (no process group at all).
+CPU), under SLURM with one task per GPU (its variables are mapped to torchrun's; used by the
+hydra-submitit-launcher config configs/hydra/launcher/slurm.yaml; not exercised here, no cluster),
+and as a plain single process (no process group at all).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup", "cleanup", "all_reduce_sum", "all_gather_objects", "barrier"]
+__all__ = ["DistInfo", "setup", "slurm_env", "cleanup", "all_reduce_sum", "all_gather_objects", "barrier"]
 
 
 @dataclass
@@ -38,8 +40,26 @@ class DistInfo:
         return self.world_size > 1
 
 
+def slurm_env(environ) -> dict[str, str]:
+    """torchrun-style variables for a process started by SLURM (srun / hydra-submitit-launcher with
+    one task per GPU) and not by torchrun; empty when torchrun's variables are set or when SLURM
+    runs a single task. MASTER_ADDR: localhost on one node, else the launch node's address."""
+    if "RANK" in environ or int(environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in environ:
+        return {}
+    one_node = int(environ.get("SLURM_NNODES", "1")) == 1
+    return {
+        "RANK": environ["SLURM_PROCID"],
+        "WORLD_SIZE": environ["SLURM_NTASKS"],
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": environ.get("MASTER_ADDR") or ("127.0.0.1" if one_node else environ["SLURM_LAUNCH_NODE_IPADDR"]),
+        "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000),
+    }
+
+
 def setup(device: str = "auto") -> DistInfo:
-    """Resolve the device and join the process group when launched by torchrun with >1 process."""
+    """Resolve the device and join the process group when launched by torchrun (or by SLURM with
+    one task per GPU, see :func:`slurm_env`) with more than one process."""
+    os.environ.update(slurm_env(os.environ))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
