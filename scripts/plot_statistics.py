@@ -97,6 +97,19 @@ def plot(series, layer, figure, out, title=None):
     print(f"wrote {out}")
 
 
+def summary(series, layer, figure) -> str:
+    """Mean relative deviation |other - regular| / regular over the recorded iterations, per panel."""
+    stats, kinds = FIGURES[figure]
+    parts = []
+    for stat in stats:
+        other = dict(series[(layer, stat)].get(kinds[0], []))
+        regular = dict(series[(layer, stat)].get("regular", []))
+        rel = [abs(other[i] - regular[i]) / regular[i] for i in other if i in regular and regular[i] > 0]
+        if rel:
+            parts.append(f"{stat}: {100 * sum(rel) / len(rel):.1f}%")
+    return f"mean |{kinds[0]} - regular| / regular over {len(rel)} recorded iterations: " + ", ".join(parts)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="statistics.csv, a run directory, or a TensorBoard event directory")
@@ -107,7 +120,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not os.path.exists(args.input):
         raise SystemExit(f"input {args.input!r} does not exist")
-    plot(load(args.input), args.layer, args.figure, args.out, args.title)
+    series = load(args.input)
+    plot(series, args.layer, args.figure, args.out, args.title)
+    print(summary(series, args.layer, args.figure))
 
 
 if __name__ == "__main__":
