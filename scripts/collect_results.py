@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
         return 2
     out = args.out or os.path.join("results", f"{args.study}.md")
     notes = open(args.notes).read() if args.notes else None
-    command = "python scripts/collect_results.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python scripts/collect_results.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     summary = summarize(STUDIES[args.study], find_runs(args.runs_dir), args.study)
     text = render(args.study, summary, args.runs_dir, args.title, notes, command)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
