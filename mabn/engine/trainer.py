@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import random
@@ -218,11 +219,12 @@ def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
     if di.is_main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start_iter + 1)
-        _truncate_jsonl(train_log, start_iter)  # drop lines logged after the checkpoint
+        # Drop the log lines written after the checkpoint (this run redoes those iterations).
+        _truncate_after(train_log, start_iter, lambda ln: json.loads(ln)["iteration"])
     recorder = None
     if cfg.stats.enabled and di.is_main:  # Figures 2-4, from rank 0's batches
         stats_csv = os.path.join(out_dir, "statistics.csv")
-        _truncate_csv(stats_csv, start_iter)
+        _truncate_after(stats_csv, start_iter, lambda ln: int(ln.split(",", 1)[0]), header=1)
         try:
             recorder = StatisticsRecorder(model, list(cfg.stats.layers), cfg.stats.every, stats_csv,
                                           writer, cfg.stats.small_batch_size)
@@ -365,18 +367,6 @@ def _warn_config_changes(saved: dict, cfg) -> None:
                     ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
 
 
-def _truncate_csv(path: str, last_iter: int) -> None:
-    """Drop the rows of a statistics CSV recorded after ``last_iter`` (a resumed run redoes them)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= last_iter]
-    if len(keep) != len(lines):
-        with open(path, "w") as f:
-            f.writelines(keep)
-
-
 def _params_digest(model: nn.Module) -> str | None:
     """SHA-256 of all parameters (to check that the ranks hold the same weights)."""
     if np is None:
@@ -414,14 +404,17 @@ def _log_train(meter: WindowMeter, it: int, lr: float, di, writer, path: str, ba
     meter.reset()
 
 
-def _truncate_jsonl(path: str, last_iter: int) -> None:
+def _truncate_after(path: str, last_iter: int, iteration_of, header: int = 0) -> None:
+    """Drop the lines of a log written after iteration ``last_iter`` (a resumed run redoes them);
+    ``iteration_of(line)`` reads a line's iteration, the first ``header`` lines are kept."""
     if not os.path.exists(path):
         return
-    import json
     with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["iteration"] <= last_iter]
-    with open(path, "w") as f:
-        f.writelines(rows)
+        lines = [ln for ln in f if ln.strip()]
+    keep = lines[:header] + [ln for ln in lines[header:] if iteration_of(ln) <= last_iter]
+    if len(keep) != len(lines):
+        with open(path, "w") as f:
+            f.writelines(keep)
 
 
 def _hparams(writer, cfg, result: dict) -> None:
