@@ -6,9 +6,10 @@ The library: normalization layers (:mod:`mabn.norm`), weight-centralized convolu
 trainer (which lives in :mod:`mabn.engine` and is not imported here).
 """
 
-from .build import LAYERS, NORM_OPTIONS, build_norm, convert_model
+from .build import LAYER_OPTIONS, LAYERS, NORM_OPTIONS, build_norm, convert_model
 from .conv import CenConv2d
 from .norm import (
+    EMA_INITS,
     FORMS,
     STATISTICS,
     BatchNorm2d,
@@ -24,5 +25,5 @@ from .stats import StatisticsRecorder
 __all__ = [
     "fold_model", "export_torchvision_state_dict", "StatisticsRecorder",
     "BatchStatNorm2d", "BatchNorm2d", "BatchRenorm2d", "ModifiedBatchNorm2d", "MABN2d",
-    "CenConv2d", "build_norm", "convert_model", "NORM_OPTIONS", "LAYERS", "FORMS", "STATISTICS",
+    "CenConv2d", "build_norm", "convert_model", "NORM_OPTIONS", "LAYER_OPTIONS", "LAYERS", "FORMS", "STATISTICS", "EMA_INITS",
 ]

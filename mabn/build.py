@@ -16,7 +16,7 @@ from torch import nn
 from .conv import CenConv2d
 from .norm import BatchStatNorm2d
 
-__all__ = ["build_norm", "convert_model", "NORM_OPTIONS", "LAYERS"]
+__all__ = ["build_norm", "convert_model", "NORM_OPTIONS", "LAYER_OPTIONS", "LAYERS"]
 
 #: Implementations selectable with ``layer``.
 #:  - "mabn": the configurable family :class:`BatchStatNorm2d` (BN, BRN, modified, MABN, ablations)
@@ -30,7 +30,13 @@ _FAMILY_OPTIONS = tuple(p for p in inspect.signature(BatchStatNorm2d.__init__).p
 #: Every option name build_norm accepts.
 NORM_OPTIONS = ("layer",) + _FAMILY_OPTIONS + ("num_groups",)
 
-_TORCH_BN_OPTIONS = ("momentum", "eps", "norm_batch_size")
+#: The options each layer uses (build_norm refuses the others when they are set).
+LAYER_OPTIONS = {
+    "mabn": _FAMILY_OPTIONS,
+    "bn": ("momentum", "eps"),
+    "syncbn": ("momentum", "eps"),
+    "gn": ("num_groups", "eps"),
+}
 
 
 def build_norm(num_features: int, layer: str = "mabn", **options) -> nn.Module:
@@ -66,7 +72,7 @@ def build_norm(num_features: int, layer: str = "mabn", **options) -> nn.Module:
         return BatchStatNorm2d(num_features, **{k: v for k, v in opts.items()
                                                 if v is not None or k == "norm_batch_size"})
     if layer in ("bn", "syncbn"):
-        opts = take(_TORCH_BN_OPTIONS)
+        opts = take(LAYER_OPTIONS[layer] + ("norm_batch_size",))  # for a clear error below
         if opts.pop("norm_batch_size", None) is not None:
             raise ValueError(f"norm_batch_size={options['norm_batch_size']!r} needs layer='mabn'; "
                              f"layer={layer!r} normalizes the whole batch")
@@ -75,7 +81,7 @@ def build_norm(num_features: int, layer: str = "mabn", **options) -> nn.Module:
             raise ValueError(f"momentum={alpha!r} must be in [0, 1) (it is the weight of the old value)")
         cls = nn.BatchNorm2d if layer == "bn" else nn.SyncBatchNorm
         return cls(num_features, momentum=1.0 - alpha, **opts)
-    opts = take(("num_groups", "eps"))
+    opts = take(LAYER_OPTIONS["gn"])
     num_groups = opts.pop("num_groups", 32)
     if num_features % num_groups:
         raise ValueError(f"num_groups={num_groups} does not divide num_features={num_features}")

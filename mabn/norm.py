@@ -92,6 +92,7 @@ __all__ = [
     "MABN2d",
     "FORMS",
     "STATISTICS",
+    "EMA_INITS",
 ]
 
 FORMS = ("vanilla", "modified")
@@ -168,7 +169,7 @@ def _group_sum(t, groups):
 
 def _per_sample(t, groups, n):
     """(G, C) or (1, C) per-group coefficients -> (N, C, 1, 1), to broadcast against the input."""
-    g, c = t.shape
+    c = t.shape[1]
     return t[:, None, :].expand(groups, n // groups, c).reshape(n, c)[:, :, None, None]
 
 
@@ -360,9 +361,12 @@ class BatchStatNorm2d(nn.Module):
         return s
 
     # ------------------------------------------------------------------ helpers
-    def _groups(self, x: torch.Tensor) -> int:
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
             raise ValueError(f"{type(self).__name__} expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+
+    def _groups(self, x: torch.Tensor) -> int:
+        self._check_input(x)
         if x.shape[1] != self.num_features:
             raise ValueError(f"input has {x.shape[1]} channels but num_features={self.num_features}")
         n = x.shape[0]
@@ -419,8 +423,7 @@ class BatchStatNorm2d(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            if x.dim() != 4:
-                raise ValueError(f"{type(self).__name__} expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+            self._check_input(x)
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
         return self._forward_train(x)

@@ -18,6 +18,8 @@ from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from mabn import EMA_INITS, FORMS, LAYER_OPTIONS, LAYERS, STATISTICS
+
 __all__ = ["NormConfig", "ModelConfig", "DataConfig", "ScheduleConfig", "OptimConfig",
            "StatsConfig", "DebugConfig", "Config", "ConfigError", "load", "validate", "norm_options"]
 
@@ -245,19 +247,9 @@ class Config:
     work: shows what a (multi)run would train, e.g. ``-m +study=table2 dry_run=true``."""
 
 
-# Options of build_norm that each layer accepts (the others must not be passed).
-_LAYER_OPTIONS = {
-    "mabn": ("form", "fp_stats", "bp_stats", "norm_batch_size", "momentum", "buffer_size", "eps",
-             "r_max", "d_max", "warmup_iters", "renorm_warmup_iters", "ema_init"),
-    "bn": ("momentum", "eps"),
-    "syncbn": ("momentum", "eps"),
-    "gn": ("num_groups", "eps"),
-}
-
-
 def norm_options(norm: NormConfig | DictConfig) -> dict:
     """The ``mabn.build_norm`` keyword arguments of a norm config (those its layer accepts)."""
-    return {"layer": norm.layer, **{k: getattr(norm, k) for k in _LAYER_OPTIONS[norm.layer]}}
+    return {"layer": norm.layer, **{k: getattr(norm, k) for k in LAYER_OPTIONS[norm.layer]}}
 
 
 def load(cfg: Any = None) -> DictConfig:
@@ -296,11 +288,11 @@ def validate(cfg: DictConfig) -> None:
     n, d, m, s, o = cfg.norm, cfg.data, cfg.model, cfg.schedule, cfg.optim
 
     # norm
-    _one_of("norm.layer", n.layer, tuple(_LAYER_OPTIONS))
-    _one_of("norm.form", n.form, ("vanilla", "modified"))
-    _one_of("norm.fp_stats", n.fp_stats, ("batch", "ema", "sma"))
-    _one_of("norm.bp_stats", n.bp_stats, ("batch", "ema", "sma"))
-    _one_of("norm.ema_init", n.ema_init, ("first", "torch"))
+    _one_of("norm.layer", n.layer, LAYERS)
+    _one_of("norm.form", n.form, FORMS)
+    _one_of("norm.fp_stats", n.fp_stats, STATISTICS)
+    _one_of("norm.bp_stats", n.bp_stats, STATISTICS)
+    _one_of("norm.ema_init", n.ema_init, EMA_INITS)
     _check(0.0 <= n.momentum < 1.0,
            f"norm.momentum={n.momentum} must be in [0, 1) (it is the weight of the old value)")
     _check(n.buffer_size >= 1, f"norm.buffer_size={n.buffer_size} must be >= 1")
