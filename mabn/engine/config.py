@@ -78,10 +78,12 @@ class ModelConfig:
 
     arch: str = "resnet18"
     """"resnet18" or "resnet50" (torchvision's; resnet50 is v1.5, stride in the 3x3 conv, as the
-    authors' code)."""
+    authors' code), or the CIFAR-style "resnet20", "resnet32", "resnet56" for 32 px inputs
+    (mabn.engine.models.CifarResNet: widths 16/32/64, basic blocks, 1x1 conv + BN shortcuts)."""
     small_input: bool = True
     """Stem for 32-64 px images: a 3x3 stride-1 convolution and no max-pool instead of the 7x7
-    stride-2 convolution + max-pool of the ImageNet stem."""
+    stride-2 convolution + max-pool of the ImageNet stem (torchvision archs only; the CIFAR-style
+    ResNets always have the 3x3 stride-1 stem)."""
     num_classes: Optional[int] = None
     """Output classes; null = taken from the data (data.num_classes or the ImageFolder)."""
     zero_init_residual: bool = False
@@ -109,18 +111,30 @@ class DataConfig:
     """Training crop and validation centre-crop size (224 for ImageNet)."""
     val_resize: Optional[int] = None
     """Shorter side before the validation centre crop; null = round(image_size * 256 / 224)."""
+    augment: str = "fb"
+    """Training augmentation: "fb" (fb.resnet.torch, the paper's: random-resized crop of
+    min_crop_area-100%, colour jitter, PCA lighting, flip) or "crop_flip" (the CIFAR recipe: resize
+    the image to image_size, random crop of image_size from it padded by crop_padding zeros,
+    horizontal flip)."""
+    crop_padding: int = 4
+    """Zero padding on each side before the random crop of augment=crop_flip."""
     min_crop_area: float = 0.08
-    """Smallest area fraction of RandomResizedCrop (fb.resnet.torch: 0.08)."""
+    """Smallest area fraction of RandomResizedCrop (fb.resnet.torch: 0.08; augment=fb)."""
     color_jitter: float = 0.4
-    """Brightness, contrast and saturation jitter (fb.resnet.torch: 0.4; 0 disables)."""
+    """Brightness, contrast and saturation jitter (fb.resnet.torch: 0.4; 0 disables; augment=fb)."""
     lighting: float = 0.1
-    """Std of the AlexNet PCA lighting noise (fb.resnet.torch: 0.1; 0 disables)."""
+    """Std of the AlexNet PCA lighting noise (fb.resnet.torch: 0.1; 0 disables; augment=fb)."""
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     """Per-channel mean subtracted after ToTensor (RGB)."""
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     """Per-channel std divided by after ToTensor (RGB)."""
     workers: int = 4
     """DataLoader worker processes per rank (0 = load in the main process)."""
+    cache_images: bool = False
+    """augment=crop_flip only: decode each image once, resize it to image_size and keep it in
+    memory (the random crop and flip still run per sample), for small ImageFolders such as
+    tiny-imagenet-10 (15 MB at 32 px). The cache lives in the process that loads: use workers=0,
+    or it is rebuilt by the workers of every epoch."""
     pin_memory: bool = True
     """Pinned host memory for faster host-to-GPU copies (used on CUDA only)."""
     num_classes: int = 10
@@ -140,10 +154,15 @@ class ScheduleConfig:
 
     iterations: int = 300
     """Total training iterations (the paper: 600,000)."""
+    policy: str = "step"
+    """lr after the warm-up: "step" (multiplied by gamma after each milestone; the paper),
+    "cosine" (half a cosine from lr down to 0 at the last iteration) or "linear" (straight down
+    to 0; with a linear warm-up this is the one-cycle shape)."""
     milestones: List[int] = field(default_factory=lambda: [200, 260])
-    """Iterations after which the lr is multiplied by gamma (the paper: 150k, 300k, 450k)."""
+    """Iterations after which the lr is multiplied by gamma (the paper: 150k, 300k, 450k);
+    policy=step only."""
     gamma: float = 0.1
-    """Factor applied at each milestone."""
+    """Factor applied at each milestone (policy=step)."""
     warmup_iters: int = 0
     """Linear lr warm-up from warmup_factor x lr over this many iterations (0 = none, the paper)."""
     warmup_factor: float = 0.1
@@ -317,7 +336,8 @@ def validate(cfg: DictConfig) -> None:
                f"norm.norm_batch_size={n.norm_batch_size}")
 
     # model
-    _one_of("model.arch", m.arch, ("resnet18", "resnet50"))
+    from .models import ARCHS  # here: models imports this module
+    _one_of("model.arch", m.arch, ARCHS)
     _check(m.num_classes is None or m.num_classes >= 2, f"model.num_classes={m.num_classes} must be >= 2")
 
     # data
@@ -328,6 +348,13 @@ def validate(cfg: DictConfig) -> None:
     _check(d.image_size >= 8, f"data.image_size={d.image_size} must be >= 8")
     _check(d.val_resize is None or d.val_resize >= d.image_size,
            f"data.val_resize={d.val_resize} must be >= data.image_size={d.image_size}")
+    _one_of("data.augment", d.augment, ("fb", "crop_flip"))
+    _check(d.crop_padding >= 0, f"data.crop_padding={d.crop_padding} must be >= 0")
+    _check(not d.cache_images or d.augment == "crop_flip",
+           f"data.cache_images=true needs data.augment=crop_flip (data.augment={d.augment})")
+    _check(not d.cache_images or d.val_resize == d.image_size,
+           f"data.cache_images=true needs data.val_resize=data.image_size={d.image_size} (the cache holds "
+           f"images resized to image_size; data.val_resize={d.val_resize})")
     _check(0 < d.min_crop_area <= 1, f"data.min_crop_area={d.min_crop_area} must be in (0, 1]")
     _check(d.color_jitter >= 0, f"data.color_jitter={d.color_jitter} must be >= 0")
     _check(d.lighting >= 0, f"data.lighting={d.lighting} must be >= 0")
@@ -348,7 +375,11 @@ def validate(cfg: DictConfig) -> None:
 
     # schedule
     _check(s.iterations >= 1, f"schedule.iterations={s.iterations} must be >= 1")
-    _check(list(s.milestones) == sorted(s.milestones) and all(0 < x < s.iterations for x in s.milestones),
+    _one_of("schedule.policy", s.policy, ("step", "cosine", "linear"))
+    _check(s.warmup_iters < s.iterations or s.warmup_iters == 0,
+           f"schedule.warmup_iters={s.warmup_iters} must be below schedule.iterations={s.iterations}")
+    _check(s.policy != "step" or
+           list(s.milestones) == sorted(s.milestones) and all(0 < x < s.iterations for x in s.milestones),
            f"schedule.milestones={list(s.milestones)} must be increasing and inside (0, schedule.iterations={s.iterations})")
     _check(0 < s.gamma <= 1, f"schedule.gamma={s.gamma} must be in (0, 1]")
     _check(s.warmup_iters >= 0, f"schedule.warmup_iters={s.warmup_iters} must be >= 0")

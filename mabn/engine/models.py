@@ -1,17 +1,71 @@
-"""Model builders: torchvision ResNets, the paper's initialization, then the mabn conversion."""
+"""Model builders: torchvision ResNets, CIFAR-style ResNets, the paper's initialization, then the
+mabn conversion."""
 
 from __future__ import annotations
 
 from torch import nn
 from torchvision import models as tvm
+from torchvision.models.resnet import BasicBlock
 
 import mabn
 
 from .config import norm_options
 
-__all__ = ["build_model", "init_weights"]
+__all__ = ["build_model", "build_stock_model", "init_weights", "CifarResNet", "CIFAR_DEPTHS",
+           "ARCHS"]
 
-_ARCHS = {"resnet18": tvm.resnet18, "resnet50": tvm.resnet50}
+_TORCHVISION = {"resnet18": tvm.resnet18, "resnet50": tvm.resnet50}
+#: CIFAR-style ResNets (He et al. 2016, section 4.2): depth = 6n + 2.
+CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
+#: Every value model.arch accepts.
+ARCHS = tuple(_TORCHVISION) + tuple(CIFAR_DEPTHS)
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. (2016, section 4.2) for 32 px inputs, built from
+    torchvision's ``BasicBlock`` and with torchvision's attribute names (``conv1``, ``bn1``,
+    ``layer1``..``layer3``, ``downsample``, ``fc``), so that ``mabn.convert_model``, the folding
+    and the statistics recorder treat it like torchvision's ResNets.
+
+    A 3x3 stride-1 stem with ``width`` channels, three stages of ``(depth - 2) / 6`` basic blocks
+    at widths (w, 2w, 4w) and strides (1, 2, 2), global average pooling and a linear classifier.
+    The shortcut of a block that changes shape is a 1x1 convolution + BN ("option B"), so every
+    normalization is an nn.BatchNorm2d that conversion replaces. At 32 px the stages work on
+    32x32, 16x16 and 8x8 maps: a normalization group of b images holds b x 1024, b x 256 and
+    b x 64 values per channel (128 at b = 2 in the last stage).
+    """
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth={depth}: a CIFAR ResNet has depth 6n + 2 (20, 32, 44, 56, ...)")
+        blocks = (depth - 2) // 6
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._stage(width, blocks, 1)
+        self.layer2 = self._stage(2 * width, blocks, 2)
+        self.layer3 = self._stage(4 * width, blocks, 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def _stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for i in range(blocks):
+            s = stride if i == 0 else 1
+            downsample = None
+            if s != 1 or self.inplanes != planes:
+                downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, s, bias=False),
+                                           nn.BatchNorm2d(planes))
+            layers.append(BasicBlock(self.inplanes, planes, s, downsample))
+            self.inplanes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.avgpool(x).flatten(1))
 
 
 def init_weights(model: nn.Module) -> None:
@@ -28,9 +82,11 @@ def init_weights(model: nn.Module) -> None:
 
 
 def build_stock_model(model_cfg, num_classes: int) -> nn.Module:
-    """The plain torchvision ResNet of ``model_cfg`` (nn.BatchNorm2d, nn.Conv2d) with its stem;
-    the target of ``mabn.fold.export_torchvision_state_dict``."""
-    model = _ARCHS[model_cfg.arch](weights=None, num_classes=num_classes)
+    """The plain network of ``model_cfg`` (nn.BatchNorm2d, nn.Conv2d): a torchvision ResNet with
+    its stem, or a :class:`CifarResNet`; the target of ``mabn.fold.export_torchvision_state_dict``."""
+    if model_cfg.arch in CIFAR_DEPTHS:
+        return CifarResNet(CIFAR_DEPTHS[model_cfg.arch], num_classes)
+    model = _TORCHVISION[model_cfg.arch](weights=None, num_classes=num_classes)
     if model_cfg.small_input:  # 32-64 px inputs: 3x3 stride-1 stem, no max-pool
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
@@ -38,9 +94,9 @@ def build_stock_model(model_cfg, num_classes: int) -> nn.Module:
 
 
 def build_model(model_cfg, norm_cfg, num_classes: int) -> nn.Module:
-    """A torchvision ResNet with the configured stem and initialization, whose every
-    nn.BatchNorm2d is replaced by ``mabn.build_norm(**norm options)`` and (with
-    ``norm.weight_centralization``) every nn.Conv2d by ``mabn.CenConv2d``."""
+    """The network of ``model_cfg`` with the paper's initialization, whose every nn.BatchNorm2d
+    is replaced by ``mabn.build_norm(**norm options)`` and (with ``norm.weight_centralization``)
+    every nn.Conv2d by ``mabn.CenConv2d``."""
     model = build_stock_model(model_cfg, num_classes)
     init_weights(model)
     if model_cfg.zero_init_residual:  # last gamma of each residual branch = 0 (not in the paper)

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -47,12 +48,25 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def lr_at(cfg, it: int, base_lr: float) -> float:
-    """lr of iteration ``it`` (1-based): step decay by gamma after each milestone, optional
-    linear warm-up. A pure function of the iteration, so resuming restores the schedule."""
+    """lr of iteration ``it`` (1-based). A pure function of the iteration, so resuming restores
+    the schedule.
+
+    With T = schedule.iterations and w = schedule.warmup_iters: iterations 1..w ramp linearly
+    from warmup_factor x base_lr towards base_lr; then ``policy`` gives
+    step: base_lr x gamma^(milestones passed), cosine: base_lr x (1 + cos(pi t)) / 2 and
+    linear: base_lr x (1 - t), with t = (it - w - 1) / (T - w) the fraction of the post-warm-up
+    iterations already done (so the first post-warm-up lr is base_lr and the last is above 0).
+    """
     s = cfg.schedule
-    lr = base_lr * s.gamma ** sum(it > m for m in s.milestones)
-    if it <= s.warmup_iters:
-        lr *= s.warmup_factor + (1 - s.warmup_factor) * (it - 1) / s.warmup_iters
+    policy = getattr(s, "policy", "step")
+    w = s.warmup_iters
+    if policy == "step":
+        lr = base_lr * s.gamma ** sum(it > m for m in s.milestones)
+    else:
+        t = max(0, it - w - 1) / max(1, s.iterations - w)
+        lr = base_lr * (0.5 * (1 + math.cos(math.pi * t)) if policy == "cosine" else 1 - t)
+    if it <= w:
+        lr *= s.warmup_factor + (1 - s.warmup_factor) * (it - 1) / w
     return lr
 
 
