@@ -7,9 +7,14 @@ paper). Rank 0 logs, writes TensorBoard events, metrics.json and checkpoints.
 
 Every iteration ends with one small all-reduce of (loss, non-finite flag, stop flag), so all ranks
 agree on when to stop: a non-finite loss on any rank ends the run before the optimizer step with
-status "diverged"; SIGTERM/SIGUSR1 (pre-emption) or ``stop_after`` end it after the step with a
-checkpoint and status "interrupted". Both exit with code 0 (the run ended as designed; the status
-says how); metrics.json is the place to look.
+status "diverged"; SIGTERM/SIGUSR1/SIGINT (pre-emption, Ctrl-C) or ``stop_after`` end it after the
+step with a checkpoint and status "interrupted" (a second SIGINT exits at once). Both exit with
+code 0 (the run ended as designed; the status says how); metrics.json is the place to look. Any
+exception after the run has started (a crash, a dead peer, a full disk) leaves status "failed"
+with the iteration reached and the error.
+
+Nothing is written to out_dir until every check has passed: the config, the data, the model, and
+on resume the checkpoint and its fit to the config. The run holds a lock on out_dir while it runs.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoint, data, distributed, models, run
-from .config import ConfigError, norm_options
+from .config import ConfigError, check_machine, norm_options
 from .meters import WindowMeter, evaluate
 from ..stats import StatisticsRecorder
 
@@ -44,7 +49,11 @@ except ImportError:  # pragma: no cover
 __all__ = ["train", "lr_at", "build_optimizer"]
 
 log = logging.getLogger(__name__)
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+#: Settings a resume must repeat: the checkpoint's weights, buffers and data position mean nothing
+#: under others (a key ending in "." covers a whole section).
+RESUME_FIXED = ("model.", "norm.", "data.name", "data.num_classes", "data.train_size", "data.noise",
+                "data.image_size", "data.batch_size")
 
 
 def lr_at(cfg, it: int, base_lr: float) -> float:
@@ -91,25 +100,34 @@ def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.SGD:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors and numbers (checkpoints load as data only)."""
+    version, words, gauss = random.getstate()
+    state = {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+             "torch": torch.get_rng_state()}
     if np is not None:
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     torch.set_rng_state(state["torch"])
     if np is not None and "numpy" in state:
-        np.random.set_state(state["numpy"])
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGUSR1; the previous handlers are restored by :meth:`restore`."""
+    """Set by SIGTERM/SIGUSR1/SIGINT; a second SIGINT raises KeyboardInterrupt at once (Ctrl-C
+    twice: no checkpoint). The previous handlers are restored by :meth:`restore`."""
 
     def __init__(self):
         self.signal = None
@@ -121,6 +139,8 @@ class _StopFlag:
                 pass
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signal == "SIGINT":
+            raise KeyboardInterrupt("second SIGINT: stopped without a checkpoint")
         self.signal = signal.Signals(signum).name
 
     def restore(self) -> None:
@@ -128,68 +148,80 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+class _Record:
+    """metrics.json of the run, once the run has started (rank 0); :meth:`fail` records a crash."""
+
+    def __init__(self, path: str, is_main: bool):
+        self.path, self.is_main, self.result = path, is_main, None
+
+    def start(self, result: dict) -> None:
+        self.result = result
+        self.write()
+
+    def write(self) -> None:
+        if self.is_main and self.result is not None:
+            run.write_json(self.path, self.result)
+
+    def fail(self, exc: BaseException, iteration: int) -> None:
+        """status "failed" with the iteration reached and the exception's one-line summary (best
+        effort: on a full disk this write may fail too, which is logged)."""
+        if self.result is None or not self.is_main:
+            return
+        summary = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
+        self.result.update(status="failed", iteration=iteration, error=summary,
+                           ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        try:
+            self.write()
+        except OSError as e:
+            log.error("could not record the failure in %s: %s", self.path, e)
+        log.error("status failed at iteration %d: %s", iteration, summary)
+
+
 def train(cfg) -> dict:
     """Run (or resume) the training described by the validated config ``cfg``.
 
-    Returns the final metrics (also written to out_dir/metrics.json).
+    Returns the final metrics (also written to out_dir/metrics.json). An exception after the run
+    has started is recorded there as status "failed" and re-raised.
     """
+    check_machine(cfg)
     dist_info = distributed.setup(cfg.device)
     stop = _StopFlag()
+    record = _Record(os.path.join(cfg.out_dir, "metrics.json"), dist_info.is_main)
+    progress = {"iteration": 0}
     try:
-        return _train(cfg, dist_info, stop)
+        return _train(cfg, dist_info, stop, record, progress)
+    except BaseException as e:
+        record.fail(e, progress["iteration"])
+        raise
     finally:
         stop.restore()
         distributed.cleanup()
 
 
-def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
+def _train(cfg, di: distributed.DistInfo, stop: _StopFlag, record: _Record, progress: dict) -> dict:
     device, out_dir = di.device, cfg.out_dir
     t_start, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     ckpt_dir = os.path.join(out_dir, "checkpoints")
+    metrics_path = os.path.join(out_dir, "metrics.json")
     if cfg.norm.layer == "syncbn" and device.type != "cuda":
         raise ConfigError("norm.layer=syncbn needs device=cuda (nn.SyncBatchNorm is CUDA-only)")
-    run.setup_logging(out_dir, di.is_main)
+    run.setup_logging(out_dir, di.is_main, defer_file=True)  # log.txt once the run starts
+    if cfg.resume == "auto" and not checkpoint.list_checkpoints(ckpt_dir) and _finished(metrics_path, cfg):
+        log.info("the run in %s already finished (metrics.json: status finished at iteration %d); "
+                 "nothing to do", out_dir, cfg.schedule.iterations)
+        return run.read_json(metrics_path)
 
-    # ---- 1. Fresh start or resume (decided before any work) -------------------------------
-    state = None
-    if cfg.resume == "auto":
-        found = checkpoint.load_latest(ckpt_dir)
-        if found:
-            state, path = found
-            log.info("resuming from %s (iteration %d)", path, state["iteration"])
-        else:
-            log.info("resume=auto: no checkpoint in %s, starting fresh", ckpt_dir)
-    elif cfg.resume != "none":
-        state = checkpoint.load(cfg.resume)
-        log.info("resuming from %s (iteration %d)", cfg.resume, state["iteration"])
-    elif checkpoint.list_checkpoints(ckpt_dir):
-        raise ConfigError(f"out_dir={out_dir} already holds checkpoints of a run; pass resume=auto to "
-                          f"continue it, or choose another out_dir")
-    if state:
-        _warn_config_changes(state["config"], cfg)
-    start_iter = state["iteration"] if state else 0
-    end_iter = cfg.schedule.iterations
-    if state and start_iter >= end_iter and state.get("status") == "finished":
-        log.info("the run in %s already finished at iteration %d; nothing to do", out_dir, start_iter)
-        return run.read_json(os.path.join(out_dir, "metrics.json"))
-    if di.is_main:
-        run.write_provenance(cfg, out_dir, di.world_size)
-    log.info("world size %d, device %s; normalization: %s, weight centralization %s", di.world_size,
-             device, norm_options(cfg.norm), cfg.norm.weight_centralization)
-
-    # ---- 2. Data ----------------------------------------------------------------------------
+    # ---- 1. Data, model, optimizer, loss (every check before anything is written) -------------
     torch.manual_seed(cfg.seed)  # identical initialization on every rank
     random.seed(cfg.seed)
     if np is not None:
         np.random.seed(cfg.seed)
     train_set, val_set, num_classes = data.build_datasets(cfg.data, cfg.seed)
+    if cfg.model.num_classes is not None and cfg.model.num_classes < num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} is below the {num_classes} classes "
+                          f"of the data ({cfg.data.name}); set it to null or >= {num_classes}")
     stream = data.TrainStream(train_set, cfg.data, cfg.seed, di.rank, di.world_size, device)
     val_loader = data.build_val_loader(val_set, cfg.data, di.rank, di.world_size, device)
-    log.info("data %s: %d training / %d validation images, %d classes; %d batches of %d per rank "
-             "per epoch", cfg.data.name, len(train_set), len(val_set), num_classes,
-             stream.batches_per_epoch, cfg.data.batch_size)
-
-    # ---- 3. Model, optimizer, loss --------------------------------------------------------------
     model = models.build_model(cfg.model, cfg.norm, cfg.model.num_classes or num_classes).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -198,18 +230,81 @@ def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    recorder = None
+    if cfg.stats.enabled and di.is_main:  # Figures 2-4, from rank 0's batches
+        try:
+            recorder = StatisticsRecorder(model, list(cfg.stats.layers), cfg.stats.every,
+                                          os.path.join(out_dir, "statistics.csv"), None,
+                                          cfg.stats.small_batch_size)
+        except ValueError as e:
+            raise ConfigError(f"stats.layers: {e}") from None
 
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
+    # ---- 2. Fresh start or resume (resume=auto reads out_dir under its lock) --------------------
+    state, rejected = None, []
+    if cfg.resume not in ("none", "auto"):
+        try:
+            state = checkpoint.load(cfg.resume)
+        except checkpoint.CheckpointError as e:
+            raise ConfigError(f"resume={cfg.resume}: {e}") from None
+        log.info("resuming from %s (iteration %d)", cfg.resume, state["iteration"])
+    elif cfg.resume == "none" and checkpoint.list_checkpoints(ckpt_dir):
+        raise ConfigError(f"out_dir={out_dir} already holds checkpoints of a run; pass resume=auto to "
+                          f"continue it, or choose another out_dir")
+    lock = run.lock_out_dir(out_dir) if di.is_main else None  # noqa: F841  (held until exit)
+    if di.is_main:
+        for f in checkpoint.remove_stale_temporaries(ckpt_dir) + checkpoint.remove_stale_temporaries(out_dir):
+            log.warning("removed %s, left by a process that died while writing it", f)
+    if cfg.resume == "auto":
+        found, rejected = checkpoint.find_latest(ckpt_dir)
+        if found:
+            state, path = found
+            log.info("resuming from %s (iteration %d)", path, state["iteration"])
+        elif rejected:
+            raise ConfigError(
+                f"resume=auto: no usable checkpoint in {ckpt_dir}; every file there was rejected "
+                f"({', '.join(os.path.basename(f) for f in rejected)}; see the errors above). To start "
+                f"over, move that folder away (mv {ckpt_dir} {ckpt_dir}.rejected) and run again, or "
+                f"choose another out_dir")
+        else:
+            log.info("resume=auto: no checkpoint in %s, starting fresh", ckpt_dir)
+    start_iter = state["iteration"] if state else 0
+    end_iter = cfg.schedule.iterations
+    if state and start_iter == end_iter and state.get("status") == "finished":
+        log.info("the run in %s already finished at iteration %d; nothing to do", out_dir, start_iter)
+        return run.read_json(metrics_path)
     if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        _check_resume_fits(state, cfg)
+        _warn_config_changes(state["config"], cfg)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError(f"resume: the checkpoint does not fit the model of this config: "
+                              f"{str(e).strip().splitlines()[0]}") from None
+
+    # ---- 3. The run starts: from here on out_dir is written ------------------------------------
+    if di.is_main:
+        for f in rejected:  # kept for inspection, out of the way of resume and keep-last-K
+            for g in (f, f + ".sha256"):
+                if os.path.exists(g):
+                    os.replace(g, g + ".rejected")
+            log.warning("moved the rejected %s to %s.rejected", f, f)
+        run.start_log_file(out_dir)
+        run.write_provenance(cfg, out_dir, di.world_size)
+    log.info("world size %d, device %s; normalization: %s, weight centralization %s", di.world_size,
+             device, norm_options(cfg.norm), cfg.norm.weight_centralization)
+    log.info("data %s: %d training / %d validation images, %d classes; %d batches of %d per rank "
+             "per epoch", cfg.data.name, len(train_set), len(val_set), num_classes,
+             stream.batches_per_epoch, cfg.data.batch_size)
     net = model
     if di.distributed:  # each rank keeps its own normalization statistics (paper, appendix B.2)
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   broadcast_buffers=False)
+    meter = WindowMeter()
     if state:  # after DDP, whose constructor copies rank 0's buffers to every rank
         same_world = len(state["ranks"]) == di.world_size
         if not same_world:
@@ -222,6 +317,8 @@ def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
                 buf.copy_(mine["buffers"][name])
         stream.load_state_dict(mine["data"])
         _set_rng_state(mine["rng"])
+        if "meter" in mine:
+            meter.load_state_dict(mine["meter"])
     log.info("%s: %.2fM parameters; lr %.4g (global batch %d), %d iterations",
              cfg.model.arch, sum(p.numel() for p in model.parameters()) / 1e6, lr0,
              cfg.data.batch_size * di.world_size, end_iter)
@@ -229,30 +326,25 @@ def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
     # ---- 4. Logging outputs (rank 0) ----------------------------------------------------------
     writer = None
     train_log = os.path.join(out_dir, "train_log.jsonl")
-    metrics_path = os.path.join(out_dir, "metrics.json")
     if di.is_main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start_iter + 1)
         # Drop the log lines written after the checkpoint (this run redoes those iterations).
         _truncate_after(train_log, start_iter, lambda ln: json.loads(ln)["iteration"])
-    recorder = None
-    if cfg.stats.enabled and di.is_main:  # Figures 2-4, from rank 0's batches
+    if recorder:
         stats_csv = os.path.join(out_dir, "statistics.csv")
         _truncate_after(stats_csv, start_iter, lambda ln: int(ln.split(",", 1)[0]), header=1)
-        try:
-            recorder = StatisticsRecorder(model, list(cfg.stats.layers), cfg.stats.every, stats_csv,
-                                          writer, cfg.stats.small_batch_size)
-        except ValueError as e:
-            raise ConfigError(f"stats.layers: {e}") from None
+        recorder.writer = writer
     result = {"status": "running", "iteration": start_iter, "iterations": end_iter, "name": cfg.name}
-    if di.is_main:
-        run.write_json(metrics_path, result)
+    progress["iteration"] = start_iter
+    record.start(result)
 
     def save_checkpoint(it: int, status: str) -> None:
         ranks = distributed.all_gather_objects({
             "buffers": {k: v.detach().cpu() for k, v in model.named_buffers()},
             "data": stream.state_dict(),
             "rng": _rng_state(),
+            "meter": meter.state_dict(),
             "params_sha256": _params_digest(model),  # ranks must agree (DDP); buffers need not
         })
         if di.is_main:
@@ -279,7 +371,6 @@ def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
     last_val = state.get("val") if state else None
     stop_at = min(end_iter, cfg.stop_after or end_iter)
     status, it = "running", start_iter
-    meter = WindowMeter()
     batches = iter(stream)
     net.train()
     bar = tqdm(total=end_iter, initial=start_iter, disable=not (di.is_main and cfg.progress_bar),
@@ -292,6 +383,7 @@ def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
             target = target.to(device, non_blocking=True)
             data_time = time.perf_counter() - t0
             it += 1
+            progress["iteration"] = it
             lr = lr_at(cfg, it, lr0)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -303,6 +395,8 @@ def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
                 loss = criterion(logits.float(), target)
             if cfg.debug.nan_loss_at == it:
                 loss = loss * float("nan")
+            if cfg.debug.fail_at == it:
+                raise RuntimeError(f"debug.fail_at={it}: injected failure")
 
             # One all-reduce: summed loss, any non-finite loss, any stop request.
             local = loss.detach().float()
@@ -326,7 +420,7 @@ def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
             meter.update(flags[0].item() / di.world_size, c1, c5, target.shape[0], data_time,
                          time.perf_counter() - t0)
             bar.update(1)
-            if it % cfg.schedule.log_every == 0 or it == stop_at:
+            if it % cfg.schedule.log_every == 0 or it == end_iter:  # not at stop_at: see WindowMeter
                 _log_train(meter, it, lr, di, writer, train_log, bar)
             if cfg.schedule.eval_every and it % cfg.schedule.eval_every == 0 and it != end_iter:
                 last_val = validate(it)
@@ -354,8 +448,8 @@ def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
     elif last_val:
         result.update(val_top1_err=last_val["top1_err"], val_top5_err=last_val["top5_err"],
                       val_iteration=last_val.get("iteration", it))
+    record.write()
     if di.is_main:
-        run.write_json(metrics_path, result)
         if status != "interrupted":
             _hparams(writer, cfg, result)
         writer.close()
@@ -363,18 +457,43 @@ def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
     return result
 
 
+def _finished(metrics_path: str, cfg) -> bool:
+    """Whether metrics.json records this run as finished at schedule.iterations."""
+    try:
+        m = run.read_json(metrics_path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("status") == "finished" and m.get("iteration") == cfg.schedule.iterations
+
+
+def _flat(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _check_resume_fits(state: dict, cfg) -> None:
+    """ConfigError, naming the keys, when the config does not fit the checkpoint: a different
+    model, normalization or data (:data:`RESUME_FIXED`), or fewer iterations than it has done."""
+    old, new = dict(_flat(state["config"])), dict(_flat(OmegaConf.to_container(cfg, resolve=True)))
+    fixed = [k for k in sorted(old.keys() | new.keys())
+             if any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FIXED)]
+    changed = [f"{k}={new.get(k)!r} (checkpoint: {old.get(k)!r})" for k in fixed if old.get(k) != new.get(k)]
+    if changed:
+        raise ConfigError(f"resume: the config does not fit the checkpoint of iteration {state['iteration']}: "
+                          f"{', '.join(changed)}; resume with the checkpoint's settings or choose another out_dir")
+    if cfg.schedule.iterations < state["iteration"]:
+        raise ConfigError(f"schedule.iterations={cfg.schedule.iterations} is below the checkpoint's iteration "
+                          f"{state['iteration']}; a resume cannot go back")
+
+
 def _warn_config_changes(saved: dict, cfg) -> None:
     """Log the settings that differ from the checkpoint's (a resume normally repeats them)."""
     ignore = {"resume", "stop_after", "progress_bar", "data.workers", "keep_checkpoints"}
 
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    old, new = dict(flat(saved)), dict(flat(OmegaConf.to_container(cfg, resolve=True)))
+    old, new = dict(_flat(saved)), dict(_flat(OmegaConf.to_container(cfg, resolve=True)))
     changed = sorted(k for k in old.keys() | new.keys() if k not in ignore and old.get(k) != new.get(k))
     if changed:
         log.warning("resuming with settings that differ from the checkpoint's: %s",
