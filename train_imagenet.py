@@ -12,7 +12,8 @@ configs/) and set any field documented in mabn/engine/config.py. The steps:
 2. train (mabn/engine/trainer.py): set up torchrun/DDP, resume if asked, build data and model,
    run the iteration loop with logging, validation, checkpoints;
 3. the run directory's metrics.json says how it ended: finished, diverged or interrupted (all
-   exit 0: divergence and pre-emption are results, not crashes).
+   exit 0: divergence and pre-emption are results, not crashes), or failed (exit 1: a crash, a
+   full disk; exit 130: a second Ctrl-C).
 """
 
 import json
@@ -22,7 +23,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from mabn.engine import config, trainer
+from mabn.engine import checkpoint, config, trainer
 
 # The schema: every field with its type and documentation (mabn/engine/config.py).
 ConfigStore.instance().store(name="mabn_schema", node=config.Config)
@@ -39,6 +40,12 @@ def main(cfg: DictConfig) -> None:
     except config.ConfigError as e:
         print(f"invalid configuration: {e}", file=sys.stderr)
         sys.exit(2)
+    except checkpoint.CheckpointError as e:  # e.g. a full disk; metrics.json says "failed"
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C; metrics.json says "failed"
+        print("stopped by a second Ctrl-C, without a checkpoint (the last one written stays)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

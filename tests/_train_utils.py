@@ -47,10 +47,25 @@ def train_in_process(overrides) -> dict:
     return trainer.train(load_cfg(overrides))
 
 
-def run_script(args, timeout=300, env=None, **kw) -> subprocess.CompletedProcess:
+def run_script(args, timeout=900, env=None, **kw) -> subprocess.CompletedProcess:
+    """Run a script of the repository; the timeout is a wide margin for a loaded machine (the
+    tests size their work to take seconds to a minute on an idle one)."""
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     e.update(env or {})
     return subprocess.run(args, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def snapshot(folder, exclude=()) -> dict:
+    """{relative path: (size, mtime_ns)} of every file under ``folder`` (to show nothing changed)."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            rel = os.path.relpath(p, folder)
+            if rel not in exclude:
+                st = os.stat(p)
+                out[rel] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
 def read_log(out_dir) -> list[dict]:

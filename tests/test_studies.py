@@ -47,7 +47,7 @@ def dry_run(tmp_path, *overrides):
     proc = subprocess.run(
         [sys.executable, "train_imagenet.py", "-m", *overrides, f"data.root={root}", "dry_run=true",
          f"hydra.sweep.dir={tmp_path / 'multirun'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line[len("DRY-RUN "):]) for line in proc.stdout.splitlines() if line.startswith("DRY-RUN ")]
 

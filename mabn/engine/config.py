@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from mabn import EMA_INITS, FORMS, LAYER_OPTIONS, LAYERS, STATISTICS
 
 __all__ = ["NormConfig", "ModelConfig", "DataConfig", "ScheduleConfig", "OptimConfig",
-           "StatsConfig", "DebugConfig", "Config", "ConfigError", "load", "validate", "norm_options"]
+           "StatsConfig", "DebugConfig", "Config", "ConfigError", "load", "validate", "check_machine",
+           "norm_options"]
 
 
 class ConfigError(ValueError):
@@ -218,6 +219,9 @@ class DebugConfig:
 
     nan_loss_at: int = 0
     """Replace the loss of this iteration (1-based) by NaN; 0 = never."""
+    fail_at: int = 0
+    """Raise a RuntimeError in this iteration (1-based), after the forward pass, as a crash
+    would (the run ends with status "failed"); 0 = never."""
 
 
 @dataclass
@@ -248,17 +252,21 @@ class Config:
     """"auto" (cuda when available), "cpu" or "cuda"."""
     amp: str = "none"
     """Mixed precision (torch.autocast): "none", "bf16" or "fp16" (with loss scaling). Meant for
-    CUDA; bf16 also runs on CPU."""
+    CUDA; bf16 also runs on the CPU, fp16 is refused there at start (it would run ~90x slower)."""
     channels_last: bool = False
     """Use the channels_last memory format for the model and inputs."""
     resume: str = "none"
     """"none": start fresh (refused if out_dir already holds checkpoints); "auto": continue from
-    the newest valid checkpoint in out_dir, or start fresh if there is none; or a checkpoint path."""
+    the newest valid checkpoint in out_dir, or start fresh if there is none (refused when
+    checkpoints exist but none is valid; nothing to do when metrics.json records the run as
+    finished); or a checkpoint path. A resume whose model, normalization or data differ from the
+    checkpoint's, or whose schedule.iterations is below its iteration, is refused."""
     stop_after: Optional[int] = None
     """End this invocation after this iteration with a checkpoint (status "interrupted"), e.g. to
     fit a job's time slice; resume=auto continues. null = run to schedule.iterations."""
     keep_checkpoints: int = 3
-    """Checkpoints kept in out_dir/checkpoints (older ones are deleted)."""
+    """Checkpoints kept in out_dir/checkpoints: the most recently written ones (older ones are
+    deleted)."""
     progress_bar: bool = True
     """tqdm progress bar on rank 0."""
     dry_run: bool = False
@@ -269,6 +277,17 @@ class Config:
 def norm_options(norm: NormConfig | DictConfig) -> dict:
     """The ``mabn.build_norm`` keyword arguments of a norm config (those its layer accepts)."""
     return {"layer": norm.layer, **{k: getattr(norm, k) for k in LAYER_OPTIONS[norm.layer]}}
+
+
+def check_machine(cfg: DictConfig) -> None:
+    """The checks that depend on the machine (done where the run or evaluation starts, not in
+    :func:`validate`, so that a config can be composed and dry-run elsewhere): device=cuda needs a
+    GPU, amp=fp16 needs one too (on the CPU it runs ~90x slower)."""
+    import torch
+    cuda = torch.cuda.is_available()
+    _check(cfg.device != "cuda" or cuda, "device=cuda but no CUDA GPU is available; use device=cpu (or auto)")
+    _check(cfg.amp != "fp16" or (cfg.device != "cpu" and cuda),
+           "amp=fp16 needs a CUDA GPU (on the CPU it runs ~90x slower); use amp=bf16 or amp=none")
 
 
 def load(cfg: Any = None) -> DictConfig:
@@ -303,7 +322,8 @@ def _one_of(key: str, value, choices) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check every value that could make the run fail or be meaningless later; no side effects
-    beyond reading the data roots' existence."""
+    beyond reading whether the data roots and out_dir exist. (What depends on the machine that
+    runs it is checked by :func:`check_machine`.)"""
     n, d, m, s, o = cfg.norm, cfg.data, cfg.model, cfg.schedule, cfg.optim
 
     # norm
@@ -321,6 +341,11 @@ def validate(cfg: DictConfig) -> None:
     _check(n.warmup_iters >= 0, f"norm.warmup_iters={n.warmup_iters} must be >= 0")
     _check(n.renorm_warmup_iters >= 0, f"norm.renorm_warmup_iters={n.renorm_warmup_iters} must be >= 0")
     _check(n.num_groups >= 1, f"norm.num_groups={n.num_groups} must be >= 1")
+    from .models import ARCHS, channel_widths  # here: models imports this module
+    if n.layer == "gn" and cfg.model.arch in ARCHS:
+        bad = [c for c in channel_widths(cfg.model.arch) if c % n.num_groups]
+        _check(not bad, f"norm.num_groups={n.num_groups} does not divide the {bad[:1]} channels of "
+                        f"model.arch={cfg.model.arch} (its widths: {list(channel_widths(cfg.model.arch))})")
     if n.layer != "mabn":
         _check(n.norm_batch_size is None,
                f"norm.norm_batch_size={n.norm_batch_size} needs norm.layer=mabn "
@@ -336,7 +361,6 @@ def validate(cfg: DictConfig) -> None:
                f"norm.norm_batch_size={n.norm_batch_size}")
 
     # model
-    from .models import ARCHS  # here: models imports this module
     _one_of("model.arch", m.arch, ARCHS)
     _check(m.num_classes is None or m.num_classes >= 2, f"model.num_classes={m.num_classes} must be >= 2")
 
@@ -378,8 +402,9 @@ def validate(cfg: DictConfig) -> None:
     _one_of("schedule.policy", s.policy, ("step", "cosine", "linear"))
     _check(s.warmup_iters < s.iterations or s.warmup_iters == 0,
            f"schedule.warmup_iters={s.warmup_iters} must be below schedule.iterations={s.iterations}")
+    ms = list(s.milestones)
     _check(s.policy != "step" or
-           list(s.milestones) == sorted(s.milestones) and all(0 < x < s.iterations for x in s.milestones),
+           all(a < b for a, b in zip(ms, ms[1:])) and all(0 < x < s.iterations for x in ms),
            f"schedule.milestones={list(s.milestones)} must be increasing and inside (0, schedule.iterations={s.iterations})")
     _check(0 < s.gamma <= 1, f"schedule.gamma={s.gamma} must be in (0, 1]")
     _check(s.warmup_iters >= 0, f"schedule.warmup_iters={s.warmup_iters} must be >= 0")
@@ -412,3 +437,6 @@ def validate(cfg: DictConfig) -> None:
            f"stats.small_batch_size={cfg.stats.small_batch_size} must be >= 1")
     _check(cfg.debug.nan_loss_at >= 0, f"debug.nan_loss_at={cfg.debug.nan_loss_at} must be >= 0")
     _check(bool(cfg.out_dir), "out_dir must be set")
+    _check(not os.path.exists(cfg.out_dir) or os.path.isdir(cfg.out_dir),
+           f"out_dir={cfg.out_dir} is a file, not a directory")
+    _check(cfg.debug.fail_at >= 0, f"debug.fail_at={cfg.debug.fail_at} must be >= 0")

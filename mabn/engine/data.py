@@ -17,6 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 
+from .config import ConfigError
+
 __all__ = ["Lighting", "CachedResizedLoader", "train_transform", "val_transform", "SyntheticImages", "RobustImageFolder",
            "SeededSamples", "ResumableDistributedSampler", "ShardSampler", "build_datasets",
            "TrainStream", "build_val_loader"]
@@ -202,21 +204,32 @@ def build_datasets(cfg, seed: int, train: bool = True):
         val = SyntheticImages(cfg.val_size, cfg.num_classes, cfg.image_size, cfg.noise, "val", seed)
         tr = SyntheticImages(cfg.train_size, cfg.num_classes, cfg.image_size, cfg.noise, "train", seed) if train else None
         return tr, val, cfg.num_classes
-    kw = {"loader": CachedResizedLoader(cfg.image_size)} if cfg.cache_images else {}
-    val = RobustImageFolder(os.path.join(cfg.root, cfg.val_dir), val_transform(cfg), **kw)
+    val = _image_folder(cfg, "val_dir", val_transform(cfg))
     tr = None
     if train:
-        kw = {"loader": CachedResizedLoader(cfg.image_size)} if cfg.cache_images else {}
-        tr = RobustImageFolder(os.path.join(cfg.root, cfg.train_dir), train_transform(cfg), **kw)
+        tr = _image_folder(cfg, "train_dir", train_transform(cfg))
         if tr.classes != val.classes:
-            raise ValueError(f"data.root={cfg.root}: the class folders of {cfg.train_dir}/ and {cfg.val_dir}/ differ")
+            only = sorted(set(tr.classes) ^ set(val.classes))
+            raise ConfigError(f"data.root={cfg.root}: the class folders of {cfg.train_dir}/ and "
+                              f"{cfg.val_dir}/ differ (in one only: {only[:5]})")
     return tr, val, len(val.classes)
 
 
+def _image_folder(cfg, key: str, transform) -> RobustImageFolder:
+    """The ImageFolder data.<key> under data.root; ConfigError if it has no class folder or a
+    class folder without images."""
+    kw = {"loader": CachedResizedLoader(cfg.image_size)} if cfg.cache_images else {}
+    path = os.path.join(cfg.root, cfg[key])
+    try:
+        return RobustImageFolder(path, transform, **kw)
+    except FileNotFoundError as e:  # torchvision: no class folder, or a class folder without images
+        raise ConfigError(f"data.{key}={cfg[key]} ({path}): {str(e).split('. Supported')[0]}") from None
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGUSR1 to the main process, which checkpoints and then shuts them
-    down (a scheduler often signals the whole process group)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    """Workers leave SIGTERM/SIGUSR1/SIGINT to the main process, which checkpoints and then shuts
+    them down (a scheduler, or Ctrl-C in a terminal, signals the whole process group)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -243,8 +256,8 @@ class TrainStream:
         self.kwargs = _loader_kwargs(cfg, device)
         self.batches_per_epoch = self.sampler.num_samples // self.batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"data: {len(dataset)} training images are too few for data.batch_size="
-                             f"{cfg.batch_size} x {world_size} processes")
+            raise ConfigError(f"data: {len(dataset)} training images are too few for data.batch_size="
+                              f"{cfg.batch_size} x {world_size} processes")
         self.epoch, self.batch = 0, 0
 
     def state_dict(self) -> dict:

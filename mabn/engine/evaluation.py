@@ -59,6 +59,7 @@ def evaluate_checkpoint(path: str, overrides: list[str] | None = None, device: s
         cfg.device = device
     cfg.resume = "none"
     cfg = config.load(cfg)
+    config.check_machine(cfg)
     di = distributed.setup(cfg.device)
     try:
         run.setup_logging(None, di.is_main, stream=sys.stderr)  # stdout carries the JSON

@@ -45,6 +45,18 @@ class WindowMeter:
         self.data_time += data_time
         self.step_time += step_time
 
+    _FIELDS = ("loss", "correct1", "correct5", "samples", "iters", "data_time", "step_time", "last_loss")
+
+    def state_dict(self) -> dict:
+        """The open window and the last logged loss, as plain numbers (saved in checkpoints so that
+        a resumed run logs exactly what an uninterrupted one logs)."""
+        return {k: (v.item() if isinstance(v, torch.Tensor) else v)
+                for k, v in ((k, getattr(self, k)) for k in self._FIELDS)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self._FIELDS:
+            setattr(self, k, state[k])
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False,

@@ -12,13 +12,20 @@ import mabn
 from .config import norm_options
 
 __all__ = ["build_model", "build_stock_model", "init_weights", "CifarResNet", "CIFAR_DEPTHS",
-           "ARCHS"]
+           "ARCHS", "channel_widths"]
 
 _TORCHVISION = {"resnet18": tvm.resnet18, "resnet50": tvm.resnet50}
 #: CIFAR-style ResNets (He et al. 2016, section 4.2): depth = 6n + 2.
 CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
 #: Every value model.arch accepts.
 ARCHS = tuple(_TORCHVISION) + tuple(CIFAR_DEPTHS)
+
+
+def channel_widths(arch: str) -> tuple[int, ...]:
+    """The channel counts of the normalization layers of ``arch`` (each a multiple of the first)."""
+    if arch in CIFAR_DEPTHS:
+        return (16, 32, 64)
+    return (64, 128, 256, 512) + ((1024, 2048) if arch == "resnet50" else ())
 
 
 class CifarResNet(nn.Module):

@@ -5,14 +5,18 @@ Layout of ``out_dir``::
     config.yaml      the resolved configuration
     env.json         git commit (and whether the tree was dirty), package versions, world size, command
     log.txt          the rank-0 log
+    .lock            held (flock) by the run writing this folder; holds its pid and host
     train_log.jsonl  one JSON object per training log line (iteration, loss, errors, lr, speed)
-    metrics.json     the final (or current) result: status finished | diverged | interrupted | running
+    metrics.json     the final (or current) result: status finished | diverged | interrupted |
+                     failed (with the error) | running
     tb/              TensorBoard events
     checkpoints/     ckpt_<iteration>.pt (+ .sha256)
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import importlib.metadata
 import json
 import logging
@@ -25,29 +29,92 @@ import sys
 import torch
 from omegaconf import OmegaConf
 
-__all__ = ["setup_logging", "write_provenance", "write_json", "read_json", "append_jsonl"]
+from .config import ConfigError
+
+__all__ = ["setup_logging", "start_log_file", "lock_out_dir", "OutDirInUse", "write_provenance",
+           "write_json", "read_json", "append_jsonl"]
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def setup_logging(out_dir: str | None, is_main: bool, stream=None) -> None:
+class _Buffer(logging.Handler):
+    """Keeps the records logged before the run directory may be written (see start_log_file)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def setup_logging(out_dir: str | None, is_main: bool, stream=None, defer_file: bool = False) -> None:
     """INFO to ``stream`` (default stdout) and out_dir/log.txt on rank 0, warnings only on the
-    other ranks."""
+    other ranks. With ``defer_file`` nothing is written to out_dir yet: the records are kept
+    until :func:`start_log_file` (so a run refused at start-up leaves no trace in out_dir)."""
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_mabn", False):
             root.removeHandler(h)
             h.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     handlers = [logging.StreamHandler(stream or sys.stdout)]
     if is_main and out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(out_dir, "log.txt")))
+        handlers.append(_Buffer() if defer_file else _file_handler(out_dir))
     for h in handlers:
-        h.setFormatter(fmt)
-        h._mabn = True
-        root.addHandler(h)
+        _attach(root, h)
     root.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def _file_handler(out_dir: str) -> logging.Handler:
+    os.makedirs(out_dir, exist_ok=True)
+    return logging.FileHandler(os.path.join(out_dir, "log.txt"))
+
+
+def _attach(root: logging.Logger, handler: logging.Handler) -> None:
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler._mabn = True
+    root.addHandler(handler)
+
+
+def start_log_file(out_dir: str) -> None:
+    """Start out_dir/log.txt (rank 0 of a run set up with ``defer_file``), beginning with the
+    records logged so far."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, _Buffer) and getattr(h, "_mabn", False):
+            root.removeHandler(h)
+            fh = _file_handler(out_dir)
+            _attach(root, fh)
+            for record in h.records:
+                fh.handle(record)
+
+
+class OutDirInUse(ConfigError):
+    """Another process holds the run directory's lock."""
+
+
+def lock_out_dir(out_dir: str):
+    """Take an exclusive lock on ``out_dir`` for the life of this process (flock on out_dir/.lock,
+    released by the kernel when the process ends, however it ends) and write our pid and host into
+    the lock file. Raises :class:`OutDirInUse`, naming the holder, if another process has it.
+    Returns the open lock file (keep a reference to keep the lock)."""
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        f.seek(0)
+        holder = f.read().strip() or "unknown pid"
+        f.close()
+        raise OutDirInUse(f"out_dir={out_dir} is in use by another run ({holder}); wait for it to end "
+                          f"or choose another out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
 
 
 def _git(*args: str) -> str | None:

@@ -7,9 +7,19 @@ paper). Rank 0 logs, writes TensorBoard events, metrics.json and checkpoints.
 
 Every iteration ends with one small all-reduce of (loss, non-finite flag, stop flag), so all ranks
 agree on when to stop: a non-finite loss on any rank ends the run before the optimizer step with
-status "diverged"; SIGTERM/SIGUSR1 (pre-emption) or ``stop_after`` end it after the step with a
-checkpoint and status "interrupted". Both exit with code 0 (the run ended as designed; the status
-says how); metrics.json is the place to look.
+status "diverged"; SIGTERM/SIGUSR1/SIGINT (pre-emption, Ctrl-C) or ``stop_after`` end it after the
+step with a checkpoint and status "interrupted" (a second SIGINT exits at once). Both exit with
+code 0 (the run ended as designed; the status says how); metrics.json is the place to look. Any
+exception after the run has started (a crash, a dead peer, a full disk) leaves status "failed"
+with the iteration reached and the error.
+
+Nothing is written to out_dir until every check has passed: the config, the data, the model, and
+on resume the checkpoint and its fit to the config. The run holds a lock on out_dir while it runs.
+
+The phases, each a function of one :class:`_State` (what they share), in the order they run:
+:func:`_build` (data, model, optimizer), :func:`_resume` (lock, checkpoint, fit, load),
+:func:`_start` (out_dir is written from here on), :func:`_train_step` per iteration (with
+:func:`_evaluate` and :func:`_save_checkpoint` on their schedules), :func:`_finish`.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import os
 import random
 import signal
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -32,8 +44,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoint, data, distributed, models, run
-from .config import ConfigError, norm_options
-from .meters import WindowMeter, evaluate
+from .config import ConfigError, check_machine, norm_options
+from .meters import WindowMeter, evaluate, topk_correct
 from ..stats import StatisticsRecorder
 
 try:  # numpy is optional; its RNG is saved when present
@@ -44,7 +56,11 @@ except ImportError:  # pragma: no cover
 __all__ = ["train", "lr_at", "build_optimizer"]
 
 log = logging.getLogger(__name__)
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+#: Settings a resume must repeat: the checkpoint's weights, buffers and data position mean nothing
+#: under others (a key ending in "." covers a whole section).
+RESUME_FIXED = ("model.", "norm.", "data.name", "data.num_classes", "data.train_size", "data.noise",
+                "data.image_size", "data.batch_size")
 
 
 def lr_at(cfg, it: int, base_lr: float) -> float:
@@ -91,25 +107,34 @@ def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.SGD:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors and numbers (checkpoints load as data only)."""
+    version, words, gauss = random.getstate()
+    state = {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+             "torch": torch.get_rng_state()}
     if np is not None:
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     torch.set_rng_state(state["torch"])
     if np is not None and "numpy" in state:
-        np.random.set_state(state["numpy"])
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGUSR1; the previous handlers are restored by :meth:`restore`."""
+    """Set by SIGTERM/SIGUSR1/SIGINT; a second SIGINT raises KeyboardInterrupt at once (Ctrl-C
+    twice: no checkpoint). The previous handlers are restored by :meth:`restore`."""
 
     def __init__(self):
         self.signal = None
@@ -121,6 +146,8 @@ class _StopFlag:
                 pass
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signal == "SIGINT":
+            raise KeyboardInterrupt("second SIGINT: stopped without a checkpoint")
         self.signal = signal.Signals(signum).name
 
     def restore(self) -> None:
@@ -128,88 +155,229 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+class _Record:
+    """metrics.json of the run, once the run has started (rank 0); :meth:`fail` records a crash."""
+
+    def __init__(self, path: str, is_main: bool):
+        self.path, self.is_main, self.result = path, is_main, None
+
+    def start(self, result: dict) -> None:
+        self.result = result
+        self.write()
+
+    def write(self) -> None:
+        if self.is_main and self.result is not None:
+            run.write_json(self.path, self.result)
+
+    def fail(self, exc: BaseException, iteration: int) -> None:
+        """status "failed" with the iteration reached and the exception's one-line summary (best
+        effort: on a full disk this write may fail too, which is logged)."""
+        if self.result is None or not self.is_main:
+            return
+        summary = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
+        self.result.update(status="failed", iteration=iteration, error=summary,
+                           ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        try:
+            self.write()
+        except OSError as e:
+            log.error("could not record the failure in %s: %s", self.path, e)
+        log.error("status failed at iteration %d: %s", iteration, summary)
+
+
+@dataclass
+class _State:
+    """What the phases of a run share: the set-up (fixed after :func:`_build` and :func:`_resume`)
+    and the progress (iteration, status, last validation)."""
+
+    cfg: Any
+    di: distributed.DistInfo
+    stop: _StopFlag
+    record: _Record
+    # set by _build
+    train_set: Any = None
+    val_set: Any = None
+    num_classes: int = 0
+    stream: data.TrainStream | None = None
+    val_loader: Any = None
+    model: nn.Module | None = None
+    net: nn.Module | None = None  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+    criterion: nn.Module | None = None
+    lr0: float = 0.0
+    recorder: StatisticsRecorder | None = None
+    # set by _resume
+    checkpoint: dict | None = None
+    rejected: list = field(default_factory=list)
+    # set by _start
+    writer: Any = None
+    meter: WindowMeter = field(default_factory=WindowMeter)
+    lock: Any = None  # the open lock file of out_dir (rank 0), held until the process ends
+    # progress
+    it: int = 0
+    status: str = "running"
+    last_val: dict | None = None
+    started_at: str = ""
+    t_start: float = 0.0
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.cfg.out_dir, "checkpoints")
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+
+    def autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
+        return torch.autocast(self.di.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 def train(cfg) -> dict:
     """Run (or resume) the training described by the validated config ``cfg``.
 
-    Returns the final metrics (also written to out_dir/metrics.json).
+    Returns the final metrics (also written to out_dir/metrics.json). An exception after the run
+    has started is recorded there as status "failed" and re-raised.
     """
-    dist_info = distributed.setup(cfg.device)
-    stop = _StopFlag()
+    check_machine(cfg)
+    di = distributed.setup(cfg.device)
+    s = _State(cfg, di, _StopFlag(), _Record(os.path.join(cfg.out_dir, "metrics.json"), di.is_main))
     try:
-        return _train(cfg, dist_info, stop)
+        return _train(s)
+    except BaseException as e:
+        s.record.fail(e, s.it)
+        raise
     finally:
-        stop.restore()
+        s.stop.restore()
         distributed.cleanup()
 
 
-def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
-    device, out_dir = di.device, cfg.out_dir
-    t_start, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    if cfg.norm.layer == "syncbn" and device.type != "cuda":
+def _train(s: _State) -> dict:
+    """The run, phase by phase: nothing is written to out_dir before :func:`_start`."""
+    cfg = s.cfg
+    s.started_at, s.t_start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
+    if cfg.norm.layer == "syncbn" and s.di.device.type != "cuda":
         raise ConfigError("norm.layer=syncbn needs device=cuda (nn.SyncBatchNorm is CUDA-only)")
-    run.setup_logging(out_dir, di.is_main)
+    run.setup_logging(cfg.out_dir, s.di.is_main, defer_file=True)  # log.txt once the run starts
+    if cfg.resume == "auto" and not checkpoint.list_checkpoints(s.ckpt_dir) and _finished(s.record.path, cfg):
+        log.info("the run in %s already finished (metrics.json: status finished at iteration %d); "
+                 "nothing to do", cfg.out_dir, cfg.schedule.iterations)
+        return run.read_json(s.record.path)
+    _build(s)
+    if not _resume(s):
+        log.info("the run in %s already finished at iteration %d; nothing to do", cfg.out_dir, s.it)
+        return run.read_json(s.record.path)
+    _start(s)
+    batches = iter(s.stream)
+    stop_at = min(cfg.schedule.iterations, cfg.stop_after or cfg.schedule.iterations)
+    bar = tqdm(total=cfg.schedule.iterations, initial=s.it, dynamic_ncols=True, desc=cfg.name,
+               disable=not (s.di.is_main and cfg.progress_bar))
+    s.net.train()
+    with logging_redirect_tqdm():
+        while s.it < stop_at and s.status == "running":
+            _train_step(s, batches, stop_at, bar)
+    bar.close()
+    return _finish(s)
 
-    # ---- 1. Fresh start or resume (decided before any work) -------------------------------
-    state = None
-    if cfg.resume == "auto":
-        found = checkpoint.load_latest(ckpt_dir)
-        if found:
-            state, path = found
-            log.info("resuming from %s (iteration %d)", path, state["iteration"])
-        else:
-            log.info("resume=auto: no checkpoint in %s, starting fresh", ckpt_dir)
-    elif cfg.resume != "none":
-        state = checkpoint.load(cfg.resume)
-        log.info("resuming from %s (iteration %d)", cfg.resume, state["iteration"])
-    elif checkpoint.list_checkpoints(ckpt_dir):
-        raise ConfigError(f"out_dir={out_dir} already holds checkpoints of a run; pass resume=auto to "
-                          f"continue it, or choose another out_dir")
-    if state:
-        _warn_config_changes(state["config"], cfg)
-    start_iter = state["iteration"] if state else 0
-    end_iter = cfg.schedule.iterations
-    if state and start_iter >= end_iter and state.get("status") == "finished":
-        log.info("the run in %s already finished at iteration %d; nothing to do", out_dir, start_iter)
-        return run.read_json(os.path.join(out_dir, "metrics.json"))
-    if di.is_main:
-        run.write_provenance(cfg, out_dir, di.world_size)
-    log.info("world size %d, device %s; normalization: %s, weight centralization %s", di.world_size,
-             device, norm_options(cfg.norm), cfg.norm.weight_centralization)
 
-    # ---- 2. Data ----------------------------------------------------------------------------
+def _build(s: _State) -> None:
+    """Data, model, optimizer, loss, statistics recorder: every check that needs them, no writes."""
+    cfg, di = s.cfg, s.di
     torch.manual_seed(cfg.seed)  # identical initialization on every rank
     random.seed(cfg.seed)
     if np is not None:
         np.random.seed(cfg.seed)
-    train_set, val_set, num_classes = data.build_datasets(cfg.data, cfg.seed)
-    stream = data.TrainStream(train_set, cfg.data, cfg.seed, di.rank, di.world_size, device)
-    val_loader = data.build_val_loader(val_set, cfg.data, di.rank, di.world_size, device)
+    s.train_set, s.val_set, s.num_classes = data.build_datasets(cfg.data, cfg.seed)
+    if cfg.model.num_classes is not None and cfg.model.num_classes < s.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} is below the {s.num_classes} classes "
+                          f"of the data ({cfg.data.name}); set it to null or >= {s.num_classes}")
+    s.stream = data.TrainStream(s.train_set, cfg.data, cfg.seed, di.rank, di.world_size, di.device)
+    s.val_loader = data.build_val_loader(s.val_set, cfg.data, di.rank, di.world_size, di.device)
+    model = models.build_model(cfg.model, cfg.norm, cfg.model.num_classes or s.num_classes).to(di.device)
+    s.model = s.net = model.to(memory_format=s.memory_format)
+    s.lr0 = base_lr(cfg, di.world_size)
+    s.optimizer = build_optimizer(s.model, cfg, s.lr0)
+    s.scaler = torch.amp.GradScaler(di.device.type, enabled=cfg.amp == "fp16")
+    s.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    if cfg.stats.enabled and di.is_main:  # Figures 2-4, from rank 0's batches
+        try:
+            s.recorder = StatisticsRecorder(s.model, list(cfg.stats.layers), cfg.stats.every,
+                                            os.path.join(cfg.out_dir, "statistics.csv"), None,
+                                            cfg.stats.small_batch_size)
+        except ValueError as e:
+            raise ConfigError(f"stats.layers: {e}") from None
+
+
+def _resume(s: _State) -> bool:
+    """Lock out_dir, find the checkpoint to continue from (if any), check that it fits the config
+    and load it into the model and optimizer. False when there is nothing to do (the checkpoint
+    finished the schedule). Still no writes, except the lock file and removing dead temporaries."""
+    cfg, out_dir, ckpt_dir = s.cfg, s.cfg.out_dir, s.ckpt_dir
+    if cfg.resume not in ("none", "auto"):
+        try:
+            s.checkpoint = checkpoint.load(cfg.resume)
+        except checkpoint.CheckpointError as e:
+            raise ConfigError(f"resume={cfg.resume}: {e}") from None
+        log.info("resuming from %s (iteration %d)", cfg.resume, s.checkpoint["iteration"])
+    elif cfg.resume == "none" and checkpoint.list_checkpoints(ckpt_dir):
+        raise ConfigError(f"out_dir={out_dir} already holds checkpoints of a run; pass resume=auto to "
+                          f"continue it, or choose another out_dir")
+    if s.di.is_main:
+        s.lock = run.lock_out_dir(out_dir)  # held until the process ends
+        for f in checkpoint.remove_stale_temporaries(ckpt_dir) + checkpoint.remove_stale_temporaries(out_dir):
+            log.warning("removed %s, left by a process that died while writing it", f)
+    if cfg.resume == "auto":
+        found, s.rejected = checkpoint.find_latest(ckpt_dir)
+        if found:
+            s.checkpoint, path = found
+            log.info("resuming from %s (iteration %d)", path, s.checkpoint["iteration"])
+        elif s.rejected:
+            raise ConfigError(
+                f"resume=auto: no usable checkpoint in {ckpt_dir}; every file there was rejected "
+                f"({', '.join(os.path.basename(f) for f in s.rejected)}; see the errors above). To start "
+                f"over, move that folder away (mv {ckpt_dir} {ckpt_dir}.rejected) and run again, or "
+                f"choose another out_dir")
+        else:
+            log.info("resume=auto: no checkpoint in %s, starting fresh", ckpt_dir)
+    state = s.checkpoint
+    if not state:
+        return True
+    s.it = state["iteration"]
+    if s.it == cfg.schedule.iterations and state.get("status") == "finished":
+        return False
+    _check_resume_fits(state, cfg)
+    _warn_config_changes(state["config"], cfg)
+    try:
+        s.model.load_state_dict(state["model"])
+        s.optimizer.load_state_dict(state["optimizer"])
+        s.scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"resume: the checkpoint does not fit the model of this config: "
+                          f"{str(e).strip().splitlines()[0]}") from None
+    return True
+
+
+def _start(s: _State) -> None:
+    """The run starts writing out_dir: rejected checkpoints set aside, log.txt, provenance, DDP,
+    the per-rank state of the checkpoint, TensorBoard, metrics.json (status running)."""
+    cfg, di, out_dir = s.cfg, s.di, s.cfg.out_dir
+    if di.is_main:
+        for f in s.rejected:  # kept for inspection, out of the way of resume and keep-last-K
+            for g in (f, f + ".sha256"):
+                if os.path.exists(g):
+                    os.replace(g, g + ".rejected")
+            log.warning("moved the rejected %s to %s.rejected", f, f)
+        run.start_log_file(out_dir)
+        run.write_provenance(cfg, out_dir, di.world_size)
+    log.info("world size %d, device %s; normalization: %s, weight centralization %s", di.world_size,
+             di.device, norm_options(cfg.norm), cfg.norm.weight_centralization)
     log.info("data %s: %d training / %d validation images, %d classes; %d batches of %d per rank "
-             "per epoch", cfg.data.name, len(train_set), len(val_set), num_classes,
-             stream.batches_per_epoch, cfg.data.batch_size)
-
-    # ---- 3. Model, optimizer, loss --------------------------------------------------------------
-    model = models.build_model(cfg.model, cfg.norm, cfg.model.num_classes or num_classes).to(device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    lr0 = base_lr(cfg, di.world_size)
-    optimizer = build_optimizer(model, cfg, lr0)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-    net = model
+             "per epoch", cfg.data.name, len(s.train_set), len(s.val_set), s.num_classes,
+             s.stream.batches_per_epoch, cfg.data.batch_size)
     if di.distributed:  # each rank keeps its own normalization statistics (paper, appendix B.2)
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                  broadcast_buffers=False)
+        s.net = DDP(s.model, device_ids=[di.device.index] if di.device.type == "cuda" else None,
+                    broadcast_buffers=False)
+    state = s.checkpoint
     if state:  # after DDP, whose constructor copies rank 0's buffers to every rank
         same_world = len(state["ranks"]) == di.world_size
         if not same_world:
@@ -218,163 +386,187 @@ def _train(cfg, di: distributed.DistInfo, stop: _StopFlag) -> dict:
                         len(state["ranks"]), di.world_size)
         mine = state["ranks"][di.rank if same_world else 0]
         with torch.no_grad():
-            for name, buf in model.named_buffers():
+            for name, buf in s.model.named_buffers():
                 buf.copy_(mine["buffers"][name])
-        stream.load_state_dict(mine["data"])
+        s.stream.load_state_dict(mine["data"])
         _set_rng_state(mine["rng"])
+        s.meter.load_state_dict(mine["meter"])
+        s.last_val = state.get("val")
+        s.checkpoint = None  # not needed any more
     log.info("%s: %.2fM parameters; lr %.4g (global batch %d), %d iterations",
-             cfg.model.arch, sum(p.numel() for p in model.parameters()) / 1e6, lr0,
-             cfg.data.batch_size * di.world_size, end_iter)
-
-    # ---- 4. Logging outputs (rank 0) ----------------------------------------------------------
-    writer = None
-    train_log = os.path.join(out_dir, "train_log.jsonl")
-    metrics_path = os.path.join(out_dir, "metrics.json")
+             cfg.model.arch, sum(p.numel() for p in s.model.parameters()) / 1e6, s.lr0,
+             cfg.data.batch_size * di.world_size, cfg.schedule.iterations)
     if di.is_main:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start_iter + 1)
+        s.writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=s.it + 1)
         # Drop the log lines written after the checkpoint (this run redoes those iterations).
-        _truncate_after(train_log, start_iter, lambda ln: json.loads(ln)["iteration"])
-    recorder = None
-    if cfg.stats.enabled and di.is_main:  # Figures 2-4, from rank 0's batches
-        stats_csv = os.path.join(out_dir, "statistics.csv")
-        _truncate_after(stats_csv, start_iter, lambda ln: int(ln.split(",", 1)[0]), header=1)
-        try:
-            recorder = StatisticsRecorder(model, list(cfg.stats.layers), cfg.stats.every, stats_csv,
-                                          writer, cfg.stats.small_batch_size)
-        except ValueError as e:
-            raise ConfigError(f"stats.layers: {e}") from None
-    result = {"status": "running", "iteration": start_iter, "iterations": end_iter, "name": cfg.name}
-    if di.is_main:
-        run.write_json(metrics_path, result)
+        _truncate_after(os.path.join(out_dir, "train_log.jsonl"), s.it, lambda ln: json.loads(ln)["iteration"])
+    if s.recorder:
+        _truncate_after(os.path.join(out_dir, "statistics.csv"), s.it, lambda ln: int(ln.split(",", 1)[0]), header=1)
+        s.recorder.writer = s.writer
+    s.record.start({"status": "running", "iteration": s.it, "iterations": cfg.schedule.iterations,
+                    "name": cfg.name})
 
-    def save_checkpoint(it: int, status: str) -> None:
-        ranks = distributed.all_gather_objects({
-            "buffers": {k: v.detach().cpu() for k, v in model.named_buffers()},
-            "data": stream.state_dict(),
-            "rng": _rng_state(),
-            "params_sha256": _params_digest(model),  # ranks must agree (DDP); buffers need not
-        })
-        if di.is_main:
-            path = checkpoint.save({
-                "iteration": it, "status": status, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "ranks": ranks, "config": OmegaConf.to_container(cfg, resolve=True),
-                "val": last_val,
-            }, ckpt_dir, cfg.keep_checkpoints)
-            log.info("checkpoint %s", path)
-        distributed.barrier()
 
-    def validate(it: int) -> dict:
-        res = evaluate(model, val_loader, device, cfg.channels_last, autocast())
-        res["iteration"] = it
-        log.info("iter %d: val top-1 error %.2f%%, top-5 error %.2f%% (%d images)", it,
-                 res["top1_err"], res["top5_err"], res["samples"])
-        if writer:
-            writer.add_scalar("val/top1_err", res["top1_err"], it)
-            writer.add_scalar("val/top5_err", res["top5_err"], it)
-        return res
+def _train_step(s: _State, batches, stop_at: int, bar) -> None:
+    """One iteration: forward, one all-reduce of (loss, non-finite flag, stop flag), backward and
+    step unless the loss is non-finite on some rank (status diverged), then logging, validation
+    and checkpoints on their schedules; a stop request or stop_after ends the run after a
+    checkpoint (status interrupted)."""
+    cfg, di, device = s.cfg, s.di, s.di.device
+    t0 = time.perf_counter()
+    images, target = next(batches)
+    images = images.to(device, non_blocking=True).contiguous(memory_format=s.memory_format)
+    target = target.to(device, non_blocking=True)
+    data_time = time.perf_counter() - t0
+    s.it += 1
+    it = s.it
+    lr = lr_at(cfg, it, s.lr0)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
 
-    # ---- 5. The loop ------------------------------------------------------------------------------
-    last_val = state.get("val") if state else None
-    stop_at = min(end_iter, cfg.stop_after or end_iter)
-    status, it = "running", start_iter
-    meter = WindowMeter()
-    batches = iter(stream)
-    net.train()
-    bar = tqdm(total=end_iter, initial=start_iter, disable=not (di.is_main and cfg.progress_bar),
-               dynamic_ncols=True, desc=cfg.name)
-    with logging_redirect_tqdm():
-        while it < stop_at:
-            t0 = time.perf_counter()
-            images, target = next(batches)
-            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            target = target.to(device, non_blocking=True)
-            data_time = time.perf_counter() - t0
-            it += 1
-            lr = lr_at(cfg, it, lr0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+    if s.recorder:
+        s.recorder.start(it)
+    with s.autocast():
+        logits = s.net(images)
+        loss = s.criterion(logits.float(), target)
+    if cfg.debug.nan_loss_at == it:
+        loss = loss * float("nan")
+    if cfg.debug.fail_at == it:
+        raise RuntimeError(f"debug.fail_at={it}: injected failure")
 
-            if recorder:
-                recorder.start(it)
-            with autocast():
-                logits = net(images)
-                loss = criterion(logits.float(), target)
-            if cfg.debug.nan_loss_at == it:
-                loss = loss * float("nan")
+    local = loss.detach().float()
+    flags = distributed.all_reduce_sum(
+        [0.0 if not torch.isfinite(local) else local.item(),
+         float(not torch.isfinite(local)), float(s.stop.signal is not None)], device)
+    if flags[1] > 0:
+        s.status = "diverged"
+        log.error("iter %d: non-finite loss on %d rank(s); stopping (status diverged)", it, int(flags[1]))
+        return
 
-            # One all-reduce: summed loss, any non-finite loss, any stop request.
-            local = loss.detach().float()
-            flags = distributed.all_reduce_sum(
-                [0.0 if not torch.isfinite(local) else local.item(),
-                 float(not torch.isfinite(local)), float(stop.signal is not None)], device)
-            if flags[1] > 0:
-                status = "diverged"
-                log.error("iter %d: non-finite loss on %d rank(s); stopping (status diverged)", it, int(flags[1]))
-                break
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    if s.recorder:
+        s.recorder.finish()
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
 
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if recorder:
-                recorder.finish()
-            scaler.step(optimizer)
-            scaler.update()
+    with torch.no_grad():
+        c1, c5 = topk_correct(logits.detach(), target)
+    s.meter.update(flags[0].item() / di.world_size, c1, c5, target.shape[0], data_time, time.perf_counter() - t0)
+    bar.update(1)
+    end = cfg.schedule.iterations
+    # Not at stop_after: the open window goes into the checkpoint, so a resumed run logs the
+    # same lines as an uninterrupted one.
+    if it % cfg.schedule.log_every == 0 or it == end:
+        _log_train(s.meter, it, lr, di, s.writer, os.path.join(cfg.out_dir, "train_log.jsonl"), bar)
+    if cfg.schedule.eval_every and it % cfg.schedule.eval_every == 0 and it != end:
+        s.last_val = _evaluate(s)
+    if it == end:
+        s.status = "finished"
+    elif flags[2] > 0 or it == stop_at:
+        s.status = "interrupted"
+        log.warning("iter %d: %s; writing a checkpoint and exiting (resume=auto continues)", it,
+                    f"stop signal ({s.stop.signal or 'on another rank'}) received" if flags[2] > 0
+                    else f"stop_after={cfg.stop_after}")
+        _save_checkpoint(s)
+    elif it % cfg.schedule.ckpt_every == 0:
+        _save_checkpoint(s)
 
-            with torch.no_grad():
-                c1, c5 = _topk_correct(logits.detach(), target)
-            meter.update(flags[0].item() / di.world_size, c1, c5, target.shape[0], data_time,
-                         time.perf_counter() - t0)
-            bar.update(1)
-            if it % cfg.schedule.log_every == 0 or it == stop_at:
-                _log_train(meter, it, lr, di, writer, train_log, bar)
-            if cfg.schedule.eval_every and it % cfg.schedule.eval_every == 0 and it != end_iter:
-                last_val = validate(it)
-            if it == end_iter:
-                status = "finished"
-            elif flags[2] > 0 or it == stop_at:
-                status = "interrupted"
-                log.warning("iter %d: %s; writing a checkpoint and exiting (resume=auto continues)", it,
-                            f"stop signal ({stop.signal or 'on another rank'}) received" if flags[2] > 0 else f"stop_after={cfg.stop_after}")
-                save_checkpoint(it, status)
-                break
-            elif it % cfg.schedule.ckpt_every == 0:
-                save_checkpoint(it, "running")
-    bar.close()
 
-    # ---- 6. The end: final validation, checkpoint, metrics ---------------------------------------
-    result.update(status=status, iteration=it, train_loss=meter.last_loss, started_at=started_at,
+def _evaluate(s: _State) -> dict:
+    """Validation error of the model at the current iteration (logged, and to TensorBoard)."""
+    res = evaluate(s.model, s.val_loader, s.di.device, s.cfg.channels_last, s.autocast())
+    res["iteration"] = s.it
+    log.info("iter %d: val top-1 error %.2f%%, top-5 error %.2f%% (%d images)", s.it,
+             res["top1_err"], res["top5_err"], res["samples"])
+    if s.writer:
+        s.writer.add_scalar("val/top1_err", res["top1_err"], s.it)
+        s.writer.add_scalar("val/top5_err", res["top5_err"], s.it)
+    return res
+
+
+def _save_checkpoint(s: _State) -> None:
+    """Checkpoint of the current iteration: the weights, optimizer and lr scaler, and from every
+    rank its normalization buffers, data position, RNG states and logging window."""
+    ranks = distributed.all_gather_objects({
+        "buffers": {k: v.detach().cpu() for k, v in s.model.named_buffers()},
+        "data": s.stream.state_dict(),
+        "rng": _rng_state(),
+        "meter": s.meter.state_dict(),
+        "params_sha256": _params_digest(s.model),  # ranks must agree (DDP); buffers need not
+    })
+    if s.di.is_main:
+        path = checkpoint.save({
+            "iteration": s.it, "status": s.status, "model": s.model.state_dict(),
+            "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
+            "ranks": ranks, "config": OmegaConf.to_container(s.cfg, resolve=True),
+            "val": s.last_val,
+        }, s.ckpt_dir, s.cfg.keep_checkpoints)
+        log.info("checkpoint %s", path)
+    distributed.barrier()
+
+
+def _finish(s: _State) -> dict:
+    """The end: final validation and checkpoint when finished, metrics.json, TensorBoard hparams."""
+    result = s.record.result
+    result.update(status=s.status, iteration=s.it, train_loss=s.meter.last_loss, started_at=s.started_at,
                   ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  wall_time_s=round(time.perf_counter() - t_start, 1))  # of this invocation
-    if status == "finished":
-        last_val = validate(it)
-        save_checkpoint(it, status)
-    if status == "diverged":
-        result.update(diverged_at=it, val_top1_err=None, val_top5_err=None)
-    elif last_val:
-        result.update(val_top1_err=last_val["top1_err"], val_top5_err=last_val["top5_err"],
-                      val_iteration=last_val.get("iteration", it))
-    if di.is_main:
-        run.write_json(metrics_path, result)
-        if status != "interrupted":
-            _hparams(writer, cfg, result)
-        writer.close()
-        log.info("status %s at iteration %d; %s", status, it, metrics_path)
+                  wall_time_s=round(time.perf_counter() - s.t_start, 1))  # of this invocation
+    if s.status == "finished":
+        s.last_val = _evaluate(s)
+        _save_checkpoint(s)
+    if s.status == "diverged":
+        result.update(diverged_at=s.it, val_top1_err=None, val_top5_err=None)
+    elif s.last_val:
+        result.update(val_top1_err=s.last_val["top1_err"], val_top5_err=s.last_val["top5_err"],
+                      val_iteration=s.last_val.get("iteration", s.it))
+    s.record.write()
+    if s.di.is_main:
+        if s.status != "interrupted":
+            _hparams(s.writer, s.cfg, result)
+        s.writer.close()
+        log.info("status %s at iteration %d; %s", s.status, s.it, s.record.path)
     return result
+
+
+def _finished(metrics_path: str, cfg) -> bool:
+    """Whether metrics.json records this run as finished at schedule.iterations."""
+    try:
+        m = run.read_json(metrics_path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("status") == "finished" and m.get("iteration") == cfg.schedule.iterations
+
+
+def _flat(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _check_resume_fits(state: dict, cfg) -> None:
+    """ConfigError, naming the keys, when the config does not fit the checkpoint: a different
+    model, normalization or data (:data:`RESUME_FIXED`), or fewer iterations than it has done."""
+    old, new = dict(_flat(state["config"])), dict(_flat(OmegaConf.to_container(cfg, resolve=True)))
+    fixed = [k for k in sorted(old.keys() | new.keys())
+             if any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FIXED)]
+    changed = [f"{k}={new.get(k)!r} (checkpoint: {old.get(k)!r})" for k in fixed if old.get(k) != new.get(k)]
+    if changed:
+        raise ConfigError(f"resume: the config does not fit the checkpoint of iteration {state['iteration']}: "
+                          f"{', '.join(changed)}; resume with the checkpoint's settings or choose another out_dir")
+    if cfg.schedule.iterations < state["iteration"]:
+        raise ConfigError(f"schedule.iterations={cfg.schedule.iterations} is below the checkpoint's iteration "
+                          f"{state['iteration']}; a resume cannot go back")
 
 
 def _warn_config_changes(saved: dict, cfg) -> None:
     """Log the settings that differ from the checkpoint's (a resume normally repeats them)."""
     ignore = {"resume", "stop_after", "progress_bar", "data.workers", "keep_checkpoints"}
 
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    old, new = dict(flat(saved)), dict(flat(OmegaConf.to_container(cfg, resolve=True)))
+    old, new = dict(_flat(saved)), dict(_flat(OmegaConf.to_container(cfg, resolve=True)))
     changed = sorted(k for k in old.keys() | new.keys() if k not in ignore and old.get(k) != new.get(k))
     if changed:
         log.warning("resuming with settings that differ from the checkpoint's: %s",
@@ -389,11 +581,6 @@ def _params_digest(model: nn.Module) -> str | None:
     for p in model.parameters():
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
-
-
-def _topk_correct(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    hit = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(target[:, None])
-    return hit[:, :1].any(1).sum(), hit.any(1).sum()
 
 
 def _log_train(meter: WindowMeter, it: int, lr: float, di, writer, path: str, bar) -> None:
