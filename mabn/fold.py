@@ -271,9 +271,7 @@ def _bn_from_norm(norm: nn.Module, eps: float | None = None) -> nn.BatchNorm2d:
     c = norm.running_mean.numel()
     ref = norm.running_mean
     target_eps = norm.eps if eps is None else eps
-    momentum = getattr(norm, "momentum", 0.1)
-    if isinstance(norm, BatchStatNorm2d) and momentum is not None:
-        momentum = 1.0 - momentum  # the family stores the paper's alpha (weight of the old value)
+    momentum = getattr(norm, "momentum", 0.1)  # torch's meaning, also for the family (1 - alpha)
     bn = nn.BatchNorm2d(c, eps=target_eps, momentum=momentum, device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
         bn.running_mean.copy_(norm.running_mean)

@@ -124,7 +124,7 @@ def test_modified_form_buffers_are_the_eval_map():
 def _mabn_resnet(arch):
     model = getattr(torchvision.models, arch)()
     convert_model(model, norm=dict(layer="mabn", form="modified", fp_stats="ema", bp_stats="sma",
-                                   norm_batch_size=2, momentum=0.98, buffer_size=4,
+                                   norm_batch_size=2, alpha=0.98, buffer_size=4,
                                    renorm_warmup_iters=1),
                   weight_centralization=True)
     return model
