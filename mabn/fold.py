@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import os
 
 import torch
@@ -438,7 +439,9 @@ def export_onnx(
     kwargs = {"input_names": ["input"], "output_names": ["output"]}
     if opset_version is not None:
         kwargs["opset_version"] = opset_version
-    if dynamic_batch:
+    if dynamic_batch and "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kwargs.update(dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    elif dynamic_batch:  # the TorchScript-based exporter of torch < 2.5
         kwargs["dynamic_axes"] = {"input": {0: "batch"}, "output": {0: "batch"}}
     with torch.no_grad():
         torch.onnx.export(m, (x,), os.fspath(path), **kwargs)

@@ -60,7 +60,7 @@ def train_in_process(overrides) -> dict:
 
 
 def run_script(args, timeout=300, env=None, **kw) -> subprocess.CompletedProcess:
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    e = dict(os.environ, OMP_NUM_THREADS="1")  # mabn comes from the installed repository
     e.update(env or {})
     return subprocess.run(args, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout, **kw)
 

@@ -16,13 +16,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mabn import LAYER_OPTIONS, LAYERS
 from mabn.norm import OptionError, check_options
 
 __all__ = ["NormConfig", "ModelConfig", "DataConfig", "ScheduleConfig", "OptimConfig",
-           "StatsConfig", "DebugConfig", "Config", "ConfigError", "load", "validate", "norm_options"]
+           "StatsConfig", "DebugConfig", "Config", "EvalConfig", "ConfigError", "load", "validate", "norm_options"]
 
 
 class ConfigError(ValueError):
@@ -267,6 +267,20 @@ class Config:
     dry_run: bool = False
     """Validate, print the resolved config as one line "DRY-RUN <json>" and exit without any
     work: shows what a (multi)run would train, e.g. ``-m +study=table2 dry_run=true``."""
+
+
+@dataclass
+class EvalConfig(Config):
+    """The command line of eval.py: every key of :class:`Config` (an override of the checkpoint's
+    saved config, see eval.py) plus the two below."""
+
+    ckpt: str = MISSING
+    """Checkpoint to evaluate: a checkpoint file, or a run directory (its newest valid checkpoint,
+    searched in <dir>/checkpoints)."""
+    form: str = "trained"
+    """How the model is evaluated: "trained" (as trained), "folded" (every normalization folded
+    into its convolution, mabn.fold.fold_model) or "torchvision" (exported into a stock
+    torchvision/CIFAR ResNet, mabn.fold.export_torchvision_state_dict); all give the same error."""
 
 
 def norm_options(norm: NormConfig | DictConfig) -> dict:
