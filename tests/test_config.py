@@ -140,15 +140,3 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path):
     assert not out.exists()
     r = run_script([PYTHON, "train_imagenet.py", "norm=nosuchpreset", f"out_dir={out}"])
     assert r.returncode != 0 and "nosuchpreset" in r.stderr and not out.exists()
-
-
-def test_slurm_variables_map_to_torchrun_ones():
-    from mabn.engine.distributed import slurm_env
-
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "5", "SLURM_NNODES": "1", "SLURM_JOB_ID": "123"}
-    assert slurm_env(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "5", "MASTER_ADDR": "127.0.0.1",
-                              "MASTER_PORT": "20123"}
-    two_nodes = dict(env, SLURM_NNODES="2", SLURM_LAUNCH_NODE_IPADDR="10.1.2.3")
-    assert slurm_env(two_nodes)["MASTER_ADDR"] == "10.1.2.3"
-    assert slurm_env(dict(env, RANK="0")) == {}  # torchrun already set it up
-    assert slurm_env(dict(env, SLURM_NTASKS="1")) == {}  # a single task: plain process
