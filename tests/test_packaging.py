@@ -75,7 +75,7 @@ def test_wheel_holds_the_library_and_requires_only_torch(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("mabn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"mabn/__init__.py", "mabn/norm.py", "mabn/fold.py", "mabn/engine/trainer.py"} <= set(names)
+    assert {"mabn/__init__.py", "mabn/norm.py", "mabn/fold/__init__.py", "mabn/engine/trainer.py"} <= set(names)
     assert all(n.startswith(("mabn/", "mabn-")) for n in names), names  # no scripts, tests, configs
     meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
     meta = email.message_from_bytes(zipfile.ZipFile(wheel).read(meta_name))
