@@ -430,6 +430,13 @@ class BatchStatNorm2d(nn.Module):
     def momentum(self, value: float) -> None:
         self.alpha = resolve_alpha(None, value)
 
+    def __setstate__(self, state: dict) -> None:
+        # Whole modules pickled before _version 2 stored the paper's alpha under "momentum".
+        if "alpha" not in state and "momentum" in state:
+            state = dict(state)
+            state["alpha"] = state.pop("momentum")
+        super().__setstate__(state)
+
     @classmethod
     def convert_batchnorm(cls, module: nn.Module, **options) -> nn.Module:
         """Replace every 2-D BatchNorm of ``module`` by ``cls(num_features, **options)``.

@@ -4,6 +4,7 @@ factory arguments, state_dict compatibility with nn.BatchNorm2d, model conversio
 Numbers are checked against explicit float64 formulas (eq. 12, eq. 15) or stock torch layers."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -46,6 +47,16 @@ def test_momentum_property_sets_alpha():
     assert layer.alpha == pytest.approx(0.75)
     with pytest.raises(ValueError, match=r"momentum=0\.0 must be in \(0, 1\]"):
         layer.momentum = 0.0
+
+
+def test_pickled_modules_keep_alpha():
+    layer = mabn.MABN2d(3, alpha=0.97)
+    assert pickle.loads(pickle.dumps(layer)).alpha == 0.97
+    old = layer.__dict__.copy()  # a module pickled before version 2 kept alpha under "momentum"
+    old["momentum"] = old.pop("alpha")
+    restored = mabn.MABN2d.__new__(mabn.MABN2d)
+    restored.__setstate__(old)
+    assert restored.alpha == 0.97 and restored.momentum == pytest.approx(0.03)
 
 
 def test_options_after_num_features_are_keyword_only():
