@@ -70,30 +70,39 @@ def test_table_studies_expand_to_exactly_their_rows(tmp_path, study, expected):
         assert cfg["out_dir"] == f"runs/{study}/{cfg['name']}/seed0"
 
 
-def test_figure1b_and_scaled_down_protocol_expansion(tmp_path):
+def test_figure1b_reference_protocol_and_convergence_expansion(tmp_path):
     jobs = dry_run(tmp_path, "+study=figure1b")
     got = sorted((c["name"], c["norm"]["norm_batch_size"]) for c in jobs)
     assert got == sorted((name, b) for name in ("table2_row3_bn_small", "table2_row4_brn", "table2_row8_mabn")
                          for b in (2, 4, 8, 16, 32))
     assert len({c["out_dir"] for c in jobs}) == 15
-    # The scaled-down protocol keeps the rows' normalization and swaps model, data and schedule.
-    jobs = dry_run(tmp_path, "+study=table2", "+protocol=tiny", "seed=0,1")
-    assert len(jobs) == 16 and {c["seed"] for c in jobs} == {0, 1}
+    # The reference protocol keeps the rows' normalization and swaps model, data and schedule.
+    jobs = dry_run(tmp_path, "+study=table2", "+protocol=r20_32px", "seed=0,1,2")
+    assert len(jobs) == 24 and {c["seed"] for c in jobs} == {0, 1, 2}
     for cfg in jobs:
         assert settings(cfg) == TABLE2[cfg["name"]]
-        assert (cfg["model"]["arch"], cfg["model"]["small_input"], cfg["data"]["name"], cfg["data"]["image_size"]) == \
-            ("resnet18", False, "imagefolder", 64)
+        assert (cfg["model"]["arch"], cfg["data"]["name"], cfg["data"]["image_size"], cfg["data"]["augment"]) == \
+            ("resnet20", "imagefolder", 32, "crop_flip")
+        s = cfg["schedule"]
+        assert (s["iterations"], s["policy"], s["warmup_iters"], cfg["optim"]["lr"]) == (2400, "linear", 360, 0.05)
+    # The convergence check: BN(32) and MABN(2) at the protocol's schedule and at twice its length.
+    jobs = dry_run(tmp_path, "+study=convergence", "+protocol=r20_32px", "seed=0,1")
+    got = sorted((c["name"], c["schedule"]["iterations"], c["schedule"]["warmup_iters"], c["seed"]) for c in jobs)
+    assert got == sorted((name, it, it * 3 // 20, seed) for name in ("table2_row1_bn_regular", "table2_row8_mabn")
+                         for it in (2400, 4800) for seed in (0, 1))
+    assert len({c["out_dir"] for c in jobs}) == 8
+    assert all(c["model"]["arch"] == "resnet20" for c in jobs)
 
 
-def make_run(root, name, seed, status, err=None, nbs=2, diverged_at=None):
+def make_run(root, name, seed, status, err=None, nbs=2, diverged_at=None, iterations=600):
     d = root / name / f"seed{seed}"
     d.mkdir(parents=True)
     cfg = {"name": name, "seed": seed, "norm": {"norm_batch_size": nbs},
            "model": {"arch": "resnet18", "small_input": True},
            "data": {"name": "imagefolder", "root": "/data/tiny", "image_size": 32, "batch_size": 32},
-           "schedule": {"iterations": 600}}
+           "schedule": {"iterations": iterations}}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
-    metrics = {"status": status, "iteration": 600 if status == "finished" else (diverged_at or 10),
+    metrics = {"status": status, "iteration": iterations if status == "finished" else (diverged_at or 10),
                "val_top1_err": err, "wall_time_s": 60.0}
     if diverged_at:
         metrics["diverged_at"] = diverged_at
@@ -102,13 +111,19 @@ def make_run(root, name, seed, status, err=None, nbs=2, diverged_at=None):
                                             "packages": {"torch": "2.x"}}))
 
 
+def table_lines(text):
+    return {ln.split(" | ")[0].lstrip("| "): ln for ln in text.splitlines() if ln.startswith("| ")}
+
+
 def test_collector_on_fabricated_runs(tmp_path):
     runs = tmp_path / "runs"
     make_run(runs, "table2_row1_bn_regular", 0, "finished", 40.0, nbs=32)
     make_run(runs, "table2_row1_bn_regular", 1, "finished", 42.0, nbs=32)
+    make_run(runs, "table2_row1_bn_regular", 2, "finished", 43.0, nbs=32)
     make_run(runs, "table2_row2_modified_regular", 0, "finished", 41.5, nbs=32)
     make_run(runs, "table2_row3_bn_small", 0, "finished", 55.0)
-    make_run(runs, "table2_row3_bn_small", 1, "finished", 57.0)
+    make_run(runs, "table2_row3_bn_small", 1, "finished", 58.0)
+    make_run(runs, "table2_row3_bn_small", 3, "finished", 70.0)  # seed 3: no partner in row 1
     make_run(runs, "table2_row4_brn", 0, "finished", 50.0)
     make_run(runs, "table2_row5_brn_sma", 0, "diverged", None, diverged_at=137)
     make_run(runs, "table2_row6_modified_small", 0, "finished", 48.0)
@@ -118,13 +133,16 @@ def test_collector_on_fabricated_runs(tmp_path):
     args = ["table2", str(runs), "--out", str(out), "--title", "T2"]
     assert collect_results.main(args) == 0
     text = out.read_text()
-    lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in text.splitlines() if ln.startswith("| ")}
-    # Row 1: mean 41.00, sample std 1.41, gap 0; paper 23.41.
-    assert lines["1 BN, regular (b=32)"] == "| 1 BN, regular (b=32) | 41.00 ± 1.41 | +0.00 | 23.41 | +0.00 | 0,1 | 2 finished |"
-    assert lines["3 BN"] == "| 3 BN | 56.00 ± 1.41 | +15.00 | 35.22 | +11.81 | 0,1 | 2 finished |"
-    assert lines["4 vanilla + EMAS in FP (BRN)"].startswith("| 4 vanilla + EMAS in FP (BRN) | 50.00 | +9.00 | 30.29 | +6.88 | 0 |")
+    lines = table_lines(text)
+    # Row 1: mean of 40, 42, 43 = 41.67, sample std 1.53; gap to itself 0 over 3 seeds.
+    assert lines["1 BN, regular (b=32)"] == \
+        "| 1 BN, regular (b=32) | 41.67 | 1.53 | +0.00 ± 0.00 | 23.41 | +0.00 | 0,1,2 | 3 finished |"
+    # Row 3: mean (55 + 58 + 70) / 3 = 61.00, std 7.94; paired gap over seeds 0, 1 only:
+    # (55 - 40, 58 - 42) = (15, 16) -> +15.50 ± 0.71 (not 61.00 - 41.67).
+    assert lines["3 BN"] == "| 3 BN | 61.00 | 7.94 | +15.50 ± 0.71 | 35.22 | +11.81 | 0,1,3 | 3 finished |"
+    assert lines["4 vanilla + EMAS in FP (BRN)"].startswith("| 4 vanilla + EMAS in FP (BRN) | 50.00 | - | +10.00 | 30.29 | +6.88 | 0 |")
     assert lines["5 vanilla + EMAS in FP + SMAS in BP"] == \
-        "| 5 vanilla + EMAS in FP + SMAS in BP | - | - | - | - | 0 | 1 diverged (iteration 137) |"
+        "| 5 vanilla + EMAS in FP + SMAS in BP | - | - | - | - | - | 0 | 1 diverged (iteration 137) |"
     assert "interrupted at iteration 10" in lines["7 modified + EMAS in FP"]
     assert lines["8 modified + EMAS in FP + SMAS in BP (MABN)"].startswith(
         "| 8 modified + EMAS in FP + SMAS in BP (MABN) | missing |")
@@ -134,14 +152,37 @@ def test_collector_on_fabricated_runs(tmp_path):
     assert out.read_text() == text
 
 
-def test_collector_figure1b_writes_a_plot(tmp_path):
+def test_collector_figure1b_table_and_plot(tmp_path):
     runs = tmp_path / "runs"
     for b in (2, 32):
-        make_run(runs / f"b{b}", "table2_row8_mabn", 0, "finished", 40.0 + b / 10, nbs=b)
+        for seed, delta in ((0, 0.0), (1, 1.0)):
+            make_run(runs / f"b{b}", "table2_row8_mabn", seed, "finished", 40.0 + b / 10 + delta, nbs=b)
         make_run(runs / f"b{b}", "table2_row3_bn_small", 0, "finished", 60.0 - b, nbs=b)
+    make_run(runs / "b4", "table2_row4_brn", 0, "diverged", None, nbs=4, diverged_at=12)
     out = tmp_path / "figure1b.md"
     assert collect_results.main(["figure1b", str(runs), "--out", str(out)]) == 0
     text = out.read_text()
-    assert "| MABN, b=2 | 40.20 |" in text and "| BN, b=32 | 28.00 | +0.00 | 23.41 | +0.00 |" in text
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert lines[0] == "| method | b=2 | b=4 | b=8 | b=16 | b=32 |"
+    # One row per method, columns b = 2, 4, 8, 16, 32; MABN's b=2: seeds 40.2 and 41.2.
+    assert "| BN | 58.00 | missing | missing | missing | 28.00 |" in lines
+    assert "| BRN | missing | - | missing | missing | missing |" in lines
+    assert "| MABN | 40.70 ± 0.71 | missing | missing | missing | 43.70 ± 0.71 |" in lines
+    assert "| BN | 35.22 | n/a | n/a | n/a | 23.41 |" in lines  # the paper's known points
     assert (tmp_path / "figure1b.png").read_bytes()[:4] == b"\x89PNG"
     assert "`table2_row4_brn` (norm_batch_size=2)" in text
+
+
+def test_collector_convergence_verdict(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        make_run(runs / "x1", "table2_row1_bn_regular", seed, "finished", 30.0 + seed, nbs=32, iterations=100)
+        make_run(runs / "x2", "table2_row1_bn_regular", seed, "finished", 29.0 + seed, nbs=32, iterations=200)
+        make_run(runs / "x1", "table2_row8_mabn", seed, "finished", 35.0 + seed, iterations=100)
+        make_run(runs / "x2", "table2_row8_mabn", seed, "finished", 32.0 + seed, iterations=200)
+    out = tmp_path / "convergence.md"
+    assert collect_results.main(["convergence", str(runs), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| 1 BN, regular (b=32) | 200 | 29.50 | 0.71 | -1.00 | 0,1 | 2 finished |" in text
+    assert "changes the mean error by -1.00 points: converged." in text
+    assert "changes the mean error by -3.00 points: NOT converged" in text

@@ -1,8 +1,9 @@
 """The paper's studies: which experiment presets make each table, and the paper's numbers.
 
-Used by :mod:`mabn.engine.collect` (``scripts/collect_results.py``, to lay out the tables) and by the tests that check that
-each study's Hydra multirun expands to exactly these configurations. The multirun itself is
-``configs/study/<study>.yaml`` (``python train_imagenet.py -m +study=<study> ...``).
+Used by :mod:`mabn.engine.collect` (``scripts/collect_results.py``, to lay out the tables) and by
+the tests that check that each study's Hydra multirun expands to exactly these configurations. The
+multirun itself is ``configs/study/<study>.yaml`` (``python train_imagenet.py -m +study=<study>
+...``).
 """
 
 from __future__ import annotations
@@ -55,8 +56,14 @@ FIGURE1B_METHODS = {
 FIGURE1B = [Row(preset, f"{method}, b={b}", paper.get(b), b)
             for method, (preset, paper) in FIGURE1B_METHODS.items() for b in FIGURE1B_SIZES]
 
-STUDIES = {"table2": TABLE2, "table4": TABLE4, "figure1b": FIGURE1B}
+# The convergence check of a protocol (configs/study/convergence.yaml): BN(32) and MABN(2) at the
+# protocol's schedule and at twice its length; the collector groups the runs by their iterations.
+CONVERGENCE = [TABLE2[0], TABLE2[7]]
+#: A schedule is called converged when doubling it changes each row's mean error by less than this.
+CONVERGENCE_TOLERANCE = 1.5
+
+STUDIES = {"table2": TABLE2, "table4": TABLE4, "figure1b": FIGURE1B, "convergence": CONVERGENCE}
 
 #: The regular-batch BN row that the "gap" column is measured against, per study.
 REFERENCE = {"table2": ("table2_row1_bn_regular", None), "table4": ("table4_row11_modified_regular", None),
-             "figure1b": ("table2_row3_bn_small", 32)}
+             "figure1b": ("table2_row3_bn_small", 32), "convergence": ("table2_row1_bn_regular", None)}
