@@ -6,7 +6,7 @@ The library: normalization layers (:mod:`mabn.norm`), weight-centralized convolu
 trainer (which lives in :mod:`mabn.engine` and is not imported here).
 """
 
-from .build import LAYER_OPTIONS, LAYERS, NORM_OPTIONS, build_norm, convert_model
+from .build import LAYER_OPTIONS, LAYERS, NORM_OPTIONS, build_norm, convert_model, is_batchnorm_2d
 from .conv import CenConv2d
 from .norm import (
     EMA_INITS,
@@ -17,6 +17,8 @@ from .norm import (
     BatchStatNorm2d,
     MABN2d,
     ModifiedBatchNorm2d,
+    OptionError,
+    check_options,
 )
 from . import fold, stats
 from .fold import export_torchvision_state_dict, fold_model
@@ -25,5 +27,5 @@ from .stats import StatisticsRecorder
 __all__ = [
     "fold_model", "export_torchvision_state_dict", "StatisticsRecorder",
     "BatchStatNorm2d", "BatchNorm2d", "BatchRenorm2d", "ModifiedBatchNorm2d", "MABN2d",
-    "CenConv2d", "build_norm", "convert_model", "NORM_OPTIONS", "LAYER_OPTIONS", "LAYERS", "FORMS", "STATISTICS", "EMA_INITS",
+    "CenConv2d", "build_norm", "convert_model", "is_batchnorm_2d", "check_options", "OptionError", "NORM_OPTIONS", "LAYER_OPTIONS", "LAYERS", "FORMS", "STATISTICS", "EMA_INITS",
 ]

@@ -1,22 +1,27 @@
 """Builders: one normalization layer from options, and conversion of an existing model.
 
-``build_norm`` takes the option names of :class:`mabn.BatchStatNorm2d` plus ``layer`` (which
-implementation) and ``num_groups`` (GroupNorm); the Hydra ``norm`` config group of the trainer uses
-the same names. ``convert_model`` swaps the layers of an existing model, in the spirit of
-``nn.SyncBatchNorm.convert_sync_batchnorm`` and detectron2's ``FrozenBatchNorm2d.convert_frozen_batchnorm``.
+``build_norm`` takes the option names of :class:`mabn.BatchStatNorm2d` (``alpha``, the paper's
+weight of the old value, not torch's ``momentum``) plus ``layer`` (which implementation) and
+``num_groups`` (GroupNorm); the Hydra ``norm`` config group of the trainer uses the same names.
+``convert_model`` swaps the layers of an existing model, in the spirit of
+``nn.SyncBatchNorm.convert_sync_batchnorm`` (also available as the classmethod
+:meth:`mabn.BatchStatNorm2d.convert_batchnorm` of every preset).
 """
 
 from __future__ import annotations
 
 import inspect
+from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
 
 from .conv import CenConv2d
-from .norm import BatchStatNorm2d
+from .norm import BatchStatNorm2d, check_options, resolve_alpha
 
-__all__ = ["build_norm", "convert_model", "NORM_OPTIONS", "LAYER_OPTIONS", "LAYERS"]
+__all__ = ["build_norm", "convert_model", "is_batchnorm_2d", "NORM_OPTIONS", "LAYER_OPTIONS", "LAYERS"]
 
 #: Implementations selectable with ``layer``.
 #:  - "mabn": the configurable family :class:`BatchStatNorm2d` (BN, BRN, modified, MABN, ablations)
@@ -25,39 +30,45 @@ __all__ = ["build_norm", "convert_model", "NORM_OPTIONS", "LAYER_OPTIONS", "LAYE
 #:  - "gn": nn.GroupNorm with ``num_groups`` groups (the GN baseline)
 LAYERS = ("mabn", "bn", "syncbn", "gn")
 
+# The family's options by name; torch's ``momentum`` and the factory arguments are not options
+# (``alpha`` is the one name of the EMA weight in options and configs).
 _FAMILY_OPTIONS = tuple(p for p in inspect.signature(BatchStatNorm2d.__init__).parameters
-                        if p not in ("self", "num_features"))
+                        if p not in ("self", "num_features", "momentum", "device", "dtype"))
 #: Every option name build_norm accepts.
 NORM_OPTIONS = ("layer",) + _FAMILY_OPTIONS + ("num_groups",)
 
 #: The options each layer uses (build_norm refuses the others when they are set).
 LAYER_OPTIONS = {
     "mabn": _FAMILY_OPTIONS,
-    "bn": ("momentum", "eps"),
-    "syncbn": ("momentum", "eps"),
+    "bn": ("alpha", "eps"),
+    "syncbn": ("alpha", "eps"),
     "gn": ("num_groups", "eps"),
 }
 
 
-def build_norm(num_features: int, layer: str = "mabn", **options) -> nn.Module:
+def build_norm(num_features: int, layer: str = "mabn", *, device=None, dtype=None, **options) -> nn.Module:
     """Build one normalization layer for ``num_features`` channels.
 
     Args:
         num_features: channels C.
         layer: one of :data:`LAYERS`.
-        **options: for ``layer="mabn"``, any :class:`BatchStatNorm2d` argument (form, fp_stats,
-            bp_stats, norm_batch_size, momentum, buffer_size, eps, r_max, d_max, warmup_iters,
-            renorm_warmup_iters, ema_init). For "bn"/"syncbn": momentum (the paper's alpha, the
-            weight of the old value; converted to torch's ``1 - alpha``) and eps; norm_batch_size
-            must be None (they normalize the whole batch). For "gn": num_groups (default 32), eps.
-            Options set to None are ignored, except norm_batch_size. Options that the chosen
-            layer does not use are an error, so a typo cannot pass silently.
+        device, dtype: factory arguments of the new layer.
+        **options: for ``layer="mabn"``, any :class:`BatchStatNorm2d` option (form, fp_stats,
+            bp_stats, norm_batch_size, alpha, buffer_size, eps, r_max, d_max, warmup_iters,
+            renorm_warmup_iters, ema_init). For "bn"/"syncbn": alpha (the paper's weight of the
+            old value, default 0.9; the torch layer gets ``momentum = 1 - alpha``) and eps;
+            norm_batch_size must be None (they normalize the whole batch). For "gn": num_groups
+            (default 32), eps. Options set to None are ignored, except norm_batch_size. Options
+            that the chosen layer does not use are an error, so a typo cannot pass silently; the
+            values are checked by :func:`mabn.norm.check_options`.
     """
     unknown = sorted(set(options) - set(NORM_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown normalization option(s) {unknown}; known: {list(NORM_OPTIONS)}")
+        hint = " (torch's momentum is 1 - alpha; the options take alpha)" if "momentum" in unknown else ""
+        raise ValueError(f"unknown normalization option(s) {unknown}{hint}; known: {list(NORM_OPTIONS)}")
     if layer not in LAYERS:
         raise ValueError(f"layer={layer!r} is not one of {list(LAYERS)}")
+    factory = {"device": device, "dtype": dtype}
 
     def take(allowed):
         extra = sorted(k for k, v in options.items() if v is not None and k not in allowed)
@@ -66,63 +77,120 @@ def build_norm(num_features: int, layer: str = "mabn", **options) -> nn.Module:
         return {k: v for k, v in options.items() if v is not None and k in allowed}
 
     if layer == "mabn":
-        opts = {k: v for k, v in options.items() if k != "num_groups"}
         if options.get("num_groups") is not None:
             raise ValueError("option num_groups applies to layer='gn' only")
-        return BatchStatNorm2d(num_features, **{k: v for k, v in opts.items()
-                                                if v is not None or k == "norm_batch_size"})
+        opts = {k: v for k, v in options.items()
+                if k != "num_groups" and (v is not None or k == "norm_batch_size")}
+        return BatchStatNorm2d(num_features, **opts, **factory)
     if layer in ("bn", "syncbn"):
         opts = take(LAYER_OPTIONS[layer] + ("norm_batch_size",))  # for a clear error below
         if opts.pop("norm_batch_size", None) is not None:
             raise ValueError(f"norm_batch_size={options['norm_batch_size']!r} needs layer='mabn'; "
                              f"layer={layer!r} normalizes the whole batch")
-        alpha = opts.pop("momentum", 0.9)
-        if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"momentum={alpha!r} must be in [0, 1) (it is the weight of the old value)")
+        alpha = resolve_alpha(opts.pop("alpha", None))
+        check_options(**opts)
         cls = nn.BatchNorm2d if layer == "bn" else nn.SyncBatchNorm
-        return cls(num_features, momentum=1.0 - alpha, **opts)
+        return cls(num_features, momentum=1.0 - alpha, **opts, **factory)
     opts = take(LAYER_OPTIONS["gn"])
     num_groups = opts.pop("num_groups", 32)
-    if num_features % num_groups:
-        raise ValueError(f"num_groups={num_groups} does not divide num_features={num_features}")
-    return nn.GroupNorm(num_groups, num_features, **opts)
+    check_options(**opts)
+    if not isinstance(num_groups, int) or num_groups < 1 or num_features % num_groups:
+        raise ValueError(f"num_groups={num_groups!r} must be a positive divisor of num_features={num_features}")
+    return nn.GroupNorm(num_groups, num_features, **opts, **factory)
 
 
-def _copy_norm_state(src: nn.modules.batchnorm._BatchNorm, dst: nn.Module) -> None:
+def is_batchnorm_2d(module: nn.Module) -> bool:
+    """Whether ``module`` is a torch BatchNorm of 4-D inputs that conversion replaces: any
+    ``nn.modules.batchnorm._BatchNorm`` subclass (nn.BatchNorm2d, nn.SyncBatchNorm, a user's
+    subclass) whose input check accepts (N, C, H, W), not a mabn family layer."""
+    if not isinstance(module, _BatchNorm):
+        return False
+    try:
+        module._check_input_dim(torch.empty(0, 0, 0, 0))
+    except ValueError:  # BatchNorm1d / BatchNorm3d and their subclasses
+        return False
+    return True
+
+
+def _copy_norm_state(src: _BatchNorm, dst: nn.Module) -> None:
+    """Affine parameters and running statistics of ``src`` into the fresh layer ``dst``.
+
+    The modified form (eq. 15) keeps running_mean 0 and running_var the EMA of chi^2 = E[x^2]:
+    it gets ``var + mean^2``. Iteration counters are not copied (the training that follows
+    starts at t = 1: its warm-ups apply, and with ``ema_init="first"`` its first batch replaces
+    the EMAs).
+    """
     with torch.no_grad():
         if src.affine and getattr(dst, "weight", None) is not None:
             dst.weight.copy_(src.weight)
             dst.bias.copy_(src.bias)
-        if (src.track_running_stats and isinstance(dst, (nn.modules.batchnorm._BatchNorm, BatchStatNorm2d))
-                and not (isinstance(dst, BatchStatNorm2d) and dst.form == "modified")):
-            dst.running_mean.copy_(src.running_mean)
-            dst.running_var.copy_(src.running_var)
+        if not src.track_running_stats or getattr(dst, "running_var", None) is None:
+            return
+        mean, var = src.running_mean, src.running_var
+        if isinstance(dst, BatchStatNorm2d) and dst.form == "modified":
+            mean, var = torch.zeros_like(mean), var + mean * mean
+        dst.running_mean.copy_(mean)
+        dst.running_var.copy_(var)
+
+
+def _convert(module: nn.Module, make: Callable | None, weight_centralization: bool) -> nn.Module:
+    if make is not None and is_batchnorm_2d(module):
+        if any(is_lazy(p) for p in list(module.parameters()) + list(module.buffers())):
+            raise ValueError(f"cannot convert the uninitialized lazy {type(module).__name__}: run a "
+                             f"forward pass first so that it knows its num_features")
+        alpha = None if module.momentum is None else 1.0 - module.momentum
+        ref = module.weight if module.weight is not None else module.running_mean
+        factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        new = make(module.num_features, alpha, **factory)
+        _copy_norm_state(module, new)
+        new.train(module.training)
+        return new
+    if weight_centralization and type(module) is nn.Conv2d:
+        return CenConv2d.from_conv(module)
+    for name, child in module.named_children():
+        new = _convert(child, make, weight_centralization)
+        if new is not child:
+            setattr(module, name, new)
+    return module
 
 
 def convert_model(model: nn.Module, norm: dict | None = None, weight_centralization: bool = False) -> nn.Module:
     """Swap the normalization (and optionally convolution) layers of ``model`` in place.
 
-    Every nn.BatchNorm2d (not its subclasses such as SyncBatchNorm) becomes
-    ``build_norm(num_features, **norm)``, keeping its affine weights (and its running statistics
-    when the new layer is a vanilla BN-type layer); every nn.Conv2d becomes a :class:`CenConv2d`
-    sharing its weights when ``weight_centralization`` is true. New layers are put on the old
-    layer's device and dtype and in its train/eval mode. ``norm=None`` leaves the normalizations.
+    Every torch BatchNorm of 4-D inputs (:func:`is_batchnorm_2d`: nn.BatchNorm2d,
+    nn.SyncBatchNorm, other ``_BatchNorm`` subclasses) becomes ``build_norm(num_features,
+    **norm)`` on the old layer's device and dtype and in its train/eval mode, keeping its affine
+    weights and running statistics (see :func:`_copy_norm_state`). torch's momentum is carried
+    over as ``alpha = 1 - momentum`` unless ``norm`` sets ``alpha`` (a BatchNorm with
+    ``momentum=None``, torch's cumulative average, has no such alpha: the new layer then gets
+    ``norm``'s alpha or its default). With ``weight_centralization`` every plain nn.Conv2d becomes
+    a :class:`CenConv2d` sharing its weights. ``norm=None`` leaves the normalizations.
+
+    Layers that already are mabn family layers or CenConv2d are left as they are, so converting
+    a converted model changes nothing (idempotent).
 
     Returns ``model`` (or the new layer when ``model`` itself is converted), like
     ``nn.SyncBatchNorm.convert_sync_batchnorm``.
     """
-    if type(model) is nn.BatchNorm2d and norm is not None:
-        new = build_norm(model.num_features, **norm)
-        ref = model.weight if model.weight is not None else model.running_mean
-        if ref is not None:
-            new = new.to(device=ref.device, dtype=ref.dtype)
-        _copy_norm_state(model, new)
-        new.train(model.training)
-        return new
-    if type(model) is nn.Conv2d and weight_centralization:
-        return CenConv2d.from_conv(model)
-    for name, child in model.named_children():
-        new = convert_model(child, norm, weight_centralization)
-        if new is not child:
-            setattr(model, name, new)
-    return model
+    make = None
+    if norm is not None:
+        norm = dict(norm)
+
+        def make(num_features, alpha, **factory):
+            options = dict(norm)
+            if options.get("alpha") is None and alpha is not None \
+                    and "alpha" in LAYER_OPTIONS[options.get("layer", "mabn")]:
+                options["alpha"] = alpha
+            return build_norm(num_features, **options, **factory)
+
+    return _convert(model, make, weight_centralization)
+
+
+def convert_batchnorm(cls, module: nn.Module, **options) -> nn.Module:
+    """:meth:`mabn.BatchStatNorm2d.convert_batchnorm`: :func:`convert_model` with ``cls`` layers."""
+
+    def make(num_features, alpha, **factory):
+        carried = {} if alpha is None or "alpha" in options or "momentum" in options else {"alpha": alpha}
+        return cls(num_features, **carried, **options, **factory)
+
+    return _convert(module, make, False)

@@ -37,9 +37,11 @@ For each group k:
   this one when m equals the number of groups). For the vanilla form the window holds (mu_k, v_k)
   and the SMA variance is the mean of the group variances.
 * EMA (eq. 12): updated once per training forward, after use, with the mean over groups of the
-  batch statistics; ``alpha = momentum`` is the weight of the OLD value (torch's BatchNorm
-  momentum is ``1 - alpha``). The variance EMA stores the unbiased estimate ``v * n / (n - 1)``
-  (n = elements per group), as nn.BatchNorm2d does; chi^2 is stored as is. ``ema_init="first"``
+  batch statistics; ``alpha`` is the paper's weight of the OLD value
+  (``ema <- alpha * ema + (1 - alpha) * batch``). The constructor also accepts torch's
+  ``momentum`` (the weight of the NEW value, ``momentum = 1 - alpha``), never both. The
+  variance EMA stores the unbiased estimate ``v * n / (n - 1)`` (n = elements per group), as
+  nn.BatchNorm2d does; chi^2 is stored as is. ``ema_init="first"``
   starts the EMA at the first training batch's value (the authors' code), ``"torch"`` starts
   from mean 0 / variance 1 like nn.BatchNorm2d.
 * ``s`` = the ``bp_stats`` statistic (batch, SMA or EMA); the layer computes
@@ -86,6 +88,9 @@ from torch import nn
 
 __all__ = [
     "BatchStatNorm2d",
+    "OptionError",
+    "check_options",
+    "resolve_alpha",
     "BatchNorm2d",
     "BatchRenorm2d",
     "ModifiedBatchNorm2d",
@@ -100,9 +105,84 @@ STATISTICS = ("batch", "ema", "sma")
 EMA_INITS = ("first", "torch")
 
 
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+class OptionError(ValueError):
+    """An invalid option value of the normalization layers; ``option`` names it."""
+
+    def __init__(self, option: str, value, requirement: str):
+        self.option = option
+        self.value = value
+        super().__init__(f"{option}={value!r} {requirement}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: The checks of :func:`check_options`: option -> (predicate, requirement text).
+_CHECKS = {
+    "form": (lambda v: v in FORMS, f"is not one of {', '.join(map(repr, FORMS))}"),
+    "fp_stats": (lambda v: v in STATISTICS, f"is not one of {', '.join(map(repr, STATISTICS))}"),
+    "bp_stats": (lambda v: v in STATISTICS, f"is not one of {', '.join(map(repr, STATISTICS))}"),
+    "ema_init": (lambda v: v in EMA_INITS, f"is not one of {', '.join(map(repr, EMA_INITS))}"),
+    "norm_batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "must be None or a positive integer"),
+    "alpha": (lambda v: isinstance(v, (int, float)) and 0.0 <= v < 1.0,
+              "must be in [0, 1) (the paper's alpha: the weight of the OLD value in the EMA, eq. 12)"),
+    "momentum": (lambda v: isinstance(v, (int, float)) and 0.0 < v <= 1.0,
+                 "must be in (0, 1] (torch's momentum: the weight of the NEW value, 1 - alpha)"),
+    "buffer_size": (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
+    "eps": (lambda v: isinstance(v, (int, float)) and v > 0, "must be > 0"),
+    "r_max": (lambda v: isinstance(v, (int, float)) and v >= 1.0, "must be >= 1"),
+    "d_max": (lambda v: isinstance(v, (int, float)) and v >= 0.0, "must be >= 0"),
+    "warmup_iters": (lambda v: _is_int(v) and v >= 0, "must be an integer >= 0"),
+    "renorm_warmup_iters": (lambda v: _is_int(v) and v >= 0, "must be an integer >= 0"),
+}
+
+
+def check_options(**options) -> None:
+    """Check option values of :class:`BatchStatNorm2d` (any subset, by keyword).
+
+    The one place where the layer's value ranges are defined: the constructor calls it, and so do
+    :func:`mabn.build_norm` and the trainer's config validation (which names its config key).
+    Raises :class:`OptionError` (a ValueError) naming the first bad option; unknown names are a
+    TypeError.
+    """
+    for name, value in options.items():
+        if name not in _CHECKS:
+            raise TypeError(f"check_options got an unknown option {name!r}; known: {list(_CHECKS)}")
+        ok, requirement = _CHECKS[name]
+        if not ok(value):
+            raise OptionError(name, value, requirement)
+
+
+class _Unset:
+    """Default of ``momentum``: distinguishes "not given" from torch's ``momentum=None``."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+_UNSET = _Unset()
+
+
+def resolve_alpha(alpha: float | None, momentum=_UNSET, default: float = 0.9) -> float:
+    """The paper's alpha (eq. 12, weight of the OLD value) from ``alpha`` or torch's ``momentum``.
+
+    ``momentum`` has torch's meaning (weight of the NEW value): alpha = 1 - momentum. Giving both
+    is an error; so is ``momentum=None`` (torch's cumulative moving average, which the layers do
+    not implement). Neither given: ``default``.
+    """
+    if momentum is _UNSET:
+        alpha = default if alpha is None else alpha
+        check_options(alpha=alpha)
+        return float(alpha)
+    if alpha is not None:
+        raise ValueError(f"give either alpha={alpha!r} (the paper's weight of the OLD value) or "
+                         f"momentum={momentum!r} (torch's weight of the NEW value, 1 - alpha), not both")
+    if momentum is None:
+        raise OptionError("momentum", None, "(torch's cumulative moving average) is not supported: give "
+                                            "alpha, the weight of the old value of the EMA (eq. 12)")
+    check_options(momentum=momentum)
+    return 1.0 - float(momentum)
 
 
 def _sliding_mean(window, valid, new):
@@ -232,7 +312,11 @@ class _NormalizeAffine(torch.autograd.Function):
 class BatchStatNorm2d(nn.Module):
     """Normalization of 4-D inputs with configurable forward/backward statistics.
 
-    See the module docstring for the exact semantics and equation numbers.
+    See the module docstring for the exact semantics and equation numbers. Shaped like
+    nn.BatchNorm2d: every argument after ``num_features`` is keyword-only, ``device``/``dtype``
+    are factory arguments (``device="meta"`` works), the parameters and buffers of nn.BatchNorm2d
+    have the same names, and a stock nn.BatchNorm2d state_dict loads with ``strict=True`` (see
+    :meth:`_load_from_state_dict`).
 
     Args:
         num_features: channels C of the (N, C, H, W) input.
@@ -242,28 +326,44 @@ class BatchStatNorm2d(nn.Module):
             ``"batch"``, ``"ema"`` or ``"sma"`` (applied through renormalization r, d).
         bp_stats: statistic used to compute Y and in the backward pass (eq. 4, 16, 20).
         norm_batch_size: b, samples per normalization group (appendix B.2); None = whole batch.
-        momentum: the paper's alpha, weight of the OLD value in the EMA, in [0, 1)
-            (torch's momentum is 1 - alpha). 0.9 for BN/BRN, 0.98 for MABN.
-        buffer_size: m, SMA window length counted in normalization groups (>= 1).
+        alpha: the paper's alpha (eq. 12), weight of the OLD value in the EMA, in [0, 1);
+            0.9 for BN/BRN, 0.98 for MABN. None: the class's :attr:`default_alpha`.
+        momentum: torch's momentum, weight of the NEW value, in (0, 1]: it means
+            ``alpha = 1 - momentum``, so ``MABN2d(c, momentum=0.1)`` keeps 0.9 of the old value
+            exactly as ``nn.BatchNorm2d(c, momentum=0.1)`` does. Give ``alpha`` or ``momentum``,
+            not both; ``momentum=None`` (torch's cumulative average) is refused. Readable (and
+            assignable) afterwards as the property :attr:`momentum`.
+        buffer_size: m, SMA window length counted in normalization groups (>= 1; eq. 13).
         eps: added to the variance / chi^2.
-        r_max: lambda; r is clipped to [1/r_max, r_max] (>= 1).
-        d_max: d is clipped to [-d_max, d_max] (vanilla form only, >= 0).
+        r_max: lambda; r is clipped to [1/r_max, r_max] (>= 1; eq. 14, 19).
+        d_max: d is clipped to [-d_max, d_max] (vanilla form only, >= 0; eq. 14).
         warmup_iters: iterations t <= warmup_iters use batch statistics in both passes, r=1, d=0.
         renorm_warmup_iters: iterations t <= renorm_warmup_iters use r = 1, d = 0.
         ema_init: ``"first"`` (EMA starts at the first value, as the authors' code) or
             ``"torch"`` (starts at mean 0 / variance 1 / g 0 / Psi 0, as nn.BatchNorm2d).
+        device, dtype: where and in which floating type parameters and buffers are created, as
+            torch's factory arguments (the two iteration counters stay int64).
     """
 
-    _version = 1
+    #: State-dict format. 1: the original buffers. 2: the same buffers; a state_dict without the
+    #: MABN-only buffers (a stock nn.BatchNorm2d's) is accepted, see :meth:`_load_from_state_dict`.
+    _version = 2
+    #: alpha when neither ``alpha`` nor ``momentum`` is given (eq. 12; appendix B.2).
+    default_alpha = 0.9
+    #: The buffers nn.BatchNorm2d does not have: EMAs of g and Psi, the SMA windows (eq. 12-13).
+    MABN_BUFFERS = ("running_g", "running_psi", "num_backward_tracked", "fp_window",
+                    "fp_window_valid", "bp_window", "bp_window_valid")
 
     def __init__(
         self,
         num_features: int,
+        *,
         form: str = "vanilla",
         fp_stats: str = "batch",
         bp_stats: str = "batch",
         norm_batch_size: int | None = None,
-        momentum: float = 0.9,
+        alpha: float | None = None,
+        momentum: float | None = _UNSET,
         buffer_size: int = 16,
         eps: float = 1e-5,
         r_max: float = 5.0,
@@ -271,36 +371,24 @@ class BatchStatNorm2d(nn.Module):
         warmup_iters: int = 0,
         renorm_warmup_iters: int = 0,
         ema_init: str = "first",
+        device=None,
+        dtype=None,
     ):
         super().__init__()
-        _check_choice("form", form, FORMS)
-        _check_choice("fp_stats", fp_stats, STATISTICS)
-        _check_choice("bp_stats", bp_stats, STATISTICS)
-        _check_choice("ema_init", ema_init, EMA_INITS)
-        if not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features={num_features!r} must be a positive integer")
-        if norm_batch_size is not None and (not isinstance(norm_batch_size, int) or norm_batch_size < 1):
-            raise ValueError(f"norm_batch_size={norm_batch_size!r} must be a positive integer or None")
-        if not isinstance(buffer_size, int) or buffer_size < 1:
-            raise ValueError(f"buffer_size={buffer_size!r} must be an integer >= 1")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum={momentum!r} must be in [0, 1) (it is the weight of the old value)")
-        if not eps > 0:
-            raise ValueError(f"eps={eps!r} must be > 0")
-        if not r_max >= 1.0:
-            raise ValueError(f"r_max={r_max!r} must be >= 1")
-        if not d_max >= 0.0:
-            raise ValueError(f"d_max={d_max!r} must be >= 0")
-        for name, value in (("warmup_iters", warmup_iters), ("renorm_warmup_iters", renorm_warmup_iters)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r} must be an integer >= 0")
+        if not _is_int(num_features) or num_features < 1:
+            raise OptionError("num_features", num_features, "must be a positive integer")
+        alpha = resolve_alpha(alpha, momentum, self.default_alpha)
+        check_options(form=form, fp_stats=fp_stats, bp_stats=bp_stats, ema_init=ema_init,
+                      norm_batch_size=norm_batch_size, buffer_size=buffer_size, eps=eps,
+                      r_max=r_max, d_max=d_max, warmup_iters=warmup_iters,
+                      renorm_warmup_iters=renorm_warmup_iters)
 
         self.num_features = num_features
         self.form = form
         self.fp_stats = fp_stats
         self.bp_stats = bp_stats
         self.norm_batch_size = norm_batch_size
-        self.momentum = float(momentum)
+        self.alpha = alpha
         self.buffer_size = buffer_size
         self.eps = float(eps)
         self.r_max = float(r_max)
@@ -315,22 +403,84 @@ class BatchStatNorm2d(nn.Module):
         self.record_used_statistics = False
         self.used_statistics: dict[str, torch.Tensor] = {}
 
+        f = {"device": device, "dtype": dtype}
         k = 2 if form == "vanilla" else 1  # forward statistics per group: (mu, v) or (q,)
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.weight = nn.Parameter(torch.ones(num_features, **f))
+        self.bias = nn.Parameter(torch.zeros(num_features, **f))
         # EMA of the forward statistics (eq. 12); names match nn.BatchNorm2d.
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("running_mean", torch.zeros(num_features, **f))
+        self.register_buffer("running_var", torch.ones(num_features, **f))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         # EMA of the backward statistics g and Psi (used when bp_stats="ema").
-        self.register_buffer("running_g", torch.zeros(num_features))
-        self.register_buffer("running_psi", torch.zeros(num_features))
-        self.register_buffer("num_backward_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("running_g", torch.zeros(num_features, **f))
+        self.register_buffer("running_psi", torch.zeros(num_features, **f))
+        self.register_buffer("num_backward_tracked", torch.tensor(0, dtype=torch.long, device=device))
         # SMA windows (eq. 13): the last m-1 group statistics, oldest first, and their validity.
-        self.register_buffer("fp_window", torch.zeros(buffer_size - 1, k, num_features))
-        self.register_buffer("fp_window_valid", torch.zeros(buffer_size - 1))
-        self.register_buffer("bp_window", torch.zeros(buffer_size - 1, k, num_features))
-        self.register_buffer("bp_window_valid", torch.zeros(buffer_size - 1))
+        self.register_buffer("fp_window", torch.zeros(buffer_size - 1, k, num_features, **f))
+        self.register_buffer("fp_window_valid", torch.zeros(buffer_size - 1, **f))
+        self.register_buffer("bp_window", torch.zeros(buffer_size - 1, k, num_features, **f))
+        self.register_buffer("bp_window_valid", torch.zeros(buffer_size - 1, **f))
+
+    @property
+    def momentum(self) -> float:
+        """torch's momentum, ``1 - alpha`` (the weight of the NEW value); assigning it sets alpha."""
+        return 1.0 - self.alpha
+
+    @momentum.setter
+    def momentum(self, value: float) -> None:
+        self.alpha = resolve_alpha(None, value)
+
+    def __setstate__(self, state: dict) -> None:
+        # Whole modules pickled before _version 2 stored the paper's alpha under "momentum".
+        if "alpha" not in state and "momentum" in state:
+            state = dict(state)
+            state["alpha"] = state.pop("momentum")
+        super().__setstate__(state)
+
+    @classmethod
+    def convert_batchnorm(cls, module: nn.Module, **options) -> nn.Module:
+        """Replace every 2-D BatchNorm of ``module`` by ``cls(num_features, **options)``.
+
+        The counterpart of ``nn.SyncBatchNorm.convert_sync_batchnorm``: every torch BatchNorm of
+        4-D inputs (``nn.modules.batchnorm._BatchNorm`` subclasses: nn.BatchNorm2d,
+        nn.SyncBatchNorm, ...) becomes a ``cls`` layer on its device and dtype, with its affine
+        parameters, running statistics and train/eval mode, and ``alpha = 1 - momentum`` unless
+        ``options`` give ``alpha`` or ``momentum`` (rules of :func:`mabn.convert_model`).
+        ``options`` are the constructor's keywords, e.g.
+        ``MABN2d.convert_batchnorm(model, norm_batch_size=2, alpha=0.98)``. Layers that already
+        are mabn layers are left alone (idempotent). Returns ``module``, or the new layer when
+        ``module`` itself is a BatchNorm.
+        """
+        from .build import convert_batchnorm  # build imports this module
+
+        return convert_batchnorm(cls, module, **options)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Accept a stock nn.BatchNorm2d state_dict with ``strict=True``.
+
+        When NONE of the :attr:`MABN_BUFFERS` is in ``state_dict`` (a stock BatchNorm's
+        state_dict), they keep their current (fresh) values: empty SMA windows and zero EMAs of g
+        and Psi. For the modified form (eq. 15, running_mean is 0 and running_var the EMA of
+        chi^2 = E[x^2]) the stock statistics are converted: chi^2 = var + mean^2, mean 0. A
+        state_dict of torch's BatchNorm before its version 2 may also lack
+        ``num_batches_tracked`` (taken as 0, as torch does). A partial set of MABN buffers is
+        still reported missing.
+        """
+        mabn_keys = [prefix + name for name in self.MABN_BUFFERS]
+        stock = (prefix + "running_var" in state_dict and not any(k in state_dict for k in mabn_keys))
+        if stock:
+            for name, key in zip(self.MABN_BUFFERS, mabn_keys):
+                state_dict[key] = getattr(self, name).detach().clone()
+            if self.form == "modified" and prefix + "running_mean" in state_dict:
+                mean = state_dict[prefix + "running_mean"]
+                state_dict[prefix + "running_var"] = state_dict[prefix + "running_var"] + mean * mean
+                state_dict[prefix + "running_mean"] = torch.zeros_like(mean)
+            version = local_metadata.get("version")
+            if (version is None or version < 2) and prefix + "num_batches_tracked" not in state_dict:
+                state_dict[prefix + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     # ------------------------------------------------------------------ state
     def reset_running_stats(self) -> None:
@@ -349,7 +499,7 @@ class BatchStatNorm2d(nn.Module):
     def extra_repr(self) -> str:
         s = (f"{self.num_features}, form={self.form}, fp_stats={self.fp_stats}, "
              f"bp_stats={self.bp_stats}, norm_batch_size={self.norm_batch_size}, "
-             f"momentum={self.momentum}, eps={self.eps}")
+             f"alpha={self.alpha}, eps={self.eps}")
         if "sma" in (self.fp_stats, self.bp_stats):
             s += f", buffer_size={self.buffer_size}"
         if self.fp_stats != self.bp_stats:
@@ -415,8 +565,8 @@ class BatchStatNorm2d(nn.Module):
             if warm is not None and self.bp_stats != "batch":
                 u = torch.where(warm, stats, u)
             if g_b is not None:
-                _ema_update(self.running_g, mean[0], self.momentum, first)
-            _ema_update(self.running_psi, mean[-1], self.momentum, first)
+                _ema_update(self.running_g, mean[0], self.alpha, first)
+            _ema_update(self.running_psi, mean[-1], self.alpha, first)
             self.num_backward_tracked.add_(1)
             return (None if g_b is None else u[:, 0]), u[:, -1]
 
@@ -509,57 +659,63 @@ class BatchStatNorm2d(nn.Module):
                 self.fp_window.copy_(window)
                 self.fp_window_valid.copy_(valid)
             if vanilla:
-                _ema_update(self.running_mean, ema_value[0, 0], self.momentum, first)
-            _ema_update(self.running_var, ema_value[0, -1], self.momentum, first)
+                _ema_update(self.running_mean, ema_value[0, 0], self.alpha, first)
+            _ema_update(self.running_var, ema_value[0, -1], self.alpha, first)
             self.num_batches_tracked.add_(1)
         return out.to(in_dtype)
 
 
 # ---------------------------------------------------------------------- presets
+# Each preset fixes form/fp_stats/bp_stats and sets the paper's defaults; every other argument
+# (alpha or momentum, eps, device, dtype, ...) is passed on, keyword-only, to BatchStatNorm2d.
 class BatchNorm2d(BatchStatNorm2d):
     """Vanilla BN (eq. 1-5) on normalization groups of ``norm_batch_size`` samples.
 
-    With ``norm_batch_size=None`` it equals nn.BatchNorm2d (torch momentum = 1 - momentum),
-    including the running statistics (``ema_init="torch"``).
+    With ``norm_batch_size=None`` it equals nn.BatchNorm2d with the same ``momentum`` (alpha =
+    1 - momentum, default alpha 0.9), including the running statistics (``ema_init="torch"``).
     """
 
-    def __init__(self, num_features, norm_batch_size=None, momentum=0.9, eps=1e-5, **kwargs):
+    def __init__(self, num_features, *, norm_batch_size=None, **kwargs):
         kwargs.setdefault("ema_init", "torch")
         super().__init__(num_features, form="vanilla", fp_stats="batch", bp_stats="batch",
-                         norm_batch_size=norm_batch_size, momentum=momentum, eps=eps, **kwargs)
+                         norm_batch_size=norm_batch_size, **kwargs)
 
 
 class BatchRenorm2d(BatchStatNorm2d):
     """Batch Renormalization (Ioffe 2017; eq. 14): vanilla form, EMA in the forward pass, batch
-    statistics in the backward pass, r clipped to [1/r_max, r_max] and d to [-d_max, d_max]."""
+    statistics in the backward pass, r clipped to [1/r_max, r_max] and d to [-d_max, d_max];
+    alpha 0.9 unless given."""
 
-    def __init__(self, num_features, norm_batch_size=None, momentum=0.9, r_max=3.0, d_max=5.0,
+    def __init__(self, num_features, *, norm_batch_size=None, r_max=3.0, d_max=5.0,
                  renorm_warmup_iters=100, **kwargs):
         super().__init__(num_features, form="vanilla", fp_stats="ema", bp_stats="batch",
-                         norm_batch_size=norm_batch_size, momentum=momentum, r_max=r_max,
-                         d_max=d_max, renorm_warmup_iters=renorm_warmup_iters, **kwargs)
+                         norm_batch_size=norm_batch_size, r_max=r_max, d_max=d_max,
+                         renorm_warmup_iters=renorm_warmup_iters, **kwargs)
 
 
 class ModifiedBatchNorm2d(BatchStatNorm2d):
-    """The modified normalization of eq. 15-16: x / sqrt(E[x^2] + eps), batch statistics."""
+    """The modified normalization of eq. 15-16: x / sqrt(E[x^2] + eps), batch statistics;
+    alpha 0.9 unless given."""
 
-    def __init__(self, num_features, norm_batch_size=None, momentum=0.9, **kwargs):
+    def __init__(self, num_features, *, norm_batch_size=None, **kwargs):
         super().__init__(num_features, form="modified", fp_stats="batch", bp_stats="batch",
-                         norm_batch_size=norm_batch_size, momentum=momentum, **kwargs)
+                         norm_batch_size=norm_batch_size, **kwargs)
 
 
 class MABN2d(BatchStatNorm2d):
     """Moving Average Batch Normalization (eq. 19-20), a drop-in for nn.BatchNorm2d.
 
-    Modified form; the forward pass normalizes with the EMA of chi^2 (momentum alpha = 0.98)
-    through r = clip(chi_SMA / chi_EMA, 1/r_max, r_max); Y and the backward pass use the SMA over
-    the last ``buffer_size`` = 16 normalization groups of chi^2 and Psi. r = 1 for the first
+    Modified form; the forward pass normalizes with the EMA of chi^2 (alpha = 0.98 unless
+    ``alpha`` or torch's ``momentum`` is given: ``momentum=0.1`` means alpha = 0.9) through
+    r = clip(chi_SMA / chi_EMA, 1/r_max, r_max); Y and the backward pass use the SMA over the last
+    ``buffer_size`` = 16 normalization groups of chi^2 and Psi. r = 1 for the first
     ``renorm_warmup_iters`` iterations. Pair it with :class:`mabn.CenConv2d` (eq. 18).
     """
 
-    def __init__(self, num_features, norm_batch_size=None, momentum=0.98, buffer_size=16,
-                 r_max=5.0, renorm_warmup_iters=100, **kwargs):
+    default_alpha = 0.98
+
+    def __init__(self, num_features, *, norm_batch_size=None, buffer_size=16, r_max=5.0,
+                 renorm_warmup_iters=100, **kwargs):
         super().__init__(num_features, form="modified", fp_stats="ema", bp_stats="sma",
-                         norm_batch_size=norm_batch_size, momentum=momentum,
-                         buffer_size=buffer_size, r_max=r_max,
+                         norm_batch_size=norm_batch_size, buffer_size=buffer_size, r_max=r_max,
                          renorm_warmup_iters=renorm_warmup_iters, **kwargs)

@@ -51,10 +51,8 @@ import torch
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mabn import MABN2d, convert_model  # noqa: E402
-from mabn.fold import fold_model  # noqa: E402
+from mabn import MABN2d, convert_model
+from mabn.fold import fold_model
 
 # The authors' released code reports inference iterations/s of ResNet-50 (Figure 1(a) numbers);
 # Table 9 (Mask R-CNN backbone, one 224x224 image): BN 12.73, GN 6.34, MABN 12.73 iter/s.

@@ -22,9 +22,8 @@ import torch
 import torchvision
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import mabn  # noqa: E402
-from mabn.stats import StatisticsRecorder  # noqa: E402
+import mabn
+from mabn.stats import StatisticsRecorder
 
 
 def small_resnet18(num_classes=10):
@@ -32,7 +31,7 @@ def small_resnet18(num_classes=10):
     model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     model.maxpool = nn.Identity()
     return mabn.convert_model(model, dict(form="modified", fp_stats="ema", bp_stats="sma",
-                                          norm_batch_size=2, momentum=0.98), weight_centralization=True)
+                                          norm_batch_size=2, alpha=0.98), weight_centralization=True)
 
 
 def main(argv=None):

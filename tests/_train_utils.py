@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,9 +15,20 @@ CONFIGS = os.path.join(REPO, "configs")
 PYTHON = sys.executable
 
 
+def _load_entry_point(name: str):
+    """Import the top-level script ``<name>.py`` of the repository as a module (its ``main`` does
+    not run), without putting the repository on sys.path."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def compose_cfg(overrides=()):
     """The composed (not yet validated) Hydra config, as train_imagenet.py sees it."""
-    import train_imagenet  # noqa: F401  registers the schema "mabn_schema"
+    _load_entry_point("train_imagenet")  # registers the schema "mabn_schema"
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 
@@ -48,9 +60,10 @@ def train_in_process(overrides) -> dict:
 
 
 def run_script(args, timeout=900, env=None, **kw) -> subprocess.CompletedProcess:
-    """Run a script of the repository; the timeout is a wide margin for a loaded machine (the
-    tests size their work to take seconds to a minute on an idle one)."""
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    """Run a script of the repository (mabn comes from the installed repository); the timeout is
+    a wide margin for a loaded machine (the tests size their work to take seconds to a minute on
+    an idle one)."""
+    e = dict(os.environ, OMP_NUM_THREADS="1")
     e.update(env or {})
     return subprocess.run(args, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout, **kw)
 

@@ -1,12 +1,7 @@
-"""Test set-up: import the repository's packages and scripts; keep torch to one thread (CI has 2
-cores and the subprocess tests run two processes)."""
-
-import os
-import sys
+"""Test set-up: keep torch to one thread (CI has 2 cores and the subprocess tests run two
+processes). The packages come from the installed repository (``pip install -e .[train,test]``,
+which requirements.txt does); nothing is put on sys.path by hand."""
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ from mabn.engine import config, models, trainer
 from _train_utils import CONFIGS, PYTHON, compose_cfg, load_cfg, run_script
 
 # The rows of Table 2 and Table 4 (appendix B.2), written out from the paper:
-# (form, fp_stats, bp_stats, weight centralization, normalization batch, momentum, buffer or None).
+# (form, fp_stats, bp_stats, weight centralization, normalization batch, alpha, buffer or None).
 V, M = "vanilla", "modified"
 ROWS = {
     "table2_row1_bn_regular": (V, "batch", "batch", False, 32, 0.9, None),
@@ -45,7 +45,7 @@ def test_one_preset_per_table_row():
 
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_experiment_preset_builds_the_rows_layers(name):
-    form, fp, bp, wc, nbs, momentum, buffer = ROWS[name]
+    form, fp, bp, wc, nbs, alpha, buffer = ROWS[name]
     # The paper's setting, with synthetic data standing in for the ImageNet folders.
     cfg = load_cfg([f"experiment={name}", "data=synthetic", "data.batch_size=32"])
     assert cfg.name == name and cfg.model.arch == "resnet50" and not cfg.model.small_input
@@ -56,7 +56,7 @@ def test_experiment_preset_builds_the_rows_layers(name):
     for m in norms:
         assert type(m) is mabn.BatchStatNorm2d
         assert (m.form, m.fp_stats, m.bp_stats, m.norm_batch_size) == (form, fp, bp, nbs)
-        assert m.momentum == pytest.approx(momentum)
+        assert m.alpha == pytest.approx(alpha)
         if buffer is not None:
             assert m.buffer_size == buffer
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -106,17 +106,18 @@ def test_norm_presets(preset, cls):
 
 def test_ablation_by_override():
     cfg = load_cfg(["norm=mabn", "norm.fp_stats=sma", "norm.weight_centralization=false", "norm.buffer_size=8",
-                    "norm.norm_batch_size=4", "norm.momentum=0.95"])
+                    "norm.norm_batch_size=4", "norm.alpha=0.95"])
     m = models.build_model(cfg.model, cfg.norm, 10)
     bn = m.layer2[0].bn2
-    assert (bn.fp_stats, bn.bp_stats, bn.buffer_size, bn.norm_batch_size, bn.momentum) == ("sma", "sma", 8, 4, 0.95)
+    assert (bn.fp_stats, bn.bp_stats, bn.buffer_size, bn.norm_batch_size, bn.alpha) == ("sma", "sma", 8, 4, 0.95)
     assert type(m.conv1) is nn.Conv2d
 
 
 @pytest.mark.parametrize("overrides,message", [
     (["data.batch_size=30", "norm.norm_batch_size=4"], "data.batch_size=30 is not divisible by norm.norm_batch_size=4"),
     (["optim.lr=-0.1"], "optim.lr=-0.1 must be > 0"),
-    (["norm.momentum=1.5"], "norm.momentum=1.5 must be in [0, 1)"),
+    (["norm.alpha=1.5"], "norm.alpha=1.5 must be in [0, 1)"),
+    (["norm.momentum=0.1"], "norm.momentum"),  # renamed norm.alpha: an unknown key
     (["norm.fp_stats=median"], "norm.fp_stats='median' is not one of"),
     (["data=imagefolder"], "data.root is required for data.name=imagefolder"),
     (["data=imagefolder", "data.root=/nonexistent/x"], "data.root=/nonexistent/x: data.train_dir folder"),
@@ -139,15 +140,3 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path):
     assert not out.exists()
     r = run_script([PYTHON, "train_imagenet.py", "norm=nosuchpreset", f"out_dir={out}"])
     assert r.returncode != 0 and "nosuchpreset" in r.stderr and not out.exists()
-
-
-def test_slurm_variables_map_to_torchrun_ones():
-    from mabn.engine.distributed import slurm_env
-
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "5", "SLURM_NNODES": "1", "SLURM_JOB_ID": "123"}
-    assert slurm_env(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "5", "MASTER_ADDR": "127.0.0.1",
-                              "MASTER_PORT": "20123"}
-    two_nodes = dict(env, SLURM_NNODES="2", SLURM_LAUNCH_NODE_IPADDR="10.1.2.3")
-    assert slurm_env(two_nodes)["MASTER_ADDR"] == "10.1.2.3"
-    assert slurm_env(dict(env, RANK="0")) == {}  # torchrun already set it up
-    assert slurm_env(dict(env, SLURM_NTASKS="1")) == {}  # a single task: plain process

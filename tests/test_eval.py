@@ -1,4 +1,5 @@
-"""eval.py reproduces the validation error that training logged, on a real ImageFolder."""
+"""eval.py reproduces the validation error that training logged, on a real ImageFolder, and takes
+the same Hydra overrides as train_imagenet.py."""
 
 import json
 import os
@@ -19,7 +20,7 @@ def test_eval_reproduces_training_error(tmp_path, caplog):
 
     ckpt = out / "checkpoints" / "ckpt_0000006.pt"
     # A run directory resolves to its newest checkpoint; a different eval batch changes nothing.
-    r = run_script([PYTHON, "eval.py", str(out), "data.eval_batch_size=3", "--device", "cpu"])
+    r = run_script([PYTHON, "eval.py", f"ckpt={out}", "data.eval_batch_size=3", "device=cpu"])
     assert r.returncode == 0, r.stderr[-3000:]
     with open(out / "checkpoints" / "ckpt_0000006.eval.json") as f:
         result = json.load(f)
@@ -32,7 +33,7 @@ def test_eval_reproduces_training_error(tmp_path, caplog):
 def test_eval_rejects_a_corrupted_checkpoint(tmp_path):
     bad = tmp_path / "ckpt_0000001.pt"
     bad.write_bytes(b"not a checkpoint")
-    r = run_script([PYTHON, "eval.py", str(bad)])
+    r = run_script([PYTHON, "eval.py", f"ckpt={bad}"])
     assert r.returncode == 2 and "is corrupted or not a checkpoint" in r.stderr
 
 
@@ -40,7 +41,7 @@ def test_eval_under_torchrun_matches_single_process(tmp_path):
     out = tmp_path / "run"
     m = train_in_process(tiny(out, iterations=2, **{"data.val_size": 25}))  # 25: uneven shards
     r = run_script([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "eval.py", str(out / "checkpoints" / "ckpt_0000002.pt")])
+                    "eval.py", f"ckpt={out / 'checkpoints' / 'ckpt_0000002.pt'}"])
     assert r.returncode == 0, r.stderr[-3000:]
     with open(out / "checkpoints" / "ckpt_0000002.eval.json") as f:
         result = json.load(f)
@@ -77,3 +78,39 @@ def test_eval_folded_and_torchvision_forms_match_the_trained_model(tmp_path):
     assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in inference_model(model, "folded", cfg.model, nc).modules())
     torch.testing.assert_close(logits["folded"], logits["trained"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits["torchvision"], logits["trained"], rtol=1e-4, atol=1e-4)
+
+
+def test_eval_takes_hydra_group_and_key_overrides(tmp_path):
+    """data=imagefolder replaces the checkpoint's data section (trained on synthetic data) by the
+    group's file, key=value overrides set single keys; form is a key too."""
+    from mabn.engine.evaluation import evaluate_checkpoint
+
+    root = make_image_folder(tmp_path / "images")  # 3 classes, 4 validation images each
+    out = tmp_path / "run"
+    train_in_process(tiny(out, iterations=2, **{"data.num_classes": 3}))
+    r = run_script([PYTHON, "eval.py", f"ckpt={out}", "data=imagefolder", f"data.root={root}",
+                    "data.image_size=16", "data.workers=0", "form=folded", "device=cpu"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert (result["data"], result["samples"], result["form"]) == ("imagefolder", 12, "folded")
+    assert result["val"] == os.path.join(root, "val")
+    assert result["output"].endswith("ckpt_0000002.eval-folded.json")
+    # The same evaluation by single keys, in process, as trained: the same error.
+    ref = evaluate_checkpoint(str(out), ["data.name=imagefolder", f"data.root={root}", "data.image_size=16",
+                                         "data.workers=0"], "cpu")
+    assert (ref["top1_err"], ref["top5_err"]) == (result["top1_err"], result["top5_err"])
+    # Only the named key changes: without data=imagefolder the synthetic data stays.
+    r = run_script([PYTHON, "eval.py", f"ckpt={out}", f"data.root={root}", "device=cpu"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["data"] == "synthetic"
+
+
+def test_eval_command_line_errors(tmp_path):
+    r = run_script([PYTHON, "eval.py", "data.root=/x"])
+    assert r.returncode == 2 and "ckpt is required" in r.stderr
+    r = run_script([PYTHON, "eval.py", f"ckpt={tmp_path}", "experiment=table2_row8_mabn"])
+    assert r.returncode == 1 and "experiment" in r.stderr  # Hydra: not a group of eval.py
+    r = run_script([PYTHON, "eval.py", f"ckpt={tmp_path}", "+seed2=1"])
+    assert r.returncode == 2 and "eval.py takes group=option and key=value overrides" in r.stderr
+    r = run_script([PYTHON, "eval.py", f"ckpt={tmp_path}", "form=fused"])
+    assert r.returncode == 2 and "no usable checkpoint" in r.stderr

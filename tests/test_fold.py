@@ -124,7 +124,7 @@ def test_modified_form_buffers_are_the_eval_map():
 def _mabn_resnet(arch):
     model = getattr(torchvision.models, arch)()
     convert_model(model, norm=dict(layer="mabn", form="modified", fp_stats="ema", bp_stats="sma",
-                                   norm_batch_size=2, momentum=0.98, buffer_size=4,
+                                   norm_batch_size=2, alpha=0.98, buffer_size=4,
                                    renorm_warmup_iters=1),
                   weight_centralization=True)
     return model
@@ -252,18 +252,32 @@ def test_export_torchscript(tmp_path):
         assert _rel_err(loaded(x), model(x)) < 1e-5
 
 
-def test_export_onnx(tmp_path):
+def test_export_onnx_runs_in_onnxruntime(tmp_path):
+    """onnx and onnxruntime come with the test extra: the exported folded model, run by
+    onnxruntime, gives the PyTorch model's outputs, also at another batch size (dynamic batch)."""
+    import onnx
+    import onnxruntime
+
     torch.manual_seed(0)
     model = _train(_ConvNormNet(NORMS["MABN2d"], True))
-    x = torch.randn(2, 3, 8, 8)
-    if importlib.util.find_spec("onnx") is None:
-        with pytest.raises(ImportError, match="onnx"):
-            export_onnx(model, tmp_path / "m.onnx", example_input=x)
-        pytest.skip("onnx is not installed")
-    export_onnx(model, tmp_path / "m.onnx", example_input=x)
-    import onnx
-
+    export_onnx(model, tmp_path / "m.onnx", example_input=torch.randn(2, 3, 8, 8))
     onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")))
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops  # folded
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for n in (2, 5):
+        x = torch.randn(n, 3, 8, 8)
+        (got,) = session.run(["output"], {"input": x.numpy()})
+        with torch.no_grad():
+            assert _rel_err(torch.from_numpy(got), model(x)) < 1e-5
+
+
+def test_export_onnx_without_onnx_says_so(tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else find_spec(name, *a))
+    model = _ConvNormNet(NORMS["MABN2d"], True).eval()
+    with pytest.raises(ImportError, match="needs the optional 'onnx' package"):
+        export_onnx(model, tmp_path / "m.onnx", example_input=torch.randn(2, 3, 8, 8))
 
 
 def test_input_dependent_norms_are_left_alone():

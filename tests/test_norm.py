@@ -7,6 +7,7 @@ written from the formulas, group by group and iteration by iteration.
 
 import copy
 import itertools
+import re
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ def make_input(n=8, c=3, h=4, w=4, seed=0, scale=2.0, offset=0.5):
 
 # --------------------------------------------------------------------------- BN equivalence
 def test_vanilla_one_group_equals_torch_batchnorm():
-    ours = mabn.BatchNorm2d(5, momentum=0.9).double()
+    ours = mabn.BatchNorm2d(5, alpha=0.9).double()
     ref = nn.BatchNorm2d(5, momentum=0.1).double()  # torch momentum = 1 - alpha
     with torch.no_grad():
         for m in (ours, ref):
@@ -51,7 +52,7 @@ def test_vanilla_one_group_equals_torch_batchnorm():
 
 def test_groups_equal_separate_batchnorm_calls():
     b, groups = 2, 4
-    ours = mabn.BatchNorm2d(3, norm_batch_size=b, momentum=0.9).double()
+    ours = mabn.BatchNorm2d(3, norm_batch_size=b, alpha=0.9).double()
     refs = [nn.BatchNorm2d(3, momentum=0.1).double() for _ in range(groups)]
     x = make_input(b * groups, 3, 5, 5).requires_grad_()
     up = make_input(b * groups, 3, 5, 5, seed=1)
@@ -200,7 +201,7 @@ COMBOS = [(form, fp, bp) for form in ("vanilla", "modified")
 @pytest.mark.parametrize("ema_init", ["first", "torch"])
 def test_matches_loop_reference_over_iterations(form, fp, bp, ema_init):
     C, b, m, iters = 3, 2, 5, 9  # 4 groups per batch: the window of 5 wraps across iterations
-    kw = dict(form=form, fp_stats=fp, bp_stats=bp, norm_batch_size=b, momentum=0.8, buffer_size=m,
+    kw = dict(form=form, fp_stats=fp, bp_stats=bp, norm_batch_size=b, alpha=0.8, buffer_size=m,
               eps=1e-5, r_max=1.15, d_max=0.2, warmup_iters=2, renorm_warmup_iters=4, ema_init=ema_init)
     layer = BatchStatNorm2d(C, **kw).double()
     ref = LoopReference(C, form, fp, bp, b, 0.8, m, 1e-5, 1.15, 0.2, 2, 4, ema_init)
@@ -247,7 +248,7 @@ def test_bp_sma_is_not_batch_gradient():
 
 # --------------------------------------------------------------------------- renormalization
 def test_r_d_identity_during_warmup_then_clipped():
-    layer = mabn.BatchRenorm2d(2, momentum=0.9, r_max=2.0, d_max=0.5, renorm_warmup_iters=3).double()
+    layer = mabn.BatchRenorm2d(2, alpha=0.9, r_max=2.0, d_max=0.5, renorm_warmup_iters=3).double()
     bn = BatchStatNorm2d(2).double()  # batch statistics reference
     x = make_input(4, 2, 3, 3)
     for it in range(3):  # t = 1..3: r = 1, d = 0 -> identical to BN with batch statistics
@@ -263,7 +264,7 @@ def test_r_d_identity_during_warmup_then_clipped():
     # r = sigma_B / sigma_EMA = 0.1 -> clipped to 1/2; d = (mu_B - mu_EMA)/sigma_EMA = 1 -> 0.5.
     torch.testing.assert_close(y, 0.5 * Y + 0.5, rtol=0, atol=1e-10)
     # Unclipped case: r, d as computed from the formula.
-    layer2 = mabn.BatchRenorm2d(2, momentum=0.9, r_max=5.0, d_max=5.0, renorm_warmup_iters=0).double()
+    layer2 = mabn.BatchRenorm2d(2, alpha=0.9, r_max=5.0, d_max=5.0, renorm_warmup_iters=0).double()
     with torch.no_grad():
         layer2.running_var.fill_(2.0)
         layer2.running_mean.fill_(0.3)
@@ -387,15 +388,15 @@ def test_autocast_keeps_float32_statistics():
 
 
 # --------------------------------------------------------------------------- builders
-def test_build_norm_layers_and_momentum_conversion():
-    bn = mabn.build_norm(8, layer="bn", momentum=0.9)
+def test_build_norm_layers_and_alpha_conversion():
+    bn = mabn.build_norm(8, layer="bn", alpha=0.9)
     assert type(bn) is nn.BatchNorm2d and bn.momentum == pytest.approx(0.1)
     gn = mabn.build_norm(8, layer="gn", num_groups=4)
     assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 4
     assert isinstance(mabn.build_norm(8, layer="syncbn"), nn.SyncBatchNorm)
     layer = mabn.build_norm(8, form="modified", fp_stats="ema", bp_stats="sma", norm_batch_size=2,
-                            momentum=0.98, buffer_size=16)
-    assert (layer.form, layer.fp_stats, layer.bp_stats, layer.norm_batch_size, layer.momentum,
+                            alpha=0.98, buffer_size=16)
+    assert (layer.form, layer.fp_stats, layer.bp_stats, layer.norm_batch_size, layer.alpha,
             layer.buffer_size) == ("modified", "ema", "sma", 2, 0.98, 16)
 
 
@@ -409,7 +410,7 @@ def test_convert_model_swaps_layers_and_keeps_weights():
     n_bn = sum(type(m) is nn.BatchNorm2d for m in model.modules())
     n_conv = sum(type(m) is nn.Conv2d for m in model.modules())
     mabn.convert_model(model, dict(form="modified", fp_stats="ema", bp_stats="sma", norm_batch_size=2,
-                                   momentum=0.98), weight_centralization=True)
+                                   alpha=0.98), weight_centralization=True)
     assert sum(isinstance(m, BatchStatNorm2d) for m in model.modules()) == n_bn
     assert sum(isinstance(m, mabn.CenConv2d) for m in model.modules()) == n_conv
     assert not any(type(m) in (nn.BatchNorm2d, nn.Conv2d) for m in model.modules())
@@ -425,14 +426,18 @@ def test_convert_model_swaps_layers_and_keeps_weights():
     (dict(fp_stats="median"), "fp_stats='median'"),
     (dict(bp_stats="EMA"), "bp_stats='EMA'"),
     (dict(buffer_size=0), "buffer_size=0"),
-    (dict(momentum=1.0), "momentum=1.0"),
-    (dict(momentum=-0.1), "momentum=-0.1"),
+    (dict(alpha=1.0), "alpha=1.0 must be in [0, 1)"),
+    (dict(alpha=-0.1), "alpha=-0.1"),
+    (dict(momentum=0.0), "momentum=0.0 must be in (0, 1]"),
+    (dict(momentum=1.5), "momentum=1.5"),
+    (dict(momentum=None), "momentum=None (torch's cumulative moving average) is not supported"),
+    (dict(alpha=0.9, momentum=0.1), "give either alpha=0.9 (the paper's weight of the OLD value) or momentum=0.1"),
     (dict(norm_batch_size=0), "norm_batch_size=0"),
     (dict(r_max=0.5), "r_max=0.5"),
     (dict(ema_init="zero"), "ema_init='zero'"),
 ])
 def test_bad_options_name_the_option(kwargs, needle):
-    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(needle)):
         BatchStatNorm2d(4, **kwargs)
 
 

@@ -52,7 +52,7 @@ def test_every_normalization_sees_at_least_64_values_per_channel_at_b2():
 def test_cifar_resnet_converts_folds_and_exports_like_torchvision():
     cfg = config.load({"model": {"arch": "resnet32"},
                        "norm": {"form": "modified", "fp_stats": "ema", "bp_stats": "sma", "norm_batch_size": 2,
-                                "momentum": 0.98, "weight_centralization": True}})
+                                "alpha": 0.98, "weight_centralization": True}})
     m = models.build_model(cfg.model, cfg.norm, 10)
     assert not any(isinstance(x, nn.BatchNorm2d) for x in m.modules())
     assert sum(isinstance(x, mabn.CenConv2d) for x in m.modules()) == 31 + 2

@@ -8,13 +8,12 @@ import sys
 import pytest
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "scripts"))
+from mabn.engine import collect as collect_results
 
-import collect_results  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The paper's rows, written from Tables 2 and 4 (appendix B.2): (form, weight centralization,
-# fp statistics, bp statistics, normalization batch, momentum alpha); buffer 16 with SMA.
+# fp statistics, bp statistics, normalization batch, alpha); buffer 16 with SMA.
 TABLE2 = {
     "table2_row1_bn_regular": ("vanilla", False, "batch", "batch", 32, 0.9),
     "table2_row2_modified_regular": ("modified", True, "batch", "batch", 32, 0.9),
@@ -54,7 +53,7 @@ def dry_run(tmp_path, *overrides):
 
 def settings(cfg):
     n = cfg["norm"]
-    return (n["form"], n["weight_centralization"], n["fp_stats"], n["bp_stats"], n["norm_batch_size"], n["momentum"])
+    return (n["form"], n["weight_centralization"], n["fp_stats"], n["bp_stats"], n["norm_batch_size"], n["alpha"])
 
 
 @pytest.mark.parametrize("study,expected", [("table2", TABLE2), ("table4", TABLE4)])

@@ -9,6 +9,10 @@
 - :mod:`mabn.engine.run`          run directory: logging, TensorBoard, metrics.json, provenance
 - :mod:`mabn.engine.trainer`      the training loop itself
 - :mod:`mabn.engine.evaluation`   evaluation of a checkpoint (eval.py)
+- :mod:`mabn.engine.studies`      the paper's tables: which presets make each, the paper's numbers
+- :mod:`mabn.engine.collect`      a study's runs -> results table (scripts/collect_results.py)
+
+It needs the ``train`` extra (``pip install mabn[train]``).
 
 It may use OmegaConf but never Hydra (Hydra lives in the top-level scripts only), and the layer
 library (:mod:`mabn`) does not import it.

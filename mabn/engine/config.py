@@ -16,13 +16,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from mabn import EMA_INITS, FORMS, LAYER_OPTIONS, LAYERS, STATISTICS
+from mabn import LAYER_OPTIONS, LAYERS
+from mabn.norm import OptionError, check_options
 
 __all__ = ["NormConfig", "ModelConfig", "DataConfig", "ScheduleConfig", "OptimConfig",
-           "StatsConfig", "DebugConfig", "Config", "ConfigError", "load", "validate", "check_machine",
-           "norm_options"]
+           "StatsConfig", "DebugConfig", "Config", "EvalConfig", "ConfigError", "load", "validate",
+           "check_machine", "norm_options"]
 
 
 class ConfigError(ValueError):
@@ -48,9 +49,11 @@ class NormConfig:
     """Images per normalization group (the paper's |B|); the per-GPU batch is split into
     data.batch_size / norm_batch_size groups (appendix B.2). null = the whole per-GPU batch
     ("regular": 32 in the paper). Only for layer=mabn."""
-    momentum: float = 0.9
-    """The paper's alpha: weight of the OLD value in the EMA (torch's momentum is 1 - alpha).
-    0.9 for BN/BRN, 0.98 when SMA statistics are used (MABN)."""
+    alpha: float = 0.9
+    """The paper's alpha (eq. 12): the weight of the OLD value in the exponential moving averages,
+    ema <- alpha * ema + (1 - alpha) * batch statistic, in [0, 1). NOT torch's BatchNorm momentum,
+    which weights the new value and equals 1 - alpha (layer=bn/syncbn get momentum = 1 - alpha).
+    0.9 for BN/BRN, 0.98 when SMA statistics are used (MABN; appendix B.2)."""
     buffer_size: int = 16
     """m: SMA window length, counted in normalization groups (16 in the paper)."""
     eps: float = 1.0e-5
@@ -274,6 +277,20 @@ class Config:
     work: shows what a (multi)run would train, e.g. ``-m +study=table2 dry_run=true``."""
 
 
+@dataclass
+class EvalConfig(Config):
+    """The command line of eval.py: every key of :class:`Config` (an override of the checkpoint's
+    saved config, see eval.py) plus the two below."""
+
+    ckpt: str = MISSING
+    """Checkpoint to evaluate: a checkpoint file, or a run directory (its newest valid checkpoint,
+    searched in <dir>/checkpoints)."""
+    form: str = "trained"
+    """How the model is evaluated: "trained" (as trained), "folded" (every normalization folded
+    into its convolution, mabn.fold.fold_model) or "torchvision" (exported into a stock
+    torchvision/CIFAR ResNet, mabn.fold.export_torchvision_state_dict); all give the same error."""
+
+
 def norm_options(norm: NormConfig | DictConfig) -> dict:
     """The ``mabn.build_norm`` keyword arguments of a norm config (those its layer accepts)."""
     return {"layer": norm.layer, **{k: getattr(norm, k) for k in LAYER_OPTIONS[norm.layer]}}
@@ -326,20 +343,12 @@ def validate(cfg: DictConfig) -> None:
     runs it is checked by :func:`check_machine`.)"""
     n, d, m, s, o = cfg.norm, cfg.data, cfg.model, cfg.schedule, cfg.optim
 
-    # norm
+    # norm: the value ranges are the layer's own (mabn.norm.check_options), named as config keys
     _one_of("norm.layer", n.layer, LAYERS)
-    _one_of("norm.form", n.form, FORMS)
-    _one_of("norm.fp_stats", n.fp_stats, STATISTICS)
-    _one_of("norm.bp_stats", n.bp_stats, STATISTICS)
-    _one_of("norm.ema_init", n.ema_init, EMA_INITS)
-    _check(0.0 <= n.momentum < 1.0,
-           f"norm.momentum={n.momentum} must be in [0, 1) (it is the weight of the old value)")
-    _check(n.buffer_size >= 1, f"norm.buffer_size={n.buffer_size} must be >= 1")
-    _check(n.eps > 0, f"norm.eps={n.eps} must be > 0")
-    _check(n.r_max >= 1, f"norm.r_max={n.r_max} must be >= 1")
-    _check(n.d_max >= 0, f"norm.d_max={n.d_max} must be >= 0")
-    _check(n.warmup_iters >= 0, f"norm.warmup_iters={n.warmup_iters} must be >= 0")
-    _check(n.renorm_warmup_iters >= 0, f"norm.renorm_warmup_iters={n.renorm_warmup_iters} must be >= 0")
+    try:
+        check_options(**{k: n[k] for k in LAYER_OPTIONS["mabn"]})
+    except OptionError as e:
+        raise ConfigError(f"norm.{e}") from None
     _check(n.num_groups >= 1, f"norm.num_groups={n.num_groups} must be >= 1")
     from .models import ARCHS, channel_widths  # here: models imports this module
     if n.layer == "gn" and cfg.model.arch in ARCHS:
@@ -355,7 +364,6 @@ def validate(cfg: DictConfig) -> None:
                f"norm.form/fp_stats/bp_stats={list(family.values())} need norm.layer=mabn "
                f"(norm.layer={n.layer})")
     if n.norm_batch_size is not None:
-        _check(n.norm_batch_size >= 1, f"norm.norm_batch_size={n.norm_batch_size} must be >= 1")
         _check(d.batch_size % n.norm_batch_size == 0,
                f"data.batch_size={d.batch_size} is not divisible by "
                f"norm.norm_batch_size={n.norm_batch_size}")

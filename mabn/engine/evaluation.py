@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Callable
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from .. import fold
 from . import checkpoint, config, data, distributed, models, run
 from .meters import evaluate
 
-__all__ = ["resolve_checkpoint", "evaluate_checkpoint", "inference_model", "FORMS"]
+__all__ = ["resolve_checkpoint", "saved_config", "evaluate_checkpoint", "inference_model", "FORMS",
+           "RENAMED_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +49,43 @@ def inference_model(model: torch.nn.Module, form: str, model_cfg, num_classes: i
     return model
 
 
-def evaluate_checkpoint(path: str, overrides: list[str] | None = None, device: str | None = None,
-                        form: str = "trained") -> dict:
-    """Load ``path`` with the config it was trained with (plus dotlist ``overrides`` such as
-    ``data.root=/data/imagenet``), evaluate it on that config's validation set (single process or
-    torchrun) and write ``<checkpoint>.eval.json`` (``.eval-<form>.json`` for the folded or
-    torchvision forms, see :func:`inference_model`). Returns the result."""
+#: Config keys renamed since checkpoints were first written: old dotted key -> new one (the same
+#: quantity). norm.momentum always held the paper's alpha (the weight of the old value).
+RENAMED_KEYS = {"norm.momentum": "norm.alpha"}
+
+
+def saved_config(state: dict) -> DictConfig:
+    """The (mutable) config a checkpoint was trained with, with renamed keys brought up to date."""
+    cfg = OmegaConf.create(state["config"])
+    for old, new in RENAMED_KEYS.items():
+        parent, _, leaf = old.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig) and leaf in node:
+            value = node.pop(leaf)
+            if OmegaConf.select(cfg, new) is None:
+                OmegaConf.update(cfg, new, value, merge=False)
+    return cfg
+
+
+def evaluate_checkpoint(path: str, overrides: list[str] | Callable[[DictConfig], DictConfig] | None = None,
+                        device: str | None = None, form: str = "trained") -> dict:
+    """Load ``path`` with the config it was trained with, changed by ``overrides``, evaluate it on
+    that config's validation set (single process or torchrun) and write ``<checkpoint>.eval.json``
+    (``.eval-<form>.json`` for the folded or torchvision forms, see :func:`inference_model`).
+    Returns the result.
+
+    Args:
+        overrides: a dotlist such as ``["data.root=/data/imagenet"]``, or a function that receives
+            the checkpoint's config (a mutable DictConfig) and returns the config to use (eval.py
+            passes one that applies its Hydra command line).
+        device: overrides the config's ``device`` when given.
+    """
     state, ckpt_path = resolve_checkpoint(path)
-    cfg = OmegaConf.merge(state["config"], OmegaConf.from_dotlist(list(overrides or [])))
+    cfg = saved_config(state)
+    if callable(overrides):
+        cfg = overrides(cfg)
+    else:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
     if device is not None:
         cfg.device = device
     cfg.resume = "none"

@@ -1,0 +1,316 @@
+"""Collect the runs of a study into a results table with the paper's numbers side by side.
+
+Scans ``RUNS_DIR`` recursively for run directories (a ``metrics.json`` next to a ``config.yaml``),
+groups them by configuration (experiment preset; and the normalization batch size for Figure 1(b),
+the schedule length for the convergence check) and writes ``results/<study>.md`` (or ``--out``):
+
+- table2 / table4: one line per row of the paper's table, the row number first, then our mean
+  top-1 error over seeds, its sample std, the paired gap to the regular-batch row (the mean over
+  shared seeds of the per-seed difference, with its std), the paper's error and gap, the seeds and
+  the runs' status. Diverged runs show "-" as in the paper; rows without any run are "missing".
+- figure1b: one line per method (BN, BRN, MABN) with the mean error at b = 2, 4, 8, 16, 32, the
+  paper's known points, and a PNG (error against b, one line per method with its seed spread).
+- convergence: each row's error at each schedule length and the change when it is doubled,
+  with the verdict (converged when every change is below 1.5 points).
+
+The command line is ``scripts/collect_results.py``, which calls :func:`main`. The output depends
+only on the runs (no time stamps of its own), so re-running the collector on the same runs gives
+the same file.
+
+    python scripts/collect_results.py table2 runs/table2 --out results/table2.md \
+        --title "Table 2" --notes results/table2.notes.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+
+import yaml
+
+from .studies import CONVERGENCE_TOLERANCE, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE, STUDIES, Row
+
+
+def find_runs(root: str) -> list[dict]:
+    """Every run directory under ``root``: its config, metrics and provenance."""
+    runs = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if "metrics.json" in filenames and "config.yaml" in filenames:
+            with open(os.path.join(dirpath, "metrics.json")) as f:
+                metrics = json.load(f)
+            with open(os.path.join(dirpath, "config.yaml")) as f:
+                config = yaml.safe_load(f)
+            env = {}
+            if os.path.exists(os.path.join(dirpath, "env.json")):
+                with open(os.path.join(dirpath, "env.json")) as f:
+                    env = json.load(f)
+            runs.append({"dir": os.path.relpath(dirpath, root), "metrics": metrics, "config": config, "env": env})
+    return runs
+
+
+def run_key(run: dict, study: str):
+    """The configuration a run belongs to: its preset and, for Figure 1(b), the normalization
+    batch size, for the convergence check the schedule length."""
+    cfg = run["config"]
+    if study == "figure1b":
+        return cfg["name"], cfg["norm"]["norm_batch_size"]
+    if study == "convergence":
+        return cfg["name"], cfg["schedule"]["iterations"]
+    return cfg["name"], None
+
+
+def fmt(x, digits=2, signed=False):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _summary(row: Row, rs: list[dict]) -> dict:
+    rs = sorted(rs, key=lambda r: r["config"]["seed"])
+    finished = [r for r in rs if r["metrics"].get("status") == "finished"
+                and r["metrics"].get("val_top1_err") is not None]
+    diverged = [r for r in rs if r["metrics"].get("status") == "diverged"]
+    errs = [float(r["metrics"]["val_top1_err"]) for r in finished]
+    return {
+        "row": row, "runs": rs, "errs": errs, "diverged": diverged,
+        "by_seed": {r["config"]["seed"]: float(r["metrics"]["val_top1_err"]) for r in finished},
+        "other": [r for r in rs if r not in finished and r not in diverged],
+        "mean": statistics.mean(errs) if errs else None,
+        "std": statistics.stdev(errs) if len(errs) > 1 else None,
+    }
+
+
+def summarize(rows: list[Row], runs: list[dict], study: str) -> list[dict]:
+    """One summary per row of the study (per row and schedule length for the convergence check)."""
+    by_key = {}
+    for run in runs:
+        by_key.setdefault(run_key(run, study), []).append(run)
+    if study == "convergence":
+        return [_summary(Row(row.key, row.label, row.paper_err, iters), by_key[(row.key, iters)])
+                for row in rows for iters in sorted(k[1] for k in by_key if k[0] == row.key)]
+    return [_summary(row, by_key.get((row.key, row.norm_batch_size), [])) for row in rows]
+
+
+def paired_gap(s: dict, ref: dict | None) -> tuple[float | None, float | None, int]:
+    """Mean and sample std of err(row, seed) - err(reference, seed) over the seeds both finished."""
+    if ref is None:
+        return None, None, 0
+    diffs = [s["by_seed"][k] - ref["by_seed"][k] for k in sorted(s["by_seed"]) if k in ref["by_seed"]]
+    return (statistics.mean(diffs) if diffs else None,
+            statistics.stdev(diffs) if len(diffs) > 1 else None, len(diffs))
+
+
+def status_text(s: dict) -> str:
+    parts = []
+    if s["errs"]:
+        parts.append(f"{len(s['errs'])} finished")
+    if s["diverged"]:
+        its = ",".join(str(r["metrics"].get("diverged_at", r["metrics"].get("iteration"))) for r in s["diverged"])
+        parts.append(f"{len(s['diverged'])} diverged (iteration {its})")
+    for r in s["other"]:
+        parts.append(f"{r['metrics'].get('status', '?')} at iteration {r['metrics'].get('iteration')}")
+    return "; ".join(parts) or "no run"
+
+
+def _seeds(s: dict) -> str:
+    return ",".join(str(r["config"]["seed"]) for r in s["runs"]) or "none"
+
+
+def _table_lines(study: str, summary: list[dict]) -> tuple[list[str], list[Row]]:
+    """Table 2 / Table 4: row, our mean, std, paired gap to the reference row, paper, seeds, status."""
+    ref_key = REFERENCE[study]
+    ref = next((s for s in summary if (s["row"].key, s["row"].norm_batch_size) == ref_key), None)
+    ref_paper = ref["row"].paper_err if ref else None
+    ref_label = ref["row"].label if ref else "?"
+    lines = [
+        f"Top-1 validation error (%): mean over seeds and sample std. \"Gap\" is to row {ref_label}: "
+        f"ours is paired (the mean over the seeds both rows finished of this row's error minus the "
+        f"reference's on the same seed, ± the std of those differences), the paper's is the "
+        f"difference of its numbers. \"-\": the training diverged (a non-finite loss), as the paper's "
+        f"\"-\" for a run that cannot converge.",
+        "",
+        "| row | ours: top-1 err | ours: std | ours: gap (paired) | paper: top-1 err | paper: gap | seeds | status |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    missing = []
+    for s in summary:
+        row = s["row"]
+        if not s["runs"]:
+            missing.append(row)
+            ours, std, gap = "missing", "", ""
+        else:
+            ours, std = fmt(s["mean"]), fmt(s["std"])
+            g, gstd, _ = paired_gap(s, ref)
+            gap = fmt(g, signed=True) + (f" ± {gstd:.2f}" if gstd is not None else "")
+        paper = fmt(row.paper_err)
+        paper_gap = fmt(row.paper_err - ref_paper, signed=True) if row.paper_err is not None and ref_paper is not None else "-"
+        lines.append(f"| {row.label} | {ours} | {std} | {gap} | {paper} | {paper_gap} | {_seeds(s)} | {status_text(s)} |")
+    return lines, missing
+
+
+def _figure1b_lines(summary: list[dict]) -> tuple[list[str], list[Row]]:
+    """Figure 1(b): one row per method, the mean error at each normalization batch size."""
+    sizes = list(FIGURE1B_SIZES)
+    head = "| method | " + " | ".join(f"b={b}" for b in sizes) + " |"
+    rule = "|---|" + "---:|" * len(sizes)
+    cell = {(s["row"].label.split(",")[0], s["row"].norm_batch_size): s for s in summary}
+    lines = ["Top-1 validation error (%), mean over seeds (± sample std), against the normalization batch "
+             "size b inside the same gradient batch of 32. \"-\": diverged; \"missing\": no run.", "",
+             head, rule]
+    for method in FIGURE1B_METHODS:
+        vals = []
+        for b in sizes:
+            s = cell.get((method, b))
+            if s is None or not s["runs"]:
+                vals.append("missing")
+            else:
+                vals.append(fmt(s["mean"]) + (f" ± {s['std']:.2f}" if s["std"] is not None else ""))
+        lines.append(f"| {method} | " + " | ".join(vals) + " |")
+    lines += ["", "The paper's numbers (ImageNet, ResNet-50; Figure 1(b) is a plot, Table 1 gives these):", "",
+              head, rule]
+    for method, (_, paper) in FIGURE1B_METHODS.items():
+        lines.append(f"| {method} | " + " | ".join(fmt(paper.get(b)) if b in paper else "n/a" for b in sizes) + " |")
+    lines += ["", "Runs per point:", "", "| method | b | seeds | status |", "|---|---:|---|---|"]
+    missing = []
+    for s in summary:
+        if not s["runs"]:
+            missing.append(s["row"])
+        lines.append(f"| {s['row'].label.split(',')[0]} | {s['row'].norm_batch_size} | {_seeds(s)} | {status_text(s)} |")
+    return lines, missing
+
+
+def _convergence_lines(summary: list[dict]) -> tuple[list[str], list[Row]]:
+    """The convergence check: each row's error at every schedule length, and the change when
+    the schedule is doubled."""
+    lines = [f"Top-1 validation error (%) at the protocol's schedule and at longer ones, mean over seeds "
+             f"(± sample std). A schedule is converged when doubling it changes each row's mean error by "
+             f"less than {CONVERGENCE_TOLERANCE} points.", "",
+             "| row | iterations | ours: top-1 err | ours: std | change from half as long | seeds | status |",
+             "|---|---:|---:|---:|---:|---|---|"]
+    means = {(s["row"].key, s["row"].norm_batch_size): s["mean"] for s in summary}
+    verdicts = []
+    for s in summary:
+        key, iters = s["row"].key, s["row"].norm_batch_size
+        half = means.get((key, iters // 2)) if iters % 2 == 0 else None
+        change = s["mean"] - half if s["mean"] is not None and half is not None else None
+        if change is not None:
+            verdicts.append((s["row"].label, iters // 2, iters, change))
+        lines.append(f"| {s['row'].label} | {iters} | {fmt(s['mean'])} | {fmt(s['std'])} | "
+                     f"{fmt(change, signed=True)} | {_seeds(s)} | {status_text(s)} |")
+    lines.append("")
+    for label, short, long_, change in verdicts:
+        ok = abs(change) < CONVERGENCE_TOLERANCE
+        lines.append(f"- {label}: {short} -> {long_} iterations changes the mean error by {change:+.2f} points: "
+                     + ("converged" if ok else f"NOT converged (|change| >= {CONVERGENCE_TOLERANCE})") + ".")
+    return lines, []
+
+
+def render(study: str, summary: list[dict], runs_dir: str, title: str | None, notes: str | None,
+           command: str) -> str:
+    lines = [f"# {title or study}", ""]
+    if notes:
+        lines += [notes.rstrip(), ""]
+    lines += [f"Collected by `{command}` from the run directories under `{runs_dir}`.", ""]
+    body = {"figure1b": _figure1b_lines, "convergence": _convergence_lines}.get(study)
+    table, missing = body(summary) if body else _table_lines(study, summary)
+    lines += table + [""]
+    if missing:
+        lines += ["Missing configurations (no run directory found): "
+                  + ", ".join(f"`{m.key}`" + (f" (norm_batch_size={m.norm_batch_size})" if m.norm_batch_size else "") for m in missing) + ".", ""]
+    lines += _provenance([r for s in summary for r in s["runs"]])
+    return "\n".join(lines)
+
+
+def _provenance(all_runs: list[dict]) -> list[str]:
+    """Hosts, commits, versions, model, data, schedule, first start, last end and the summed wall
+    time, from the runs themselves."""
+    if not all_runs:
+        return []
+    hosts = sorted({r["env"].get("host", "?") for r in all_runs})
+    commits = sorted({(r["env"].get("git_commit") or "?")[:10] + ("+dirty" if r["env"].get("git_dirty") else "") for r in all_runs})
+    torch_v = sorted({(r["env"].get("packages") or {}).get("torch") or "?" for r in all_runs})
+    starts = sorted(r["metrics"].get("started_at", "") for r in all_runs if r["metrics"].get("started_at"))
+    ends = sorted(r["metrics"].get("ended_at", "") for r in all_runs if r["metrics"].get("ended_at"))
+    wall = sum(float(r["metrics"].get("wall_time_s") or 0) for r in all_runs)
+    iters = sorted({r["config"]["schedule"]["iterations"] for r in all_runs})
+    cfg0 = all_runs[0]["config"]
+    return [
+        "Runs: " + f"{len(all_runs)} run directories; host(s) {', '.join(hosts)}; git {', '.join(commits)}; "
+        f"torch {', '.join(torch_v)}; model {cfg0['model']['arch']} (small_input={cfg0['model']['small_input']}), "
+        f"data {cfg0['data']['name']} {cfg0['data'].get('root') or ''} at {cfg0['data']['image_size']} px, "
+        f"{'/'.join(map(str, iters))} iterations of {cfg0['data']['batch_size']} images"
+        + (f"; first start {starts[0]}, last end {ends[-1]}" if starts and ends else "")
+        + (f"; summed wall time {wall / 60:.1f} min" if wall else "") + ".",
+        "",
+    ]
+
+
+def plot_figure1b(summary: list[dict], path: str) -> None:
+    """Error against normalization batch size, one line per method with its seed spread (the
+    band between the best and the worst seed), the paper's numbers as crosses; drawn like the
+    paper's Figure 1(b) (log2 x axis, b = 32 on the right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for i, method in enumerate(FIGURE1B_METHODS):
+        color = f"C{i}"
+        ss = [s for s in summary if s["row"].label.split(",")[0] == method and s["errs"]]
+        if ss:
+            b = [s["row"].norm_batch_size for s in ss]
+            ax.plot(b, [s["mean"] for s in ss], marker="o", color=color, label=f"{method} (ours)")
+            ax.fill_between(b, [min(s["errs"]) for s in ss], [max(s["errs"]) for s in ss], color=color,
+                            alpha=0.2, linewidth=0)
+        paper = FIGURE1B_METHODS[method][1]
+        if paper:
+            ax.scatter(list(paper), list(paper.values()), marker="x", s=40, color=color, label=f"{method} (paper)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(FIGURE1B_SIZES), [str(b) for b in FIGURE1B_SIZES])
+    ax.set_xlabel("normalization batch size |B| (gradient batch 32)")
+    ax.set_ylabel("top-1 error (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", choices=sorted(STUDIES))
+    p.add_argument("runs_dir", help="folder holding the study's run directories (searched recursively)")
+    p.add_argument("--out", help="markdown file (default results/<study>.md)")
+    p.add_argument("--title")
+    p.add_argument("--notes", help="markdown file whose text goes under the title (protocol, machine)")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.runs_dir):
+        print(f"runs_dir {args.runs_dir!r} is not a directory", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("results", f"{args.study}.md")
+    notes = open(args.notes).read() if args.notes else None
+    command = "python scripts/collect_results.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    summary = summarize(STUDIES[args.study], find_runs(args.runs_dir), args.study)
+    text = render(args.study, summary, args.runs_dir, args.title, notes, command)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, out)
+    print(text)
+    if args.study == "figure1b":
+        png = os.path.splitext(out)[0] + ".png"
+        plot_figure1b(summary, png)
+        print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Folding an eval-mode normalization into the convolution before it (eq. 18 for CenConv2d):
+``W' = W_hat * s``, ``b' = (b - running_mean) * s + bias`` with ``s = weight / sqrt(running_var +
+eps)``, in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..conv import CenConv2d
+from ..norm import BatchStatNorm2d
+from .pairing import find_pairs, is_foldable_norm
+
+__all__ = ["fold_conv_norm", "fold_model"]
+
+def _conv_weight(conv: nn.Module) -> torch.Tensor:
+    """The weight the convolution actually uses: centered (eq. 18) for CenConv2d."""
+    if isinstance(conv, CenConv2d):
+        return conv.centered_weight()
+    return conv.weight
+
+
+def _norm_scale_shift(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, t) in float64 such that eval-mode ``norm(x) == x * s + t`` per channel."""
+    mean = norm.running_mean.detach().double()
+    var = norm.running_var.detach().double()
+    c = mean.numel()
+    weight = norm.weight.detach().double() if getattr(norm, "weight", None) is not None else mean.new_ones(c)
+    bias = norm.bias.detach().double() if getattr(norm, "bias", None) is not None else mean.new_zeros(c)
+    scale = weight / torch.sqrt(var + norm.eps)
+    return scale, bias - mean * scale
+
+
+def _plain_conv_like(conv: nn.Module, bias: bool) -> nn.Module:
+    """An empty plain nn.ConvNd with the hyper-parameters, device and dtype of ``conv``."""
+    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[conv.weight.dim() - 2]
+    new = cls(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=bias,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    new.train(conv.training)
+    return new
+
+
+@torch.no_grad()
+def fold_conv_norm(conv: nn.Module, norm: nn.Module | None) -> nn.Module:
+    """
+    Fold an eval-mode normalization into the convolution that precedes it.
+
+    Args:
+        conv: nn.Conv{1,2,3}d or CenConv2d (its centered weight, eq. 18, is used).
+        norm: a foldable normalization (see :func:`is_foldable_norm`), or None to only turn a
+            CenConv2d into a plain convolution with its centered weight.
+
+    Returns:
+        A new plain nn.Conv{1,2,3}d equal to ``norm(conv(x))`` in eval mode (with bias when a norm
+        was folded or ``conv`` had one). The arithmetic is done in float64 and cast back to the
+        convolution's dtype.
+    """
+    weight = _conv_weight(conv).detach()
+    if norm is None:
+        new = _plain_conv_like(conv, bias=conv.bias is not None)
+        new.weight.copy_(weight)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+        return new
+    if not is_foldable_norm(norm):
+        raise ValueError(f"{type(norm).__name__} does not have running statistics and cannot be folded")
+    if norm.running_mean.numel() != conv.out_channels:
+        raise ValueError(
+            f"cannot fold {type(norm).__name__}({norm.running_mean.numel()}) into a convolution "
+            f"with {conv.out_channels} output channels"
+        )
+    scale, shift = _norm_scale_shift(norm)
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(scale)
+    new = _plain_conv_like(conv, bias=True)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    new.weight.copy_((weight.double() * scale.reshape(shape)).to(weight.dtype))
+    new.bias.copy_((b * scale + shift).to(weight.dtype))
+    return new
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def _check_eval(model: nn.Module, what: str) -> None:
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        shown = ", ".join(training[:5]) + (", ..." if len(training) > 5 else "")
+        raise ValueError(
+            f"{what} needs a model in eval mode, but these modules are in training mode: {shown}. "
+            f"Call model.eval() first (training-mode normalizations use batch statistics and "
+            f"cannot be folded)."
+        )
+
+
+def _bn_from_norm(norm: nn.Module, eps: float | None = None) -> nn.BatchNorm2d:
+    """An nn.BatchNorm2d whose eval-mode forward equals the eval-mode forward of ``norm``.
+
+    With ``eps`` given, the difference ``norm.eps - eps`` is moved into ``running_var`` so that
+    ``running_var + eps`` (all that F.batch_norm uses) is unchanged.
+    """
+    c = norm.running_mean.numel()
+    ref = norm.running_mean
+    target_eps = norm.eps if eps is None else eps
+    momentum = getattr(norm, "momentum", 0.1)  # torch's meaning, also for the family (1 - alpha)
+    bn = nn.BatchNorm2d(c, eps=target_eps, momentum=momentum, device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        bn.running_mean.copy_(norm.running_mean)
+        bn.running_var.copy_(norm.running_var + (norm.eps - target_eps))
+        if getattr(norm, "weight", None) is not None:
+            bn.weight.copy_(norm.weight)
+        if getattr(norm, "bias", None) is not None:
+            bn.bias.copy_(norm.bias)
+        nbt = getattr(norm, "num_batches_tracked", None)
+        if nbt is not None:
+            bn.num_batches_tracked.copy_(nbt)
+    bn.train(norm.training)
+    return bn
+
+
+def fold_model(model: nn.Module, strict: bool = True) -> nn.Module:
+    """
+    Fold every eval-mode normalization that directly follows a convolution into it.
+
+    Args:
+        model: an eval-mode model (``model.eval()``), e.g. a torchvision ResNet after
+            ``mabn.convert_model``. It is not modified.
+        strict: if True, raise ValueError when a normalization cannot be folded (see the pairing
+            rule in the module docstring). If False, such a normalization is kept as an eval-mode
+            ``nn.BatchNorm2d`` with the same statistics (still linear at inference).
+
+    Returns:
+        A deep copy of ``model`` (same class, same submodule names) in which every folded
+        convolution is a plain ``nn.Conv{1,2,3}d`` with bias, every folded normalization is
+        ``nn.Identity``, and every remaining ``CenConv2d`` is a plain convolution with its centered
+        weight. Its forward equals the eval-mode forward of ``model`` up to float rounding. It
+        contains no mabn classes, so it can be scripted, exported or loaded without mabn.
+    """
+    _check_eval(model, "fold_model")
+    pairs, unfoldable = find_pairs(model)
+    if unfoldable and strict:
+        lines = "\n".join(f"  {name}: {reason}" for name, reason in unfoldable)
+        raise ValueError(
+            "fold_model: these normalizations do not directly follow a convolution they can be "
+            f"folded into:\n{lines}\nPass strict=False to keep them as eval-mode nn.BatchNorm2d "
+            "layers (a per-channel affine map)."
+        )
+    folded = copy.deepcopy(model)
+    modules = dict(folded.named_modules())
+    for norm_name, conv_name in pairs.items():
+        _set_submodule(folded, conv_name, fold_conv_norm(modules[conv_name], modules[norm_name]))
+        _set_submodule(folded, norm_name, nn.Identity())
+    for name, _ in unfoldable:
+        norm = modules[name]
+        if isinstance(norm, BatchStatNorm2d) and is_foldable_norm(norm):
+            _set_submodule(folded, name, _bn_from_norm(norm))
+    done = set(pairs.values())
+    for name, m in modules.items():
+        if isinstance(m, CenConv2d) and name not in done:
+            _set_submodule(folded, name, fold_conv_norm(m, None))
+    return folded.eval()
