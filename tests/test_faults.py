@@ -100,7 +100,7 @@ def test_injected_failure(tmp_path):
 def test_sigint_checkpoints_like_sigterm(tmp_path):
     out = tmp_path / "ctrlc"
     proc = subprocess.Popen([PYTHON, "train_imagenet.py", *tiny(out, iterations=100000)], cwd=REPO,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO),
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while time.time() < deadline and not (out / "train_log.jsonl").exists():
@@ -240,7 +240,7 @@ def test_run_level_bad_inputs_write_nothing(tmp_path):
 def test_eval_on_cuda_without_gpu_is_one_line(tmp_path):
     out = tmp_path / "run"
     train_in_process(tiny(out, iterations=1))
-    r = run_script([PYTHON, "eval.py", str(out), "--device", "cuda"])
+    r = run_script([PYTHON, "eval.py", f"ckpt={out}", "device=cuda"])
     assert r.returncode == 2 and "device=cuda" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
 
 
@@ -250,7 +250,7 @@ def test_second_run_on_a_locked_out_dir_is_refused(tmp_path):
     out = tmp_path / "locked"
     holder = subprocess.Popen([PYTHON, "-c", "import sys, time; from mabn.engine import run; "
                                f"f = run.lock_out_dir({str(out)!r}); print('locked', flush=True); time.sleep(900)"],
-                              cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, text=True)
+                              cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ConfigError, match=f"in use by another run \\(pid {holder.pid} on "):
@@ -338,7 +338,7 @@ def test_pickle_payload_is_refused_without_running(tmp_path):
     (tmp_path / "ckpt_0000001.pt.sha256").write_text(hashlib.sha256(buf.getvalue()).hexdigest() + "\n")
     with pytest.raises(checkpoint.CheckpointError, match="refused: it asks for the Python object"):
         checkpoint.load(str(path))
-    r = run_script([PYTHON, "eval.py", str(path)])
+    r = run_script([PYTHON, "eval.py", f"ckpt={path}"])
     assert r.returncode == 2 and "refused" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert not marker.exists()
 
