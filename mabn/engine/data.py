@@ -58,7 +58,7 @@ def train_transform(cfg) -> transforms.Compose:
     horizontal flip, normalization).
     """
     if cfg.augment == "crop_flip":
-        resize = [] if cfg.cache_images else [transforms.Resize(cfg.image_size), transforms.CenterCrop(cfg.image_size)]
+        resize = [] if cfg.cache_images else _resize_crop(cfg.image_size, cfg.image_size)
         return transforms.Compose(resize + [
             transforms.RandomCrop(cfg.image_size, padding=cfg.crop_padding),
             transforms.RandomHorizontalFlip(), transforms.ToTensor(),
@@ -72,6 +72,12 @@ def train_transform(cfg) -> transforms.Compose:
     return transforms.Compose(steps)
 
 
+def _resize_crop(resize: int, crop: int) -> list:
+    """Shorter side to ``resize``, then the centre ``crop`` x ``crop``: the deterministic part of the
+    crop_flip and validation transforms, and what :class:`CachedResizedLoader` keeps."""
+    return [transforms.Resize(resize), transforms.CenterCrop(crop)]
+
+
 def val_resize(cfg) -> int:
     """Shorter side before the centre crop: 256 for 224 crops, scaled for other sizes."""
     return cfg.val_resize or int(round(cfg.image_size * 256 / 224))
@@ -80,7 +86,7 @@ def val_resize(cfg) -> int:
 def val_transform(cfg) -> transforms.Compose:
     """Resize the shorter side to 256 (scaled) and centre-crop 224 (scaled); with
     data.cache_images the cached loader has already resized to image_size (= val_resize)."""
-    resize = [] if cfg.cache_images else [transforms.Resize(val_resize(cfg)), transforms.CenterCrop(cfg.image_size)]
+    resize = [] if cfg.cache_images else _resize_crop(val_resize(cfg), cfg.image_size)
     return transforms.Compose(resize + [transforms.ToTensor(), transforms.Normalize(list(cfg.mean), list(cfg.std))])
 
 
@@ -137,7 +143,7 @@ class CachedResizedLoader:
 
     def __init__(self, size: int):
         self.size, self.cache = size, {}
-        self.prepare = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
+        self.prepare = transforms.Compose(_resize_crop(size, size))
 
     def __call__(self, path: str):
         img = self.cache.get(path)

@@ -74,13 +74,12 @@ def lr_at(cfg, it: int, base_lr: float) -> float:
     iterations already done (so the first post-warm-up lr is base_lr and the last is above 0).
     """
     s = cfg.schedule
-    policy = getattr(s, "policy", "step")
     w = s.warmup_iters
-    if policy == "step":
+    if s.policy == "step":
         lr = base_lr * s.gamma ** sum(it > m for m in s.milestones)
     else:
         t = max(0, it - w - 1) / max(1, s.iterations - w)
-        lr = base_lr * (0.5 * (1 + math.cos(math.pi * t)) if policy == "cosine" else 1 - t)
+        lr = base_lr * (0.5 * (1 + math.cos(math.pi * t)) if s.policy == "cosine" else 1 - t)
     if it <= w:
         lr *= s.warmup_factor + (1 - s.warmup_factor) * (it - 1) / w
     return lr
@@ -345,8 +344,9 @@ def _resume(s: _State) -> bool:
     s.it = state["iteration"]
     if s.it == cfg.schedule.iterations and state.get("status") == "finished":
         return False
-    _check_resume_fits(state, cfg)
-    _warn_config_changes(state["config"], cfg)
+    changes = _config_changes(state["config"], cfg)
+    _check_resume_fits(state, cfg, changes)
+    _warn_config_changes(changes)
     try:
         s.model.load_state_dict(state["model"])
         s.optimizer.load_state_dict(state["optimizer"])
@@ -547,13 +547,17 @@ def _flat(d: dict, prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
-def _check_resume_fits(state: dict, cfg) -> None:
+def _config_changes(saved: dict, cfg) -> dict[str, tuple]:
+    """{flattened key: (checkpoint's value, this config's value)} for every setting that differs."""
+    old, new = dict(_flat(saved)), dict(_flat(OmegaConf.to_container(cfg, resolve=True)))
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def _check_resume_fits(state: dict, cfg, changes: dict[str, tuple]) -> None:
     """ConfigError, naming the keys, when the config does not fit the checkpoint: a different
     model, normalization or data (:data:`RESUME_FIXED`), or fewer iterations than it has done."""
-    old, new = dict(_flat(state["config"])), dict(_flat(OmegaConf.to_container(cfg, resolve=True)))
-    fixed = [k for k in sorted(old.keys() | new.keys())
-             if any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FIXED)]
-    changed = [f"{k}={new.get(k)!r} (checkpoint: {old.get(k)!r})" for k in fixed if old.get(k) != new.get(k)]
+    changed = [f"{k}={v!r} (checkpoint: {o!r})" for k, (o, v) in changes.items()
+               if any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FIXED)]
     if changed:
         raise ConfigError(f"resume: the config does not fit the checkpoint of iteration {state['iteration']}: "
                           f"{', '.join(changed)}; resume with the checkpoint's settings or choose another out_dir")
@@ -562,15 +566,12 @@ def _check_resume_fits(state: dict, cfg) -> None:
                           f"{state['iteration']}; a resume cannot go back")
 
 
-def _warn_config_changes(saved: dict, cfg) -> None:
+def _warn_config_changes(changes: dict[str, tuple]) -> None:
     """Log the settings that differ from the checkpoint's (a resume normally repeats them)."""
     ignore = {"resume", "stop_after", "progress_bar", "data.workers", "keep_checkpoints"}
-
-    old, new = dict(_flat(saved)), dict(_flat(OmegaConf.to_container(cfg, resolve=True)))
-    changed = sorted(k for k in old.keys() | new.keys() if k not in ignore and old.get(k) != new.get(k))
-    if changed:
-        log.warning("resuming with settings that differ from the checkpoint's: %s",
-                    ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+    shown = [f"{k}: {o!r} -> {v!r}" for k, (o, v) in changes.items() if k not in ignore]
+    if shown:
+        log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(shown))
 
 
 def _params_digest(model: nn.Module) -> str | None:
