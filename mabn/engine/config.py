@@ -258,6 +258,15 @@ class Config:
     CUDA; bf16 also runs on the CPU, fp16 is refused there at start (it would run ~90x slower)."""
     channels_last: bool = False
     """Use the channels_last memory format for the model and inputs."""
+    compile: bool = False
+    """Train through ``torch.compile(model)`` (its default backend, inductor), applied after
+    channels_last and DDP. The first iteration of each invocation compiles (a minute or more for a
+    ResNet on a CPU); its time is logged separately in log.txt ("torch.compile: ..."). Checkpoints
+    hold the uncompiled model's state_dict (the same keys with or without compile, so either kind
+    of run resumes the other) and validation runs the uncompiled model. Needs a working C++
+    compiler on the CPU and Triton on CUDA, and is refused for a normalization that torch.compile
+    is known to get wrong (mabn.engine.compiling.miscompiled_reason): checked at start, exit 2
+    with a message otherwise."""
     resume: str = "none"
     """"none": start fresh (refused if out_dir already holds checkpoints); "auto": continue from
     the newest valid checkpoint in out_dir, or start fresh if there is none (refused when
