@@ -13,7 +13,7 @@ import torch
 from mabn.engine import checkpoint, compiling
 from mabn.engine.config import ConfigError
 
-from _train_utils import PYTHON, read_log, run_script, tiny, train_in_process
+from _train_utils import PYTHON, load_cfg, read_log, run_script, tiny, train_in_process
 
 #: Normalization of the compared runs: the MABN family when torch.compile gets it right, else
 #: torch's nn.BatchNorm2d (see test_compile_refused_while_the_mabn_layers_are_miscompiled).
@@ -90,3 +90,10 @@ def test_compile_without_a_cpp_compiler_exits_2(tmp_path):
     assert "compile=true, but torch.compile cannot run on this machine" in r.stderr
     assert "C++ compiler" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert not out.exists()
+
+
+def test_compile_with_statistics_recording_is_refused():
+    """The statistics recorder's hooks cannot go through torch.compile: refused by validation."""
+    assert load_cfg(["compile=true"]).compile is True and load_cfg().compile is False
+    with pytest.raises(ConfigError, match=r"compile=true does not support statistics recording \(stats.enabled=true\)"):
+        load_cfg(["compile=true", "stats.enabled=true"])
