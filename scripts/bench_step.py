@@ -17,11 +17,12 @@ median step time, its spread and the ratio MABN / BN within each layout and mode
     python scripts/bench_step.py --out results/speed.md            # batch 32, 224 px: the figures
     python scripts/bench_step.py --image-size 64 --iters 2 --warmup 0 --modes eager   # a quick look
 
-Run time: a ResNet-50 step at batch 32 and 224 px takes roughly 30-40 s on 2 CPU cores (a few
-seconds on 16), so the defaults (8 configurations x (1 + 1 warm-up + 3 timed) steps, plus four
-compilations of a few minutes each) take about 40-60 min on 2 cores; the step time scales about
-with batch x image_size^2 (--image-size 112 is 4x cheaper), the compilations do not. On a GPU
-(--device cuda) the whole run takes a few minutes.
+Run time on 2 CPU cores: a ResNet-50 step at batch 32 and 224 px takes roughly 40-90 s (about
+batch x image_size^2: 2-3 s at batch 8 and 64 px), and compiling takes ~2.5-3 min for the BN
+network and ~7.5-9 min for MABN (measured on 2 cores shared with other jobs; independent of the
+input size). So the defaults (8 configurations x (1 + 1 warm-up + 3 timed) steps, 4 compilations)
+take about 1-1.5 h; ``--image-size 64 --batch 8 --iters 2 --warmup 0`` took 23 min, nearly all
+of it compiling. On a GPU (--device cuda) the whole run takes minutes.
 """
 
 from __future__ import annotations
