@@ -86,10 +86,16 @@ INDUCTOR_OPTIONS = {"inplace_buffers": False}
 
 
 def compile_module(module: torch.nn.Module) -> torch.nn.Module:
-    """``torch.compile(module)`` (inductor, with :data:`INDUCTOR_OPTIONS`) as the trainer and
-    the benchmarks use it. The wrapper computes with ``module``'s own parameters and buffers; its
-    state_dict keys carry an ``_orig_mod.`` prefix, so save ``module``'s."""
-    return torch.compile(module, options=dict(INDUCTOR_OPTIONS))
+    """``torch.compile(module, dynamic=False)`` (inductor, with :data:`INDUCTOR_OPTIONS`) as the
+    trainer and the benchmarks use it. The wrapper computes with ``module``'s own parameters and
+    buffers; its state_dict keys carry an ``_orig_mod.`` prefix, so save ``module``'s.
+
+    ``dynamic=False``: every shape and Python number is specialized (the training batches have
+    one shape). With torch's default, a second compilation of a BatchStatNorm2d whose ``alpha``
+    differs (e.g. one layer of each preset, as scripts/bench_norm.py compiles them) turns alpha
+    into a graph input and dynamo fails with an internal error ("Argument 'item' of Node ...
+    does not belong to this Graph"; torch 2.14)."""
+    return torch.compile(module, dynamic=False, options=dict(INDUCTOR_OPTIONS))
 
 
 def _family_sums_use_vector_norm() -> bool:
