@@ -82,8 +82,9 @@ class ModelConfig:
 
     arch: str = "resnet18"
     """"resnet18" or "resnet50" (torchvision's; resnet50 is v1.5, stride in the 3x3 conv, as the
-    authors' code), or the CIFAR-style "resnet20", "resnet32", "resnet56" for 32 px inputs
-    (mabn.engine.models.CifarResNet: widths 16/32/64, basic blocks, 1x1 conv + BN shortcuts)."""
+    authors' code), or the CIFAR-style "resnet8", "resnet14", "resnet20", "resnet32", "resnet56" for 32 px
+    inputs (mabn.engine.models.CifarResNet: depth 6n + 2, n basic blocks per stage at widths
+    16/32/64, 1x1 conv + BN shortcuts)."""
     small_input: bool = True
     """Stem for 32-64 px images: a 3x3 stride-1 convolution and no max-pool instead of the 7x7
     stride-2 convolution + max-pool of the ImageNet stem (torchvision archs only; the CIFAR-style
