@@ -98,8 +98,6 @@ def link_images(src: str, folder: str, n: int) -> list[str]:
     """Up to n image files found below src, symlinked into folder/class0 (sorted, the first n)."""
     found = sorted(os.path.join(d, f) for d, _, files in os.walk(src) for f in files
                    if f.lower().endswith((".jpeg", ".jpg", ".png")))[:n]
-    if not found:
-        raise SystemExit(f"--images-from {src}: no .JPEG/.jpg/.png file below it")
     os.makedirs(os.path.join(folder, "class0"), exist_ok=True)
     paths = []
     for i, p in enumerate(found):
@@ -213,6 +211,9 @@ def main(argv=None):
         p.error("--warmup must be >= 0, --quality in [1, 100], --val-resize >= --image-size")
     if any(r <= 0 for r in args.gpu_images_per_s):
         p.error("--gpu-images-per-s must be > 0")
+    if args.images_from and not any(f.lower().endswith((".jpeg", ".jpg", ".png"))
+                                    for _, _, files in os.walk(args.images_from) for f in files):
+        p.error(f"--images-from {args.images_from}: no .JPEG/.jpg/.png file below it (or no such folder)")
     torch.set_num_threads(1)
 
     tmp = tempfile.mkdtemp(prefix="bench_data_")

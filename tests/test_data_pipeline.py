@@ -329,6 +329,7 @@ def test_bench_data_runs_and_converts_rates_into_cores(tmp_path):
             assert abs(float(frac) - want) <= 0.05 + 0.01 * want, (k, rate, frac, want)
             assert math.ceil(float(frac) - 0.05) <= int(cores) <= math.ceil(float(frac) + 0.05)
     assert re.search(r"^\| train \| [+-]", text, re.M)
-    bad = run_script([PYTHON, "scripts/bench_data.py", "--images", "0"])
-    assert bad.returncode == 2 and "--images" in bad.stderr
+    for args, key in ((["--images", "0"], "--images"), (["--images-from", str(tmp_path / "none")], "--images-from")):
+        bad = run_script([PYTHON, "scripts/bench_data.py", *args])
+        assert bad.returncode == 2 and key in bad.stderr.splitlines()[-1], bad.stderr[-2000:]
     assert os.listdir(tmp_path) == ["speed.md"]
