@@ -234,7 +234,7 @@ def test_matches_loop_reference_over_iterations(form, fp, bp, ema_init):
 
 @pytest.mark.parametrize("form", ["vanilla", "modified"])
 @pytest.mark.parametrize("x_fmt,up_fmt", [("nchw", "nchw"), ("cl", "cl"), ("cl", "nchw"), ("nchw", "cl")])
-@pytest.mark.parametrize("chunk", [1, 5, 1 << 18])
+@pytest.mark.parametrize("chunk", [1, 5, 45, 100, 1 << 18])
 def test_chunked_layout_reductions_match_loop_reference(monkeypatch, form, x_fmt, up_fmt, chunk):
     """The reductions in each memory format, chunked down to single elements (mabn.norm._CHUNK),
     and with the upstream gradient in another format than the input, against the float64 loop."""
