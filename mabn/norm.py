@@ -274,7 +274,9 @@ def _plane_sums(x):
     if rows is None:  # other strides: torch's generic reductions
         return x.sum((2, 3)).double(), x.square().sum((2, 3)).double()
     s1 = rows.sum(dim).double()
-    if dim == 2:  # contiguous rows: vector_norm reads x once, with no temporary
+    if torch.compiler.is_compiling():  # fused by the compiler; avoids vector_norm's decomposition
+        s2 = (rows * rows).sum(dim).double()  # (miscompiled gradients in torch 2.14, see tests)
+    elif dim == 2:  # contiguous rows: vector_norm reads x once, with no temporary
         s2 = torch.linalg.vector_norm(rows, 2, dim=2).double().square()
     else:  # channels_last: vector_norm over the middle axis is a slow path (~6x a sum)
         s2 = _dot(rows, rows, 1)
