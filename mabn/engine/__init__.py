@@ -8,6 +8,8 @@
 - :mod:`mabn.engine.checkpoint`   atomic checkpoints, keep-last-K, corruption fallback
 - :mod:`mabn.engine.run`          run directory: logging, TensorBoard, metrics.json, provenance
 - :mod:`mabn.engine.trainer`      the training loop itself
+- :mod:`mabn.engine.compiling`    torch.compile: availability, options, known miscompilations
+- :mod:`mabn.engine.bench`        timing and machine description of the benchmark scripts
 - :mod:`mabn.engine.evaluation`   evaluation of a checkpoint (eval.py)
 - :mod:`mabn.engine.studies`      the paper's tables: which presets make each, the paper's numbers
 - :mod:`mabn.engine.collect`      a study's runs -> results table (scripts/collect_results.py)

@@ -274,6 +274,15 @@ class Config:
     CUDA; bf16 also runs on the CPU, fp16 is refused there at start (it would run ~90x slower)."""
     channels_last: bool = False
     """Use the channels_last memory format for the model and inputs."""
+    compile: bool = False
+    """Train through ``torch.compile(model)`` (its default backend, inductor), applied after
+    channels_last and DDP. The first iteration of each invocation compiles (a minute or more for a
+    ResNet on a CPU); its time is logged separately in log.txt ("torch.compile: ..."). Checkpoints
+    hold the uncompiled model's state_dict (the same keys with or without compile, so either kind
+    of run resumes the other) and validation runs the uncompiled model. Needs a working C++
+    compiler on the CPU and Triton on CUDA, and is refused for a normalization that torch.compile
+    is known to get wrong (mabn.engine.compiling.miscompiled_reason): checked at start, exit 2
+    with a message otherwise. Not with stats.enabled=true."""
     resume: str = "none"
     """"none": start fresh (refused if out_dir already holds checkpoints); "auto": continue from
     the newest valid checkpoint in out_dir, or start fresh if there is none (refused when
@@ -456,6 +465,9 @@ def validate(cfg: DictConfig) -> None:
         _check(s[key] >= 1, f"schedule.{key}={s[key]} must be >= 1")
     _check(s.eval_every >= 0, f"schedule.eval_every={s.eval_every} must be >= 0")
     _check(cfg.keep_checkpoints >= 1, f"keep_checkpoints={cfg.keep_checkpoints} must be >= 1")
+    _check(not (cfg.compile and cfg.stats.enabled),
+           "compile=true does not support statistics recording (stats.enabled=true): the recorder's hooks "
+           "would run inside the compiled model (not supported); use compile=false for a statistics run")
     _check(cfg.stats.every >= 1, f"stats.every={cfg.stats.every} must be >= 1")
     _check(len(cfg.stats.layers) >= 1, "stats.layers must name at least one layer")
     _check(cfg.stats.small_batch_size is None or cfg.stats.small_batch_size >= 1,

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoint, data, distributed, models, run
+from .compiling import compile_module, miscompiled_reason, unavailable_reason
 from .config import ConfigError, check_machine, norm_options
 from .meters import WindowMeter, evaluate, topk_correct
 from ..stats import StatisticsRecorder
@@ -199,7 +200,7 @@ class _State:
     stream: data.TrainStream | None = None
     val_loader: Any = None
     model: nn.Module | None = None
-    net: nn.Module | None = None  # the model, or its DDP wrapper
+    net: nn.Module | None = None  # the model, or its DDP and/or torch.compile wrapper
     optimizer: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None
     criterion: nn.Module | None = None
@@ -218,6 +219,7 @@ class _State:
     last_val: dict | None = None
     started_at: str = ""
     t_start: float = 0.0
+    compile_logged: bool = False  # the first (compiling) iteration's time is in log.txt
 
     @property
     def ckpt_dir(self) -> str:
@@ -257,6 +259,14 @@ def _train(s: _State) -> dict:
     s.started_at, s.t_start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     if cfg.norm.layer == "syncbn" and s.di.device.type != "cuda":
         raise ConfigError("norm.layer=syncbn needs device=cuda (nn.SyncBatchNorm is CUDA-only)")
+    if cfg.compile:
+        reason = unavailable_reason(s.di.device.type)
+        if reason:
+            raise ConfigError(f"compile=true, but torch.compile cannot run on this machine: {reason}; "
+                              f"use compile=false")
+        reason = miscompiled_reason(cfg.norm.layer)
+        if reason:
+            raise ConfigError(f"compile=true with norm.layer={cfg.norm.layer}: {reason}; use compile=false")
     run.setup_logging(cfg.out_dir, s.di.is_main, defer_file=True)  # log.txt once the run starts
     if cfg.resume == "auto" and not checkpoint.list_checkpoints(s.ckpt_dir) and _finished(s.record.path, cfg):
         log.info("the run in %s already finished (metrics.json: status finished at iteration %d); "
@@ -358,8 +368,9 @@ def _resume(s: _State) -> bool:
 
 
 def _start(s: _State) -> None:
-    """The run starts writing out_dir: rejected checkpoints set aside, log.txt, provenance, DDP,
-    the per-rank state of the checkpoint, TensorBoard, metrics.json (status running)."""
+    """The run starts writing out_dir: rejected checkpoints set aside, log.txt, provenance, DDP
+    and torch.compile (compile=true), the per-rank state of the checkpoint, TensorBoard,
+    metrics.json (status running)."""
     cfg, di, out_dir = s.cfg, s.di, s.cfg.out_dir
     if di.is_main:
         for f in s.rejected:  # kept for inspection, out of the way of resume and keep-last-K
@@ -377,6 +388,8 @@ def _start(s: _State) -> None:
     if di.distributed:  # each rank keeps its own normalization statistics (paper, appendix B.2)
         s.net = DDP(s.model, device_ids=[di.device.index] if di.device.type == "cuda" else None,
                     broadcast_buffers=False)
+    if cfg.compile:  # after channels_last and DDP; checkpoints and validation use s.model itself
+        s.net = compile_module(s.net)
     state = s.checkpoint
     if state:  # after DDP, whose constructor copies rank 0's buffers to every rank
         same_world = len(state["ranks"]) == di.world_size
@@ -450,6 +463,11 @@ def _train_step(s: _State, batches, stop_at: int, bar) -> None:
         s.recorder.finish()
     s.scaler.step(s.optimizer)
     s.scaler.update()
+    if cfg.compile and not s.compile_logged:
+        s.compile_logged = True
+        log.info("torch.compile: iteration %d, the first of this invocation, took %.1f s (forward and "
+                 "backward compiled in it; data loading excluded); the next ones run the compiled code",
+                 it, time.perf_counter() - t0 - data_time)
 
     with torch.no_grad():
         c1, c5 = topk_correct(logits.detach(), target)

@@ -1,0 +1,104 @@
+"""Helpers of the benchmark scripts (scripts/bench_norm.py, scripts/bench_step.py): the device,
+round-robin timing and the description of the machine that goes with every figure.
+
+Round-robin timing: each repeat runs every candidate once, in a fixed order, so that noise from
+other processes hits all of them alike; a candidate's figure is the median over repeats. On CUDA
+every timed call is bracketed by ``torch.cuda.synchronize``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+__all__ = ["resolve_device", "sync", "timed", "round_robin", "spread", "cpu_model", "load_average",
+           "machine_description"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``torch.device(name)``; ValueError (with a message for the command line) when the name is
+    not a device or names a CUDA device that is not there."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: not a device ({e})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available here "
+                             f"(torch.cuda.is_available() is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, the device's queued work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                device: torch.device, progress: Callable[[int, dict], None] | None = None) -> dict[str, list[float]]:
+    """{name: [seconds per timed repeat]}: ``warmup + repeats`` rounds, each calling every fn once
+    in the order given; the first ``warmup`` rounds are not recorded. ``progress(round, last)``
+    is called after each recorded round with that round's times."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for rep in range(warmup + repeats):
+        last = {name: timed(fn, device) for name, fn in fns.items()}
+        if rep >= warmup:
+            for name, t in last.items():
+                times[name].append(t)
+            if progress:
+                progress(rep - warmup + 1, last)
+    return times
+
+
+def spread(xs: list[float]) -> float:
+    """(max - min) / median, in percent."""
+    m = statistics.median(xs)
+    return 100.0 * (max(xs) - min(xs)) / m if m else 0.0
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (other processes on the machine), or "n/a"."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def machine_description(device: torch.device) -> str:
+    """CPU model, logical cores, torch version and intra-op threads, plus the GPU on CUDA."""
+    s = (f"{cpu_model()}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
+         f"{torch.get_num_threads()} intra-op threads")
+    if device.type == "cuda":
+        s += f"; GPU: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return s

@@ -1,0 +1,44 @@
+"""The benchmark scripts run (tiny sizes, eager; their figures are not checked, only that they
+are produced with the machine description) and refuse a missing GPU with exit 2."""
+
+import pytest
+import torch
+
+from _train_utils import PYTHON, run_script
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("script", ["scripts/bench_norm.py", "scripts/bench_step.py"])
+def test_device_cuda_without_gpu_exits_2(script):
+    r = run_script([PYTHON, script, "--device", "cuda"])
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "--device cuda: no CUDA GPU is available" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_step_writes_its_report(tmp_path):
+    out = tmp_path / "speed.md"
+    r = run_script([PYTHON, "scripts/bench_step.py", "--arch", "resnet18", "--batch", "4", "--image-size", "32",
+                    "--iters", "2", "--warmup", "0", "--modes", "eager", "--threads", "1", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    for needle in ("- Command: `python scripts/bench_step.py --arch resnet18", "- Machine: ", "torch "
+                   + torch.__version__, "1 intra-op threads", "- Date: ", "| nchw | eager |", "| channels_last | eager |"):
+        assert needle in text, needle
+    row = next(line for line in text.splitlines() if line.startswith("| nchw | eager |")).split("|")
+    bn, mabn_ms, ratio = float(row[3]), float(row[4]), float(row[5])
+    assert bn > 0 and mabn_ms > 0 and ratio == pytest.approx(mabn_ms / bn, rel=0.01, abs=0.001)
+
+
+def test_bench_step_refuses_bad_sizes():
+    r = run_script([PYTHON, "scripts/bench_step.py", "--batch", "5", "--modes", "eager"])
+    assert r.returncode == 2 and "--batch=5 is not divisible by --norm-batch-size=2" in r.stderr, r.stderr[-3000:]
+
+
+def test_bench_norm_eager_table(tmp_path):
+    out = tmp_path / "norm.md"
+    r = run_script([PYTHON, "scripts/bench_norm.py", "--shapes", "4x8x4x4", "--repeats", "1", "--warmup", "0",
+                    "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert "| 4x8x4x4 | " in text and "MABN2d (b=2) ms (x BN)" in text and "(1.00x)" in text
+    assert "- device: " in text and "Compilation" not in text

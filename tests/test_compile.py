@@ -1,0 +1,99 @@
+"""compile=true: the trainer through torch.compile (inductor; needs a C++ compiler on the CPU).
+
+The compiled run is compared with the eager run of the same config (same seed, data and
+initialization): it compiles a CIFAR ResNet-20 once (1.5-4 min on 2 busy CPU cores), hence the
+``compile`` marker (``-m "not compile"`` leaves it out). The other tests here compile nothing.
+"""
+
+import os
+
+import pytest
+import torch
+
+from mabn.engine import checkpoint, compiling
+from mabn.engine.config import ConfigError
+
+from _train_utils import PYTHON, load_cfg, read_log, run_script, tiny, train_in_process
+
+#: Normalization of the compared runs: the MABN family when torch.compile gets it right, else
+#: torch's nn.BatchNorm2d (see test_compile_refused_while_the_mabn_layers_are_miscompiled).
+NORM = "mabn" if compiling.miscompiled_reason("mabn") is None else "torch_bn"
+
+
+def _runs(tmp_path, **extra):
+    """Overrides of a 4-iteration run of a CIFAR ResNet-20 on 16 px synthetic data with NORM."""
+    norm = {"norm": NORM} if NORM == "mabn" else {"norm": NORM, "norm.norm_batch_size": "null"}
+    return lambda name, **more: tiny(tmp_path / name, iterations=4, model="resnet20", **norm, **extra, **more)
+
+
+def _final_checkpoint(out):
+    return checkpoint.load(checkpoint.list_checkpoints(os.path.join(out, "checkpoints"))[0])
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(compiling.unavailable_reason("cpu") is not None,
+                    reason=f"torch.compile cannot run here: {compiling.unavailable_reason('cpu')}")
+def test_compiled_run_matches_eager_and_keeps_checkpoint_keys(tmp_path):
+    """4 iterations eager and compiled, same seed. The compiled kernels reassociate float32
+    sums: about 1e-7 relative per operation; measured here (torch_bn, and the mabn layers without
+    their known miscompilation), the losses of 5 iterations differ by <= 2e-7 relative and the
+    final weights by <= 5e-8 absolute. Allowed: rtol 2e-5 on the losses, atol 1e-6 + rtol 1e-5
+    on the final weights and buffers. The weights are the sharper check: a gradient off by 2%
+    in one iteration (what the miscompilations found so far do; they leave the loss of the next
+    iterations almost unchanged at lr 0.02) moves weights by ~lr x 2% x |grad| ~ 1e-5.
+    The checkpoint holds the uncompiled module's keys (no "_orig_mod."), exactly the eager run's,
+    and an eager run resumes the compiled run's checkpoint."""
+    run = _runs(tmp_path)
+    eager = train_in_process(run("eager"))
+    compiled = train_in_process(run("compiled", compile="true"))
+    assert eager["status"] == compiled["status"] == "finished"
+    le = [row["loss"] for row in read_log(tmp_path / "eager")]
+    lc = [row["loss"] for row in read_log(tmp_path / "compiled")]
+    assert len(le) == len(lc) == 4
+    torch.testing.assert_close(torch.tensor(lc), torch.tensor(le), rtol=2e-5, atol=0)
+
+    se, sc = _final_checkpoint(tmp_path / "eager"), _final_checkpoint(tmp_path / "compiled")
+    assert list(sc["model"]) == list(se["model"]) and not any("_orig_mod" in k for k in sc["model"])
+    assert list(sc["ranks"][0]["buffers"]) == list(se["ranks"][0]["buffers"])
+    assert sc["optimizer"]["param_groups"][0]["params"] == se["optimizer"]["param_groups"][0]["params"]
+    for k, v in se["model"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(sc["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        else:
+            assert torch.equal(sc["model"][k], v), k
+
+    log = (tmp_path / "compiled" / "log.txt").read_text()
+    assert "torch.compile: iteration 1, the first of this invocation, took" in log
+    assert "torch.compile" not in (tmp_path / "eager" / "log.txt").read_text()
+
+    resumed = train_in_process(run("compiled", **{"schedule.iterations": 5, "resume": "auto"}))
+    assert resumed["status"] == "finished" and resumed["iteration"] == 5
+
+
+@pytest.mark.skipif(compiling.miscompiled_reason("mabn") is None,
+                    reason="torch.compile computes the mabn layers correctly now (no known miscompilation)")
+def test_compile_refused_while_the_mabn_layers_are_miscompiled(tmp_path):
+    """compile=true with norm.layer=mabn stops before any work, naming both keys, while
+    mabn.norm computes its sums of squares in the way torch.compile gets wrong."""
+    with pytest.raises(ConfigError, match=r"compile=true with norm.layer=mabn: torch.compile computes wrong gradients"):
+        train_in_process(tiny(tmp_path / "run", compile="true"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_compile_without_a_cpp_compiler_exits_2(tmp_path):
+    """With no working C++ compiler (CXX names a missing one) compile=true stops at once, exit 2,
+    one line naming compile and the compiler, nothing written."""
+    out = tmp_path / "run"
+    r = run_script([PYTHON, "train_imagenet.py", *tiny(out, compile="true")],
+                   env={"CXX": str(tmp_path / "no-such-c++")})
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "compile=true, but torch.compile cannot run on this machine" in r.stderr
+    assert "C++ compiler" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_compile_with_statistics_recording_is_refused():
+    """The statistics recorder's hooks cannot go through torch.compile: refused by validation."""
+    assert load_cfg(["compile=true"]).compile is True and load_cfg().compile is False
+    with pytest.raises(ConfigError, match=r"compile=true does not support statistics recording \(stats.enabled=true\)"):
+        load_cfg(["compile=true", "stats.enabled=true"])
