@@ -42,7 +42,7 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw, ImageFilter, features
 
-from mabn.engine import config, data
+from mabn.engine import bench, config, data
 
 # ImageNet's typical sizes (most training images are 500 px on the long side, 4:3 landscape first).
 SIZES = [(500, 375)] * 10 + [(375, 500)] * 3 + [(500, 333)] * 3 + [(500, 500)] * 2 + [(640, 480), (333, 500)]
@@ -307,13 +307,7 @@ def main(argv=None):
         f"{share_train:.1%} of the training crops and {share_val:.1%} of the validation images here, "
         "so it is not used.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        tmp_out = args.out + ".tmp"
-        with open(tmp_out, "w") as f:
-            f.write(text)
-        os.replace(tmp_out, args.out)
+    bench.write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,21 +32,11 @@ import torch
 from torch import nn
 
 import mabn
+from mabn.engine import bench
 
 SHAPES = ["32x256x56x56", "32x512x28x28", "32x1024x14x14", "32x2048x7x7"]
 #: Full-tensor passes of a fused batch-statistics layer, forward + backward (module docstring).
 FLOOR_PASSES = 8
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def median_time(fn, repeats: int) -> float:
@@ -116,8 +105,8 @@ def main(argv=None) -> int:
     floor_bw = bw["copy"]  # GB/s of a streaming read + write
     lines = [
         f"Command: `python scripts/bench_floor.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
-        f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {args.threads} torch threads; "
-        f"torch {torch.__version__}; THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; "
+        f"Machine: {bench.machine_description(torch.device('cpu'))}; load average {bench.load_average()}; "
+        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; "
         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         "",
         f"Memory bandwidth ({args.mib} MiB tensors, preallocated): copy {bw['copy']:.1f} GB/s, "
@@ -139,13 +128,7 @@ def main(argv=None) -> int:
                 f"{t['BN'] * 1e3:.2f} | {t['MABN'] * 1e3:.2f} | {t['MABN'] / t['BN']:.2f}x | "
                 f"{100 * floor / t['BN']:.0f}% | {100 * floor / t['MABN']:.0f}% |")
             print(lines[-1], flush=True)
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(report)
-        os.replace(tmp, args.out)
+    bench.write_report("\n".join(lines) + "\n", args.out)
     return 0
 
 
