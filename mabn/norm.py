@@ -73,7 +73,11 @@ Implementation: every per-group computation is vectorized (per-(sample, channel)
 H*W, then sums over the consecutive samples of each group; no Python loop over groups or
 channels); the normalization and its eq. 20 backward are one autograd Function that never
 materialises Y (one fused pass forward, two passes and two reductions backward), which keeps it
-close to nn.BatchNorm2d's speed. Group variances come from float64 combinations of float32
+close to nn.BatchNorm2d's speed. The reductions read both memory formats in place (contiguous
+inputs as (N, C, H*W) rows, channels_last ones as (N, H*W, C)), and on the CPU a product that
+must be reduced (x^2 in channels_last, dL/dout * x) is formed in 1 MiB chunks, never as a
+full-size temporary: the only full-size tensors the layer allocates are its output and dL/dx,
+as nn.BatchNorm2d (results/speed.md explains why fresh allocations are costly on the CPU). Group variances come from float64 combinations of float32
 partial sums; when an input is so badly centred that this loses precision (mean^2 > 16 var),
 and always on CUDA, torch's centred var_mean kernel is used instead. Statistics are computed in
 float32 for half-precision inputs (autocast) and the output keeps the input's dtype and memory
@@ -211,22 +215,72 @@ def _ema_update(running, value, alpha, first):
     running.copy_(updated)
 
 
-def _plane_sums(x):
-    """Per-(sample, channel) sum and sum of squares of a 4-D tensor, shape (N, C) each.
+#: Largest temporary, in elements, that a chunked reduction forms on the CPU (2^18 floats, 1 MiB).
+#: A full-size temporary (e.g. ``(a * b).sum(...)`` on a ResNet-50 activation, ~100 MB) is a fresh
+#: allocation whose pages are faulted in on first touch: on the VMs this project runs on that
+#: costs 5-8x a pass over the same memory and dominated the layer's time. Chunks this small are
+#: reused from the C allocator's heap, so the reduction only reads its inputs once.
+_CHUNK = 1 << 18
 
-    Reductions over the contiguous H*W axis only (fast on CPU and CUDA); float32 partial sums are
-    returned in float64 so that the group variance E[x^2] - mu^2 is formed without float32
-    cancellation.
-    """
-    n, c = x.shape[:2]
+
+def _rows(x):
+    """``x`` (N, C, H, W) viewed without a copy as ``(N, C, H*W)`` (contiguous, reduce dim 2) or
+    ``(N, H*W, C)`` (channels_last, reduce dim 1); ``(None, None)`` for any other layout."""
+    n, c, h, w = x.shape
     if x.is_contiguous():
-        flat = x.view(n, c, -1)
-        s1 = flat.sum(-1)
-        s2 = torch.linalg.vector_norm(flat, 2, dim=-1).square()
-    else:
-        s1 = x.sum((2, 3))
-        s2 = torch.linalg.vector_norm(x, 2, dim=(2, 3)).square()
-    return s1.double(), s2.double()
+        return x.view(n, c, h * w), 2
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).view(n, h * w, c), 1
+    return None, None
+
+
+def _chunk(x):
+    """Elements per chunk: _CHUNK on the CPU in eager mode; one chunk elsewhere (the CUDA caching
+    allocator reuses memory, and torch.compile fuses the product into the reduction)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return x.numel() or 1
+    return _CHUNK
+
+
+def _dot(a, b, dim):
+    """Per-(sample, channel) sum of ``a * b`` over H*W, float64 (N, C), for two ``_rows`` views of
+    the same layout; the product is formed a chunk at a time (see _CHUNK)."""
+    n = a.shape[0]
+    if dim == 2:  # (N, C, L): chunks of whole rows
+        ra, rb = a.reshape(-1, a.shape[2]), b.reshape(-1, b.shape[2])
+        step = max(1, _chunk(a) // max(1, ra.shape[1]))
+        out = torch.empty(ra.shape[0], dtype=torch.float64, device=a.device)
+        for i in range(0, ra.shape[0], step):
+            out[i:i + step] = (ra[i:i + step] * rb[i:i + step]).sum(1)
+        return out.view(n, -1)
+    # (N, L, C): chunks of the H*W axis, every sample and channel at once
+    step = max(1, _chunk(a) // max(1, n * a.shape[2]))
+    out = torch.zeros(n, a.shape[2], dtype=torch.float64, device=a.device)
+    for i in range(0, a.shape[1], step):
+        out += (a[:, i:i + step] * b[:, i:i + step]).sum(1)
+    return out
+
+
+def _plane_sums(x):
+    """Per-(sample, channel) sum and sum of squares of a 4-D tensor over H, W: float64 (N, C) each.
+
+    Both memory formats are reduced in their own layout without copying the input: contiguous
+    (N, C, H*W) rows over their last axis, channels_last (N, H*W, C) over the middle axis (the
+    channels stay the vectorized inner loop). The sums are accumulated in float32 per row or chunk
+    and combined in float64, so that the group variance E[x^2] - mu^2 is formed without float32
+    cancellation between chunks.
+    """
+    rows, dim = _rows(x)
+    if rows is None:  # other strides: torch's generic reductions
+        return x.sum((2, 3)).double(), x.square().sum((2, 3)).double()
+    s1 = rows.sum(dim).double()
+    if torch.compiler.is_compiling():  # fused by the compiler; avoids vector_norm's decomposition
+        s2 = (rows * rows).sum(dim).double()  # (miscompiled gradients in torch 2.14, see tests)
+    elif dim == 2:  # contiguous rows: vector_norm reads x once, with no temporary
+        s2 = torch.linalg.vector_norm(rows, 2, dim=2).double().square()
+    else:  # channels_last: vector_norm over the middle axis is a slow path (~6x a sum)
+        s2 = _dot(rows, rows, 1)
+    return s1, s2
 
 
 #: Above this ratio mean^2 / variance, E[x^2] - mu^2 in float32 loses too many digits: the layer
@@ -234,12 +288,14 @@ def _plane_sums(x):
 _CANCELLATION_RATIO = 16.0
 
 
-def _plane_dot(a, b):
-    """Per-(sample, channel) sum of ``a * b`` over H, W without materialising the product."""
-    if a.is_contiguous() and b.is_contiguous() and a.dtype == b.dtype:
-        n, c, h, w = a.shape
-        return torch.bmm(a.view(n * c, 1, h * w), b.view(n * c, h * w, 1)).view(n, c)
-    return (a * b).sum((2, 3))
+def _plane_dot_sum(dout, x):
+    """Per-(sample, channel) ``sum(dout)`` and ``sum(dout * x)`` over H, W, float64 (N, C) each:
+    the two reductions of eq. 20's backward, each reading its inputs once in their own layout."""
+    rd, dim = _rows(dout)
+    rx, dim_x = _rows(x)
+    if rd is None or dim != dim_x:  # layouts differ (or are neither format): generic reductions
+        return dout.sum((2, 3)).double(), (dout * x).sum((2, 3)).double()
+    return rd.sum(dim).double(), _dot(rd, rx, dim)
 
 
 def _group_sum(t, groups):
@@ -247,10 +303,19 @@ def _group_sum(t, groups):
     return t.view(groups, -1, t.shape[-1]).sum(1)
 
 
-def _per_sample(t, groups, n):
-    """(G, C) or (1, C) per-group coefficients -> (N, C, 1, 1), to broadcast against the input."""
+def _per_sample(t, groups, n, like):
+    """(G, C) or (1, C) per-group coefficients -> (N, C, 1, 1), to broadcast against ``like``.
+
+    The result is laid out in ``like``'s memory format: a channels_last input broadcast against
+    a contiguous (N, C, 1, 1) tensor takes a non-vectorized loop order in TensorIterator (~5x
+    slower on the CPU), one with channels_last strides the same fast loop as x * scalar.
+    """
     c = t.shape[1]
-    return t[:, None, :].expand(groups, n // groups, c).reshape(n, c)[:, :, None, None]
+    out = t[:, None, :].expand(groups, n // groups, c).reshape(n, c)[:, :, None, None]
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
+            memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 class _NormalizeAffine(torch.autograd.Function):
@@ -269,7 +334,7 @@ class _NormalizeAffine(torch.autograd.Function):
         groups, n = inv_std.shape[0], x.shape[0]
         scale = a * inv_std
         offset = c if shift is None else c - scale * shift
-        out = torch.addcmul(_per_sample(offset, groups, n), x, _per_sample(scale, groups, n))
+        out = torch.addcmul(_per_sample(offset, groups, n, x), x, _per_sample(scale, groups, n, x))
         ctx.save_for_backward(x, shift, inv_std, a)
         ctx.layer = layer
         ctx.warm = warm
@@ -283,12 +348,15 @@ class _NormalizeAffine(torch.autograd.Function):
         dout = dout.to(x.dtype)
         groups, n = inv_std.shape[0], x.shape[0]
         count = (n // groups) * x.shape[2] * x.shape[3]
-        sum_dout = _group_sum(dout.sum((2, 3)), groups).to(a.dtype)  # (G, C)
         if ctx.centred:  # badly centred input: reduce dout * (x - shift) directly
-            centred_x = x - _per_sample(shift.to(x.dtype), groups, n)
-            sum_dout_y = inv_std * _group_sum(_plane_dot(dout, centred_x), groups).to(a.dtype)
+            centred_x = x - _per_sample(shift.to(x.dtype), groups, n, x)
+            s_dout, s_dout_x = _plane_dot_sum(dout, centred_x)
+            sum_dout = _group_sum(s_dout, groups).to(a.dtype)  # (G, C)
+            sum_dout_y = inv_std * _group_sum(s_dout_x, groups).to(a.dtype)
         else:
-            sum_dout_x = _group_sum(_plane_dot(dout, x), groups).to(a.dtype)
+            s_dout, s_dout_x = _plane_dot_sum(dout, x)
+            sum_dout = _group_sum(s_dout, groups).to(a.dtype)  # (G, C)
+            sum_dout_x = _group_sum(s_dout_x, groups).to(a.dtype)
             sum_dout_y = inv_std * (sum_dout_x if shift is None else sum_dout_x - shift * sum_dout)
         # Backward batch statistics of every group, eq. 5 with G = a * dL/dout = weight * r * dL/dYhat.
         psi_b = a * sum_dout_y / count
@@ -304,8 +372,8 @@ class _NormalizeAffine(torch.autograd.Function):
         const = torch.zeros_like(coef_x) if shift is None else -coef_x * shift
         if g_u is not None:
             const = const - g_u * inv_std
-        dx = torch.addcmul(_per_sample(const, groups, n), x, _per_sample(coef_x, groups, n))
-        dx.addcmul_(dout, _per_sample(a * inv_std, groups, n))
+        dx = torch.addcmul(_per_sample(const, groups, n, x), x, _per_sample(coef_x, groups, n, x))
+        dx.addcmul_(dout, _per_sample(a * inv_std, groups, n, x))
         return dx, None, None, sum_dout_y, sum_dout, None, None, None
 
 

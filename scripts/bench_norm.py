@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
 import sys
 
@@ -123,13 +122,7 @@ def main(argv=None):
                   "the medians above).", "",
                   "| shape | " + " | ".join(f"{k} s" for k in header[1:]).replace(" ms (x BN)", "") + " |",
                   "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in compile_rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.out)
+    bench.write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ The small-batch regime depends on n, not on b alone: the paper's ResNet-50 at 22
 normalizes 25,088 values per channel after the stem and 98 in its last stage (7x7 maps). Prints,
 per stage of a model config, the smallest and largest n over its normalization layers.
 
-    python scripts/norm_sizes.py --arch resnet20 --image-size 32 --b 2
+    python scripts/norm_sizes.py --arch resnet8 --image-size 32 --b 2
     python scripts/norm_sizes.py --arch resnet50 --image-size 224 --b 2 --imagenet-stem
 """
 
@@ -37,7 +37,7 @@ def norm_sizes(arch: str, image_size: int, b: int, small_input: bool) -> dict[st
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet20", choices=models.ARCHS)
+    p.add_argument("--arch", default="resnet8", choices=models.ARCHS)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--b", type=int, default=2, help="images per normalization group")
     p.add_argument("--imagenet-stem", action="store_true", help="torchvision archs: 7x7/2 stem + max-pool")

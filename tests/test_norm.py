@@ -232,6 +232,33 @@ def test_matches_loop_reference_over_iterations(form, fp, bp, ema_init):
     assert int(layer.num_batches_tracked) == iters
 
 
+@pytest.mark.parametrize("form", ["vanilla", "modified"])
+@pytest.mark.parametrize("x_fmt,up_fmt", [("nchw", "nchw"), ("cl", "cl"), ("cl", "nchw"), ("nchw", "cl")])
+@pytest.mark.parametrize("chunk", [1, 5, 45, 100, 1 << 18])
+def test_chunked_layout_reductions_match_loop_reference(monkeypatch, form, x_fmt, up_fmt, chunk):
+    """The reductions in each memory format, chunked down to single elements (mabn.norm._CHUNK),
+    and with the upstream gradient in another format than the input, against the float64 loop."""
+    import mabn.norm as norm_module
+    monkeypatch.setattr(norm_module, "_CHUNK", chunk)
+    fmt = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
+    C, b = 3, 2
+    kw = dict(form=form, fp_stats="ema", bp_stats="sma", norm_batch_size=b, alpha=0.8, buffer_size=3,
+              eps=1e-5, r_max=1.15, d_max=0.2, warmup_iters=0, renorm_warmup_iters=1, ema_init="first")
+    layer = BatchStatNorm2d(C, **kw).double()
+    ref = LoopReference(C, form, "ema", "sma", b, 0.8, 3, 1e-5, 1.15, 0.2, 0, 1, "first")
+    for it in range(3):
+        x = make_input(8, C, 3, 5, seed=it, scale=1.0 + 0.3 * it, offset=0.2 * it)
+        up = make_input(8, C, 3, 5, seed=100 + it)
+        xin = x.contiguous(memory_format=fmt[x_fmt]).requires_grad_()
+        y = layer(xin)
+        assert y.is_contiguous(memory_format=fmt[x_fmt])
+        y_ref, state = ref.forward(x, layer.weight.detach(), layer.bias.detach())
+        torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+        (gx,) = torch.autograd.grad(y, xin, up.contiguous(memory_format=fmt[up_fmt]))
+        rx, _, _ = ref.backward(up, layer.weight.detach(), state)
+        torch.testing.assert_close(gx, rx, rtol=1e-10, atol=1e-10)
+
+
 def test_bp_sma_is_not_batch_gradient():
     """Guard against a test that cannot fail: SMA backward differs from the exact gradient."""
     torch.manual_seed(0)

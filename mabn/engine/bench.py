@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["resolve_device", "sync", "timed", "round_robin", "spread", "cpu_model", "load_average",
+__all__ = ["write_report", "resolve_device", "sync", "timed", "round_robin", "spread", "cpu_model", "load_average",
            "machine_description"]
 
 
@@ -102,3 +102,14 @@ def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         s += f"; GPU: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     return s
+
+
+def write_report(text: str, path: str | None) -> None:
+    """Print a benchmark's markdown report and, with ``path``, write it there atomically (a
+    temporary file renamed over the target, so an interrupted run leaves no half-written file)."""
+    print(text)
+    if path:
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)

@@ -82,8 +82,9 @@ class ModelConfig:
 
     arch: str = "resnet18"
     """"resnet18" or "resnet50" (torchvision's; resnet50 is v1.5, stride in the 3x3 conv, as the
-    authors' code), or the CIFAR-style "resnet20", "resnet32", "resnet56" for 32 px inputs
-    (mabn.engine.models.CifarResNet: widths 16/32/64, basic blocks, 1x1 conv + BN shortcuts)."""
+    authors' code), or the CIFAR-style "resnet8", "resnet14", "resnet20", "resnet32", "resnet56" for 32 px
+    inputs (mabn.engine.models.CifarResNet: depth 6n + 2, n basic blocks per stage at widths
+    16/32/64, 1x1 conv + BN shortcuts)."""
     small_input: bool = True
     """Stem for 32-64 px images: a 3x3 stride-1 convolution and no max-pool instead of the 7x7
     stride-2 convolution + max-pool of the ImageNet stem (torchvision archs only; the CIFAR-style
@@ -132,6 +133,21 @@ class DataConfig:
     """Per-channel mean subtracted after ToTensor (RGB)."""
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     """Per-channel std divided by after ToTensor (RGB)."""
+    decoder: str = "tensor"
+    """How ImageFolder images are decoded and augmented: "tensor" (torchvision.io.decode_image to a
+    uint8 tensor, then torchvision.transforms.v2 and mabn.engine.data.PILColorJitter on tensors) or
+    "pil" (PIL images and torchvision.transforms, the only pipeline before this option). Both draw
+    the same random numbers in the same order, so every sample gets the same crop box, flip,
+    jitter order and factors and lighting noise; decoding, colour jitter, ToTensor, lighting and
+    normalization give the same values, and only the antialiased bilinear resizes round
+    differently (torch's uint8 kernel against PIL's: at most 1 level of 255, on ~2-3% of the
+    values of a 224 px training crop, mean difference ~0; the jitter can scale such a difference
+    to a few levels). tests/test_data_pipeline.py checks all of this. "tensor" is the faster:
+    one loader process on the project's (busy, shared) 2-core AMD EPYC box, 500x375 JPEGs,
+    ~1.2x PIL's training images/s and ~1.4x its validation images/s (scripts/bench_data.py;
+    quiet-machine figures and cores per GPU in results/speed.md). torchvision.io's image decoding
+    is deprecated since torchvision 0.29; where it is missing or cannot read a file, "tensor"
+    decodes with PIL (same pixels) and keeps the tensor transforms. Synthetic data ignores it."""
     workers: int = 4
     """DataLoader worker processes per rank (0 = load in the main process)."""
     cache_images: bool = False
@@ -390,6 +406,7 @@ def validate(cfg: DictConfig) -> None:
     _check(d.val_resize is None or d.val_resize >= d.image_size,
            f"data.val_resize={d.val_resize} must be >= data.image_size={d.image_size}")
     _one_of("data.augment", d.augment, ("fb", "crop_flip"))
+    _one_of("data.decoder", d.decoder, ("tensor", "pil"))
     _check(d.crop_padding >= 0, f"data.crop_padding={d.crop_padding} must be >= 0")
     _check(not d.cache_images or d.augment == "crop_flip",
            f"data.cache_images=true needs data.augment=crop_flip (data.augment={d.augment})")

@@ -11,17 +11,19 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import warnings
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision import datasets, transforms
+from torchvision import datasets, io, transforms
+from torchvision.transforms import v2
 
 from .config import ConfigError
 
-__all__ = ["Lighting", "CachedResizedLoader", "train_transform", "val_transform", "SyntheticImages", "RobustImageFolder",
-           "SeededSamples", "ResumableDistributedSampler", "ShardSampler", "build_datasets",
-           "TrainStream", "build_val_loader"]
+__all__ = ["Lighting", "PILColorJitter", "ToFloat", "read_image", "pil_read_image", "image_loader", "CachedResizedLoader",
+           "train_transform", "val_transform", "SyntheticImages", "RobustImageFolder", "SeededSamples",
+           "ResumableDistributedSampler", "ShardSampler", "build_datasets", "TrainStream", "build_val_loader"]
 
 log = logging.getLogger(__name__)
 
@@ -49,32 +51,142 @@ class Lighting:
         return f"Lighting(alphastd={self.alphastd})"
 
 
-def train_transform(cfg) -> transforms.Compose:
-    """Training augmentation at ``cfg.image_size``.
+class PILColorJitter:
+    """transforms.ColorJitter(brightness, contrast, saturation) for a 3 x H x W uint8 RGB tensor that
+    computes what ColorJitter computes on a PIL image (data.decoder=tensor).
+
+    The parameters are drawn by ``transforms.ColorJitter.get_params``, so the same random numbers
+    give the same order and factors. Each step is PIL's ``ImageEnhance``: ``Image.blend(degenerate,
+    image, factor)``, i.e. ``degenerate + factor * (image - degenerate)`` in float32, clipped to
+    [0, 255] and truncated to an integer, with degenerate = 0 (brightness), the mean of the
+    luminance rounded to an integer (contrast) or the luminance itself (saturation); luminance is
+    PIL's ``convert("L")``, (19595 R + 38470 G + 7471 B + 2^15) >> 16. Every intermediate value is
+    an integer below 2^24, exact in float32, so the result equals PIL's (tests/test_data_pipeline.py).
+    Torchvision's own tensor ColorJitter differs: it keeps fractions on float images (+1.3 levels
+    of 255 on average against PIL) and floors the luminance on uint8 ones.
+
+    Returns float32 holding the integer levels 0..255 (converting back to uint8 would cost more
+    than the jitter); :class:`ToFloat` takes either.
+    """
+
+    _WEIGHTS = torch.tensor([[19595.0, 38470.0, 7471.0]])
+
+    def __init__(self, brightness: float, contrast: float, saturation: float):
+        self.ref = transforms.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation)
+
+    @classmethod
+    def luminance(cls, img: torch.Tensor) -> torch.Tensor:
+        """PIL's convert("L") of float levels: 1 x H x W (the 3-term sums are exact in float32)."""
+        lum = torch.mm(cls._WEIGHTS, img.reshape(3, -1))
+        return lum.add_(32768).mul_(1 / 65536).floor_().view(1, *img.shape[1:])
+
+    @staticmethod
+    def _blend(degenerate, img: torch.Tensor, factor: float) -> torch.Tensor:
+        return img.sub(degenerate).mul_(factor).add_(degenerate).clamp_(0, 255).floor_()
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != 3:
+            raise TypeError(f"PILColorJitter takes a 3 x H x W uint8 RGB tensor, got {img.dtype} {tuple(img.shape)}")
+        r = self.ref
+        order, b, c, s, _ = r.get_params(r.brightness, r.contrast, r.saturation, r.hue)
+        x = img.float()
+        for fn in order.tolist():
+            if fn == 0 and b is not None:  # degenerate 0: blend = factor * image
+                x = x.mul_(b).clamp_(0, 255).floor_()
+            elif fn == 1 and c is not None:
+                lum = self.luminance(x)
+                mean = int(lum.sum().item() / lum.numel() + 0.5)  # PIL: ImageStat mean, rounded
+                x = self._blend(float(mean), x, c)
+            elif fn == 2 and s is not None:
+                x = self._blend(self.luminance(x), x, s)
+        return x
+
+    def __repr__(self) -> str:
+        r = self.ref
+        return f"PILColorJitter(brightness={r.brightness}, contrast={r.contrast}, saturation={r.saturation})"
+
+
+class ToFloat:
+    """uint8 tensor (or float32 integer levels from :class:`PILColorJitter`) -> float32 in [0, 1]:
+    the arithmetic of transforms.ToTensor on a PIL image, ``x.to(float32).div(255)``."""
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return img.to(torch.float32).div(255)
+
+    def __repr__(self) -> str:
+        return "ToFloat()"
+
+
+def pil_read_image(path: str) -> torch.Tensor:
+    """The image file decoded by PIL (``datasets.folder.pil_loader``), as a 3 x H x W uint8 RGB
+    tensor (a view of a copy of PIL's pixels, channels last in memory like torchvision.io's)."""
+    return transforms.functional.pil_to_tensor(datasets.folder.pil_loader(path))
+
+
+_DECODE_IMAGE = getattr(io, "decode_image", None)
+
+
+def read_image(path: str) -> torch.Tensor:
+    """data.decoder=tensor's loader: the image file as a 3 x H x W uint8 RGB tensor.
+
+    JPEG, PNG, WebP and GIF are decoded by ``torchvision.io.decode_image`` (format taken from the
+    content; for JPEG it is libjpeg-turbo as in PIL and the pixels are PIL's, bit for bit); other
+    formats, files it cannot decode, and torchvision releases without it (its image decoding is
+    deprecated since 0.29 in favour of TorchCodec) go through PIL (:func:`pil_read_image`), which
+    raises OSError for an unreadable file as decoder=pil does. EXIF orientation is ignored, as by
+    PIL's loader.
+    """
+    if _DECODE_IMAGE is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's notice, once per call
+                return _DECODE_IMAGE(raw, mode=io.ImageReadMode.RGB)
+        except (RuntimeError, ValueError):
+            pass  # not a format torchvision decodes (BMP, TIFF, ...), or a broken file: PIL decides
+    return pil_read_image(path)
+
+
+def image_loader(decoder: str):
+    """The ImageFolder loader of data.decoder: PIL images (pil) or uint8 tensors (tensor)."""
+    return datasets.folder.default_loader if decoder == "pil" else read_image
+
+
+def train_transform(cfg) -> transforms.Compose | v2.Compose:
+    """Training augmentation at ``cfg.image_size``, on PIL images (data.decoder=pil) or on uint8
+    tensors (data.decoder=tensor; the same random draws and the same arithmetic, up to the
+    resize's rounding, see the data.decoder field).
 
     augment=fb: fb.resnet.torch's ImageNet augmentation (random-resized crop, colour jitter, PCA
     lighting, normalization, horizontal flip). augment=crop_flip: the CIFAR recipe (resize to
     image_size, random crop of image_size after ``crop_padding`` zero pixels on each side,
     horizontal flip, normalization).
     """
+    tensor = cfg.decoder == "tensor"
+    T, compose = (v2, v2.Compose) if tensor else (transforms, transforms.Compose)
+    to_float = ToFloat() if tensor else transforms.ToTensor()
+    normalize = transforms.Normalize(list(cfg.mean), list(cfg.std))
     if cfg.augment == "crop_flip":
-        resize = [] if cfg.cache_images else _resize_crop(cfg.image_size, cfg.image_size)
-        return transforms.Compose(resize + [
-            transforms.RandomCrop(cfg.image_size, padding=cfg.crop_padding),
-            transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-            transforms.Normalize(list(cfg.mean), list(cfg.std))])
-    steps = [transforms.RandomResizedCrop(cfg.image_size, scale=(cfg.min_crop_area, 1.0))]
+        resize = [] if cfg.cache_images else _resize_crop(cfg.image_size, cfg.image_size, cfg.decoder)
+        return compose(resize + [T.RandomCrop(cfg.image_size, padding=cfg.crop_padding),
+                                 T.RandomHorizontalFlip(), to_float, normalize])
+    crop = (v2.RandomResizedCrop(cfg.image_size, scale=(cfg.min_crop_area, 1.0), antialias=True) if tensor
+            else transforms.RandomResizedCrop(cfg.image_size, scale=(cfg.min_crop_area, 1.0)))
+    steps = [crop]
     if cfg.color_jitter > 0:
         j = cfg.color_jitter
-        steps.append(transforms.ColorJitter(brightness=j, contrast=j, saturation=j))
-    steps += [transforms.ToTensor(), Lighting(cfg.lighting),
-              transforms.Normalize(list(cfg.mean), list(cfg.std)), transforms.RandomHorizontalFlip()]
-    return transforms.Compose(steps)
+        steps.append(PILColorJitter(j, j, j) if tensor else
+                     transforms.ColorJitter(brightness=j, contrast=j, saturation=j))
+    steps += [to_float, Lighting(cfg.lighting), normalize, T.RandomHorizontalFlip()]
+    return compose(steps)
 
 
-def _resize_crop(resize: int, crop: int) -> list:
+def _resize_crop(resize: int, crop: int, decoder: str) -> list:
     """Shorter side to ``resize``, then the centre ``crop`` x ``crop``: the deterministic part of the
     crop_flip and validation transforms, and what :class:`CachedResizedLoader` keeps."""
+    if decoder == "tensor":
+        return [v2.Resize(resize, antialias=True), v2.CenterCrop(crop)]
     return [transforms.Resize(resize), transforms.CenterCrop(crop)]
 
 
@@ -83,11 +195,13 @@ def val_resize(cfg) -> int:
     return cfg.val_resize or int(round(cfg.image_size * 256 / 224))
 
 
-def val_transform(cfg) -> transforms.Compose:
+def val_transform(cfg) -> transforms.Compose | v2.Compose:
     """Resize the shorter side to 256 (scaled) and centre-crop 224 (scaled); with
     data.cache_images the cached loader has already resized to image_size (= val_resize)."""
-    resize = [] if cfg.cache_images else _resize_crop(val_resize(cfg), cfg.image_size)
-    return transforms.Compose(resize + [transforms.ToTensor(), transforms.Normalize(list(cfg.mean), list(cfg.std))])
+    tensor = cfg.decoder == "tensor"
+    resize = [] if cfg.cache_images else _resize_crop(val_resize(cfg), cfg.image_size, cfg.decoder)
+    return (v2.Compose if tensor else transforms.Compose)(
+        resize + [ToFloat() if tensor else transforms.ToTensor(), transforms.Normalize(list(cfg.mean), list(cfg.std))])
 
 
 class SyntheticImages(Dataset):
@@ -138,17 +252,18 @@ class RobustImageFolder(datasets.ImageFolder):
 
 class CachedResizedLoader:
     """An ImageFolder loader that decodes each file once, resizes its shorter side to ``size``,
-    centre-crops ``size`` x ``size`` and keeps the result (data.cache_images). The same PIL
-    operations as the uncached transform, so the samples are identical."""
+    centre-crops ``size`` x ``size`` and keeps the result (data.cache_images). The same operations
+    (of the same data.decoder) as the uncached transform, so the samples are identical."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, decoder: str = "pil"):
         self.size, self.cache = size, {}
-        self.prepare = transforms.Compose(_resize_crop(size, size))
+        self.load = image_loader(decoder)
+        self.prepare = (v2.Compose if decoder == "tensor" else transforms.Compose)(_resize_crop(size, size, decoder))
 
     def __call__(self, path: str):
         img = self.cache.get(path)
         if img is None:
-            img = self.cache[path] = self.prepare(datasets.folder.default_loader(path))
+            img = self.cache[path] = self.prepare(self.load(path))
         return img
 
 
@@ -224,10 +339,10 @@ def build_datasets(cfg, seed: int, train: bool = True):
 def _image_folder(cfg, key: str, transform) -> RobustImageFolder:
     """The ImageFolder data.<key> under data.root; ConfigError if it has no class folder or a
     class folder without images."""
-    kw = {"loader": CachedResizedLoader(cfg.image_size)} if cfg.cache_images else {}
+    loader = CachedResizedLoader(cfg.image_size, cfg.decoder) if cfg.cache_images else image_loader(cfg.decoder)
     path = os.path.join(cfg.root, cfg[key])
     try:
-        return RobustImageFolder(path, transform, **kw)
+        return RobustImageFolder(path, transform, loader=loader)
     except FileNotFoundError as e:  # torchvision: no class folder, or a class folder without images
         raise ConfigError(f"data.{key}={cfg[key]} ({path}): {str(e).split('. Supported')[0]}") from None
 

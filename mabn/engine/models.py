@@ -16,7 +16,7 @@ __all__ = ["build_model", "build_stock_model", "init_weights", "CifarResNet", "C
 
 _TORCHVISION = {"resnet18": tvm.resnet18, "resnet50": tvm.resnet50}
 #: CIFAR-style ResNets (He et al. 2016, section 4.2): depth = 6n + 2.
-CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet56": 56}
+CIFAR_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet56": 56}
 #: Every value model.arch accepts.
 ARCHS = tuple(_TORCHVISION) + tuple(CIFAR_DEPTHS)
 
