@@ -16,7 +16,7 @@ from mabn.engine.config import ConfigError
 from _train_utils import PYTHON, load_cfg, read_log, run_script, tiny, train_in_process
 
 #: Normalization of the compared runs: the MABN family when torch.compile gets it right, else
-#: torch's nn.BatchNorm2d (see test_compile_refused_while_the_mabn_layers_are_miscompiled).
+#: torch's nn.BatchNorm2d (see test_compile_refused_while_the_mabn_layers_would_be_miscompiled).
 NORM = "mabn" if compiling.miscompiled_reason("mabn") is None else "torch_bn"
 
 
@@ -70,14 +70,29 @@ def test_compiled_run_matches_eager_and_keeps_checkpoint_keys(tmp_path):
     assert resumed["status"] == "finished" and resumed["iteration"] == 5
 
 
-@pytest.mark.skipif(compiling.miscompiled_reason("mabn") is None,
-                    reason="torch.compile computes the mabn layers correctly now (no known miscompilation)")
-def test_compile_refused_while_the_mabn_layers_are_miscompiled(tmp_path):
-    """compile=true with norm.layer=mabn stops before any work, naming both keys, while
-    mabn.norm computes its sums of squares in the way torch.compile gets wrong."""
+def _sums_by_vector_norm(x):
+    """mabn.norm._plane_sums as it was when the miscompilation was found (torch.linalg.vector_norm)."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    return flat.sum(-1).double(), torch.linalg.vector_norm(flat, 2, dim=-1).square().double()
+
+
+def _sums_by_products(x):
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    return flat.sum(-1).double(), (flat * flat).sum(-1).double()
+
+
+def test_compile_refused_while_the_mabn_layers_would_be_miscompiled(tmp_path, monkeypatch):
+    """While the compiled graph of mabn.norm._plane_sums calls torch.linalg.vector_norm,
+    compile=true with norm.layer=mabn stops before any work, naming both keys; the check looks at
+    the graph dynamo captures, so sums of products pass (and other layers are never refused)."""
+    import mabn.norm
+    monkeypatch.setattr(mabn.norm, "_plane_sums", _sums_by_vector_norm)
+    assert compiling.miscompiled_reason("mabn") is not None and compiling.miscompiled_reason("bn") is None
     with pytest.raises(ConfigError, match=r"compile=true with norm.layer=mabn: torch.compile computes wrong gradients"):
         train_in_process(tiny(tmp_path / "run", compile="true"))
     assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(mabn.norm, "_plane_sums", _sums_by_products)
+    assert compiling.miscompiled_reason("mabn") is None
 
 
 def test_compile_without_a_cpp_compiler_exits_2(tmp_path):
