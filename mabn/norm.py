@@ -76,9 +76,8 @@ materialises Y (one fused pass forward, two passes and two reductions backward),
 close to nn.BatchNorm2d's speed. The reductions read both memory formats in place (contiguous
 inputs as (N, C, H*W) rows, channels_last ones as (N, H*W, C)), and on the CPU a product that
 must be reduced (x^2 in channels_last, dL/dout * x) is formed in 1 MiB chunks, never as a
-full-size temporary: the only full-size tensors the layer allocates are its output and dL/dx,
-as nn.BatchNorm2d (results/speed.md explains why fresh allocations are costly on the CPU). Group variances come from float64 combinations of float32
-partial sums; when an input is so badly centred that this loses precision (mean^2 > 16 var),
+full-size temporary (see _CHUNK; scripts/bench_floor.py measures what a fresh allocation
+costs). Group variances come from float64 combinations of float32 partial sums; when an input is so badly centred that this loses precision (mean^2 > 16 var),
 and always on CUDA, torch's centred var_mean kernel is used instead. Statistics are computed in
 float32 for half-precision inputs (autocast) and the output keeps the input's dtype and memory
 format (channels_last stays channels_last).
@@ -303,19 +302,10 @@ def _group_sum(t, groups):
     return t.view(groups, -1, t.shape[-1]).sum(1)
 
 
-def _per_sample(t, groups, n, like):
-    """(G, C) or (1, C) per-group coefficients -> (N, C, 1, 1), to broadcast against ``like``.
-
-    The result is laid out in ``like``'s memory format: a channels_last input broadcast against
-    a contiguous (N, C, 1, 1) tensor takes a non-vectorized loop order in TensorIterator (~5x
-    slower on the CPU), one with channels_last strides the same fast loop as x * scalar.
-    """
+def _per_sample(t, groups, n):
+    """(G, C) or (1, C) per-group coefficients -> (N, C, 1, 1), to broadcast against the input."""
     c = t.shape[1]
-    out = t[:, None, :].expand(groups, n // groups, c).reshape(n, c)[:, :, None, None]
-    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
-            memory_format=torch.channels_last):
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+    return t[:, None, :].expand(groups, n // groups, c).reshape(n, c)[:, :, None, None]
 
 
 class _NormalizeAffine(torch.autograd.Function):
@@ -334,7 +324,7 @@ class _NormalizeAffine(torch.autograd.Function):
         groups, n = inv_std.shape[0], x.shape[0]
         scale = a * inv_std
         offset = c if shift is None else c - scale * shift
-        out = torch.addcmul(_per_sample(offset, groups, n, x), x, _per_sample(scale, groups, n, x))
+        out = torch.addcmul(_per_sample(offset, groups, n), x, _per_sample(scale, groups, n))
         ctx.save_for_backward(x, shift, inv_std, a)
         ctx.layer = layer
         ctx.warm = warm
@@ -349,7 +339,7 @@ class _NormalizeAffine(torch.autograd.Function):
         groups, n = inv_std.shape[0], x.shape[0]
         count = (n // groups) * x.shape[2] * x.shape[3]
         if ctx.centred:  # badly centred input: reduce dout * (x - shift) directly
-            centred_x = x - _per_sample(shift.to(x.dtype), groups, n, x)
+            centred_x = x - _per_sample(shift.to(x.dtype), groups, n)
             s_dout, s_dout_x = _plane_dot_sum(dout, centred_x)
             sum_dout = _group_sum(s_dout, groups).to(a.dtype)  # (G, C)
             sum_dout_y = inv_std * _group_sum(s_dout_x, groups).to(a.dtype)
@@ -372,8 +362,8 @@ class _NormalizeAffine(torch.autograd.Function):
         const = torch.zeros_like(coef_x) if shift is None else -coef_x * shift
         if g_u is not None:
             const = const - g_u * inv_std
-        dx = torch.addcmul(_per_sample(const, groups, n, x), x, _per_sample(coef_x, groups, n, x))
-        dx.addcmul_(dout, _per_sample(a * inv_std, groups, n, x))
+        dx = torch.addcmul(_per_sample(const, groups, n), x, _per_sample(coef_x, groups, n))
+        dx.addcmul_(dout, _per_sample(a * inv_std, groups, n))
         return dx, None, None, sum_dout_y, sum_dout, None, None, None
 
 
