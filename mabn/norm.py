@@ -77,8 +77,8 @@ close to nn.BatchNorm2d's speed. The reductions read both memory formats in plac
 inputs as (N, C, H*W) rows, channels_last ones as (N, H*W, C)), and on the CPU a product that
 must be reduced (x^2 in channels_last, dL/dout * x) is formed in 1 MiB chunks, never as a
 full-size temporary (see _CHUNK; scripts/bench_floor.py measures what a fresh allocation
-costs). Group variances come from float64 combinations of float32 partial sums; when an input is so badly centred that this loses precision (mean^2 > 16 var),
-and always on CUDA, torch's centred var_mean kernel is used instead. Statistics are computed in
+costs). Group variances come from float64 combinations of float32 partial sums; when an input
+is so badly centred that this loses precision (mean^2 > 16 var), and always on CUDA, torch's centred var_mean kernel is used instead. Statistics are computed in
 float32 for half-precision inputs (autocast) and the output keeps the input's dtype and memory
 format (channels_last stays channels_last).
 """
