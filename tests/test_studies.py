@@ -84,12 +84,12 @@ def test_figure1b_reference_protocol_and_convergence_expansion(tmp_path):
         assert (cfg["model"]["arch"], cfg["data"]["name"], cfg["data"]["image_size"], cfg["data"]["augment"]) == \
             ("resnet8", "imagefolder", 32, "crop_flip")
         s = cfg["schedule"]
-        assert (s["iterations"], s["policy"], s["warmup_iters"], cfg["optim"]["lr"]) == (6000, "linear", 900, 0.05)
+        assert (s["iterations"], s["policy"], s["warmup_iters"], cfg["optim"]["lr"]) == (12000, "linear", 1800, 0.05)
     # The convergence check: BN(32) and MABN(2) at the protocol's schedule and at twice its length.
     jobs = dry_run(tmp_path, "+study=convergence", "+protocol=r8_32px", "seed=0,1")
     got = sorted((c["name"], c["schedule"]["iterations"], c["schedule"]["warmup_iters"], c["seed"]) for c in jobs)
     assert got == sorted((name, it, it * 3 // 20, seed) for name in ("table2_row1_bn_regular", "table2_row8_mabn")
-                         for it in (6000, 12000) for seed in (0, 1))
+                         for it in (12000, 24000) for seed in (0, 1))
     assert len({c["out_dir"] for c in jobs}) == 8
     assert all(c["model"]["arch"] == "resnet8" for c in jobs)
 
