@@ -70,17 +70,20 @@ form ``running_mean`` stays 0 and ``running_var`` holds the EMA of chi^2), a per
 that folds into the preceding convolution and whose buffers load into a stock nn.BatchNorm2d.
 
 Implementation: every per-group computation is vectorized (per-(sample, channel) reductions over
-H*W, then sums over the consecutive samples of each group; no Python loop over groups or
-channels); the normalization and its eq. 20 backward are one autograd Function that never
-materialises Y (one fused pass forward, two passes and two reductions backward), which keeps it
-close to nn.BatchNorm2d's speed. The reductions read both memory formats in place (contiguous
-inputs as (N, C, H*W) rows, channels_last ones as (N, H*W, C)), and on the CPU a product that
-must be reduced (x^2 in channels_last, dL/dout * x) is formed in 1 MiB chunks, never as a
-full-size temporary (see _CHUNK; scripts/bench_floor.py measures what a fresh allocation
-costs). Group variances come from float64 combinations of float32 partial sums; when an input
-is so badly centred that this loses precision (mean^2 > 16 var), and always on CUDA, torch's centred var_mean kernel is used instead. Statistics are computed in
-float32 for half-precision inputs (autocast) and the output keeps the input's dtype and memory
-format (channels_last stays channels_last).
+H*W, then sums over the consecutive samples of each group; no Python loop over channels); the
+normalization and its eq. 20 backward are one autograd Function that never materialises Y: the
+forward reads x once for its statistics and once for the output ``x * scale + offset``; the
+backward reads dL/dout and x once for its two reductions and writes dx in two fused
+multiply-adds. On the CPU the reductions read both memory formats in place: contiguous inputs as
+(1, N*C, H, W) planes, whose sum and dot product come in one pass from torch's BatchNorm backward
+reduction kernel (see _channel_sums); channels_last inputs as (N, H*W, C) blocks of about 1 MiB
+(see _CHUNK), and in the backward one normalization group at a time as a (1, C, b*H, W)
+channels_last image; small channels_last tensors by plain products. Group variances come from
+float64 combinations of float32 partial sums; when an input is so badly centred that this loses
+precision (mean^2 > 16 var), and always on CUDA, torch's centred var_mean kernel is used
+instead. Statistics are computed in float32 for half-precision inputs (autocast) and the output
+keeps the input's dtype and memory format (channels_last stays channels_last); it is a tensor of
+its own, so in-place ops may follow.
 """
 
 from __future__ import annotations
@@ -233,52 +236,74 @@ def _rows(x):
     return None, None
 
 
-def _chunk(x):
-    """Elements per chunk: _CHUNK on the CPU in eager mode; one chunk elsewhere (the CUDA caching
-    allocator reuses memory, and torch.compile fuses the product into the reduction)."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return x.numel() or 1
-    return _CHUNK
+def _eager_cpu(x) -> bool:
+    """Whether the chunked CPU kernels below apply (eager mode on the CPU); elsewhere one
+    expression per pass (the CUDA caching allocator reuses memory, and torch.compile fuses)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _dot(a, b, dim):
-    """Per-(sample, channel) sum of ``a * b`` over H*W, float64 (N, C), for two ``_rows`` views of
-    the same layout; the product is formed a chunk at a time (see _CHUNK)."""
-    n = a.shape[0]
-    if dim == 2:  # (N, C, L): chunks of whole rows
-        ra, rb = a.reshape(-1, a.shape[2]), b.reshape(-1, b.shape[2])
-        step = max(1, _chunk(a) // max(1, ra.shape[1]))
-        out = torch.empty(ra.shape[0], dtype=torch.float64, device=a.device)
-        for i in range(0, ra.shape[0], step):
-            out[i:i + step] = (ra[i:i + step] * rb[i:i + step]).sum(1)
-        return out.view(n, -1)
-    # (N, L, C): chunks of the H*W axis, every sample and channel at once
-    step = max(1, _chunk(a) // max(1, n * a.shape[2]))
-    out = torch.zeros(n, a.shape[2], dtype=torch.float64, device=a.device)
-    for i in range(0, a.shape[1], step):
-        out += (a[:, i:i + step] * b[:, i:i + step]).sum(1)
-    return out
+def _row_chunks(rows):
+    """Index pairs ``(samples, positions)`` that cut a channels_last ``_rows`` view (N, L, C)
+    into consecutive blocks of about _CHUNK elements: several whole samples when one sample's
+    L*C block fits a chunk, else one sample's positions a piece at a time. Each block is
+    contiguous, and its reduction over the middle axis keeps C the vectorized inner loop."""
+    n, length, c = rows.shape
+    if length * c <= _CHUNK:
+        step = max(1, _CHUNK // max(1, length * c))
+        return [(slice(i, i + step), slice(None)) for i in range(0, n, step)]
+    step = max(1, _CHUNK // max(1, c))
+    return [(slice(i, i + 1), slice(j, j + step)) for i in range(n) for j in range(0, length, step)]
 
 
-def _plane_sums(x):
-    """Per-(sample, channel) sum and sum of squares of a 4-D tensor over H, W: float64 (N, C) each.
+def _channel_sums(a, b, zero=None, one=None):
+    """Per-channel ``sum(b)`` and ``sum(b * a)`` over (N, H, W) in one pass over both, by
+    torch's BatchNorm backward reduction (its weight and bias gradients with mean 0 and inverse
+    std 1, which may be passed in as ``zero`` and ``one``); ``a`` and ``b`` are 4-D tensors of
+    one layout. Returns two (C,) tensors in a's dtype."""
+    if zero is None:
+        zero = torch.zeros(a.shape[1], dtype=a.dtype, device=a.device)
+        one = torch.ones(a.shape[1], dtype=a.dtype, device=a.device)
+    _, s_ba, s_b = torch.ops.aten.native_batch_norm_backward(
+        b, a, None, None, None, zero, one, True, 0.0, [False, True, True])
+    return s_b, s_ba
 
-    Both memory formats are reduced in their own layout without copying the input: contiguous
-    (N, C, H*W) rows over their last axis, channels_last (N, H*W, C) over the middle axis (the
-    channels stay the vectorized inner loop). The sums are accumulated in float32 per row or chunk
-    and combined in float64, so that the group variance E[x^2] - mu^2 is formed without float32
-    cancellation between chunks.
+
+def _plane_sums(x, with_sum: bool = True):
+    """Per-(sample, channel) sum (None unless ``with_sum``) and sum of squares of a 4-D tensor
+    over H, W: float64 (N, C) each.
+
+    Each memory format is reduced in its own layout without copying the input, reading it once.
+    On the CPU: contiguous inputs as (1, N*C, H, W) planes (the sum of squares by vector_norm,
+    both sums together by torch's BatchNorm reduction, see _channel_sums); channels_last inputs
+    as (N, H*W, C) blocks of about _CHUNK elements reduced over the middle axis (the channels
+    stay the vectorized inner loop; the product is formed a block at a time, never as a
+    full-size temporary). The sums are accumulated in float32 per plane or block and combined in
+    float64, so that the group variance E[x^2] - mu^2 is formed without float32 cancellation
+    between blocks.
     """
     rows, dim = _rows(x)
     if rows is None:  # other strides: torch's generic reductions
-        return x.sum((2, 3)).double(), x.square().sum((2, 3)).double()
-    s1 = rows.sum(dim).double()
-    if torch.compiler.is_compiling():  # fused by the compiler; avoids vector_norm's decomposition
-        s2 = (rows * rows).sum(dim).double()  # (miscompiled gradients in torch 2.14, see tests)
-    elif dim == 2:  # contiguous rows: vector_norm reads x once, with no temporary
-        s2 = torch.linalg.vector_norm(rows, 2, dim=2).double().square()
-    else:  # channels_last: vector_norm over the middle axis is a slow path (~6x a sum)
-        s2 = _dot(rows, rows, 1)
+        return (x.sum((2, 3)).double() if with_sum else None), x.square().sum((2, 3)).double()
+    n, c, h, w = x.shape
+    if not _eager_cpu(x):  # the compiler fuses; avoids vector_norm's decomposition
+        s1 = rows.sum(dim).double() if with_sum else None  # (miscompiled gradients in torch 2.14,
+        return s1, (rows * rows).sum(dim).double()  # see mabn/engine/compiling.py)
+    if dim == 2:  # contiguous: one pass over every (sample, channel) plane
+        if not with_sum:
+            return None, torch.linalg.vector_norm(rows, 2, dim=2).double().square()
+        planes = x.view(1, n * c, h, w)
+        s1, s2 = _channel_sums(planes, planes)
+        return s1.double().view(n, c), s2.double().view(n, c)
+    if x.numel() <= _CHUNK:  # channels_last, small: one product (vector_norm over the middle
+        s1 = rows.sum(1).double() if with_sum else None  # axis is a slow path)
+        return s1, (rows * rows).sum(1).double()
+    s1 = torch.zeros(n, c, dtype=torch.float64) if with_sum else None
+    s2 = torch.zeros(n, c, dtype=torch.float64)
+    for i, j in _row_chunks(rows):  # channels_last, large: a block at a time
+        part = rows[i, j]
+        if with_sum:
+            s1[i] += part.sum(1)
+        s2[i] += (part * part).sum(1)
     return s1, s2
 
 
@@ -287,14 +312,68 @@ def _plane_sums(x):
 _CANCELLATION_RATIO = 16.0
 
 
-def _plane_dot_sum(dout, x):
-    """Per-(sample, channel) ``sum(dout)`` and ``sum(dout * x)`` over H, W, float64 (N, C) each:
-    the two reductions of eq. 20's backward, each reading its inputs once in their own layout."""
+def _group_dot_sum(dout, x, groups):
+    """Per-(group, channel) ``sum(dout)`` and ``sum(dout * x)`` over the group's samples and
+    H, W, float64 (G, C) each: the two reductions of eq. 20's backward, reading both inputs once.
+    On the CPU both come from torch's BatchNorm backward reduction (_channel_sums): contiguous
+    inputs as (1, N*C, H, W) planes in one call (then summed per group), channels_last ones one
+    group at a time, each group's b consecutive samples seen as one (1, C, b*H, W) channels_last
+    image (a sample's channels cannot share one channel axis with other samples' in that
+    layout)."""
     rd, dim = _rows(dout)
     rx, dim_x = _rows(x)
     if rd is None or dim != dim_x:  # layouts differ (or are neither format): generic reductions
-        return dout.sum((2, 3)).double(), (dout * x).sum((2, 3)).double()
-    return rd.sum(dim).double(), _dot(rd, rx, dim)
+        sd, sdx = dout.sum((2, 3)).double(), (dout * x).sum((2, 3)).double()
+    elif not _eager_cpu(x) or (dim == 1 and x.numel() <= _CHUNK):  # (small: one product)
+        sd, sdx = rd.sum(dim).double(), (rd * rx).sum(dim).double()
+    elif dim == 2:
+        n, c, h, w = x.shape
+        sd, sdx = _channel_sums(x.view(1, n * c, h, w), dout.view(1, n * c, h, w))
+        sd, sdx = sd.double().view(n, c), sdx.double().view(n, c)
+    else:
+        n, c, h, w = x.shape
+        b = n // groups
+
+        def images(t):  # (G, C, b*H, W) channels_last views, one image per group
+            return t.permute(0, 2, 3, 1).reshape(groups, b * h, w, c).permute(0, 3, 1, 2)
+
+        zero, one = x.new_zeros(c), x.new_ones(c)
+        sums = [_channel_sums(gx, gd, zero, one) for gx, gd in zip(images(x).split(1), images(dout).split(1))]
+        return torch.stack([s for s, _ in sums]).double(), torch.stack([s for _, s in sums]).double()
+    return _group_sum(sd, groups), _group_sum(sdx, groups)
+
+
+def _affine_rows(x, scale, offset):
+    """``x * scale + offset`` with per-(sample, channel) coefficients (N, C) (``offset`` may be
+    None), in x's layout, one pass. channels_last inputs are computed on their (N, H*W, C) view
+    (at 7x7 maps torch's broadcast of (N, C, 1, 1) coefficients over a channels_last tensor is
+    ~5x slower than this)."""
+    rx, dim = _rows(x)
+    if dim == 1:  # written through the (N, H*W, C) view of a new channels_last tensor (not a view:
+        out = torch.empty_like(x)  # in-place ops such as ReLU(inplace=True) may follow)
+        rout = _rows(out)[0]
+        if offset is None:
+            torch.mul(rx, scale[:, None, :], out=rout)
+        else:
+            torch.addcmul(offset[:, None, :], rx, scale[:, None, :], out=rout)
+        return out
+    if offset is None:
+        return torch.mul(x, scale[:, :, None, None])
+    return torch.addcmul(offset[:, :, None, None], x, scale[:, :, None, None])
+
+
+def _input_gradient(dout, x, a, b, const):
+    """``dout * a + x * b (+ const)`` with per-(sample, channel) coefficients (N, C) (``const``
+    may be None): eq. 20's input gradient, two fused multiply-adds in x's layout."""
+    rd, dim = _rows(dout)
+    rx, dim_x = _rows(x)
+    if dim == 1 and dim_x == 1:  # channels_last: on the (N, H*W, C) views (see _affine_rows)
+        dx = _affine_rows(x, b, const)
+        _rows(dx)[0].addcmul_(rd, a[:, None, :])
+        return dx
+    dx = _affine_rows(x, b, const) if dim_x is not None else torch.addcmul(
+        torch.zeros_like(x) if const is None else const[:, :, None, None], x, b[:, :, None, None])
+    return dx.addcmul_(dout, a[:, :, None, None])
 
 
 def _group_sum(t, groups):
@@ -302,10 +381,15 @@ def _group_sum(t, groups):
     return t.view(groups, -1, t.shape[-1]).sum(1)
 
 
+def _sample_rows(t, groups, n):
+    """(G, C) or (1, C) per-group coefficients -> (N, C), one row per sample."""
+    c = t.shape[1]
+    return t[:, None, :].expand(groups, n // groups, c).reshape(n, c)
+
+
 def _per_sample(t, groups, n):
     """(G, C) or (1, C) per-group coefficients -> (N, C, 1, 1), to broadcast against the input."""
-    c = t.shape[1]
-    return t[:, None, :].expand(groups, n // groups, c).reshape(n, c)[:, :, None, None]
+    return _sample_rows(t, groups, n)[:, :, None, None]
 
 
 class _NormalizeAffine(torch.autograd.Function):
@@ -324,7 +408,7 @@ class _NormalizeAffine(torch.autograd.Function):
         groups, n = inv_std.shape[0], x.shape[0]
         scale = a * inv_std
         offset = c if shift is None else c - scale * shift
-        out = torch.addcmul(_per_sample(offset, groups, n), x, _per_sample(scale, groups, n))
+        out = _affine_rows(x, _sample_rows(scale, groups, n), _sample_rows(offset.expand_as(scale), groups, n))
         ctx.save_for_backward(x, shift, inv_std, a)
         ctx.layer = layer
         ctx.warm = warm
@@ -340,13 +424,13 @@ class _NormalizeAffine(torch.autograd.Function):
         count = (n // groups) * x.shape[2] * x.shape[3]
         if ctx.centred:  # badly centred input: reduce dout * (x - shift) directly
             centred_x = x - _per_sample(shift.to(x.dtype), groups, n)
-            s_dout, s_dout_x = _plane_dot_sum(dout, centred_x)
-            sum_dout = _group_sum(s_dout, groups).to(a.dtype)  # (G, C)
-            sum_dout_y = inv_std * _group_sum(s_dout_x, groups).to(a.dtype)
+            s_dout, s_dout_x = _group_dot_sum(dout, centred_x, groups)
+            sum_dout = s_dout.to(a.dtype)  # (G, C)
+            sum_dout_y = inv_std * s_dout_x.to(a.dtype)
         else:
-            s_dout, s_dout_x = _plane_dot_sum(dout, x)
-            sum_dout = _group_sum(s_dout, groups).to(a.dtype)  # (G, C)
-            sum_dout_x = _group_sum(s_dout_x, groups).to(a.dtype)
+            s_dout, s_dout_x = _group_dot_sum(dout, x, groups)
+            sum_dout = s_dout.to(a.dtype)  # (G, C)
+            sum_dout_x = s_dout_x.to(a.dtype)
             sum_dout_y = inv_std * (sum_dout_x if shift is None else sum_dout_x - shift * sum_dout)
         # Backward batch statistics of every group, eq. 5 with G = a * dL/dout = weight * r * dL/dYhat.
         psi_b = a * sum_dout_y / count
@@ -359,11 +443,12 @@ class _NormalizeAffine(torch.autograd.Function):
         # Eq. 20: dL/dx = (G - g_u - Y * Psi_u) * inv_std with Y = (x - shift) * inv_std, i.e.
         # dL/dx = dout * (a inv) + x * (-Psi_u inv^2) + (Psi_u inv^2 shift - g_u inv).
         coef_x = -psi_u * inv_std * inv_std
-        const = torch.zeros_like(coef_x) if shift is None else -coef_x * shift
+        const = None if shift is None else -coef_x * shift
         if g_u is not None:
-            const = const - g_u * inv_std
-        dx = torch.addcmul(_per_sample(const, groups, n), x, _per_sample(coef_x, groups, n))
-        dx.addcmul_(dout, _per_sample(a * inv_std, groups, n))
+            const = -g_u * inv_std if const is None else const - g_u * inv_std
+        dx = _input_gradient(dout, x, _sample_rows(a * inv_std, groups, n),
+                             _sample_rows(coef_x.expand_as(a), groups, n),
+                             None if const is None else _sample_rows(const.expand_as(a), groups, n))
         return dx, None, None, sum_dout_y, sum_dout, None, None, None
 
 
@@ -648,7 +733,7 @@ class BatchStatNorm2d(nn.Module):
 
         with torch.no_grad():
             # Batch statistics of every group (eq. 2 / eq. 15), shape (G, K, C).
-            s1, s2 = _plane_sums(x)
+            s1, s2 = _plane_sums(x, with_sum=vanilla)
             second = _group_sum(s2, groups) / count
             centred = False
             if vanilla:

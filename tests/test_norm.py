@@ -403,6 +403,23 @@ def test_channels_last_and_float32_match_float64():
         torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("preset", ["MABN2d", "BatchNorm2d"])
+def test_inplace_relu_after_the_layer(fmt, preset):
+    """The output is a tensor of its own, not a view made inside the autograd Function: an
+    in-place ReLU may follow (as in torchvision's ResNets), and the gradient through it is the
+    float64 reference's."""
+    x64, up64 = make_input(8, 3, 5, 5), make_input(8, 3, 5, 5, seed=3)
+    grads = []
+    for dtype, layout, inplace in ((D, torch.contiguous_format, False), (torch.float32, fmt, True)):
+        layer = getattr(mabn, preset)(3, norm_batch_size=2).to(dtype)
+        x = x64.to(dtype).contiguous(memory_format=layout).requires_grad_()
+        y = torch.relu_(layer(x)) if inplace else torch.relu(layer(x))
+        assert y.is_contiguous(memory_format=layout)
+        grads.append(torch.autograd.grad(y, x, up64.to(dtype))[0].double())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
 def test_autocast_keeps_float32_statistics():
     layer = mabn.MABN2d(3, norm_batch_size=2)
     x = torch.randn(4, 3, 4, 4).requires_grad_()
