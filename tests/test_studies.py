@@ -186,3 +186,50 @@ def test_collector_convergence_verdict(tmp_path):
     assert "| 1 BN, regular (b=32) | 200 | 29.50 | 0.71 | -1.00 | 0,1 | 2 finished |" in text
     assert "changes the mean error by -1.00 points: converged." in text
     assert "changes the mean error by -3.00 points: NOT converged" in text
+
+
+def test_same_as_pairs_are_the_same_configuration(tmp_path):
+    """Every studies.SAME_AS pair resolves, under the reference protocol, to the same config but
+    the preset's name and output folder: the collector may use one's runs for the other."""
+    from mabn.engine.studies import SAME_AS
+    jobs = dry_run(tmp_path, "+study=table2", "+protocol=r8_32px", "experiment=" + ",".join(
+        sorted({k for k, _ in SAME_AS} | {v for v, _ in SAME_AS.values()})), "norm.norm_batch_size=2,32")
+    by_key = {(c["name"], c["norm"]["norm_batch_size"]): c for c in jobs}
+
+    def strip(cfg):
+        return {k: v for k, v in cfg.items() if k not in ("name", "out_dir")}
+
+    for (name, b), (other, b_other) in SAME_AS.items():
+        # Table 4's rows keep their own normalization batch (2); Figure 1(b) sweeps it.
+        b, b_other = b or 2, b_other or 2
+        assert strip(by_key[(name, b)]) == strip(by_key[(other, b_other)]), (name, other)
+
+
+def test_collector_takes_same_configuration_runs_from_another_folder_and_filters_seeds(tmp_path):
+    t2, t4 = tmp_path / "table2", tmp_path / "table4"
+    for seed in (0, 1, 2):
+        make_run(t2, "table2_row8_mabn", seed, "finished", 40.0 + seed)
+        make_run(t2, "table2_row3_bn_small", seed, "finished", 60.0 + seed)
+    make_run(t4, "table4_row11_modified_regular", 0, "finished", 38.0, nbs=32)
+    make_run(t4, "table4_row11_modified_regular", 1, "finished", 39.0, nbs=32)
+    make_run(t4, "table4_row9_bn_small", 0, "finished", 70.0)  # its own run wins over Table 2's
+    out = tmp_path / "table4.md"
+    assert collect_results.main(["table4", str(t4), str(t2), "--seeds", "0,1", "--out", str(out)]) == 0
+    lines = table_lines(out.read_text())
+    assert lines["1 modified, WC, EMAS / SMAS (MABN)"] == (
+        "| 1 modified, WC, EMAS / SMAS (MABN) | 40.50 | 0.71 | +2.00 ± 0.00 | 23.58 | +0.23 | 0,1 | "
+        "2 finished; the runs of `table2_row8_mabn` (the same configuration) |")
+    assert lines["9 vanilla, BS / BS (BN)"].startswith("| 9 vanilla, BS / BS (BN) | 70.00 | - | +32.00 | 35.22 |")
+    assert "table2_row3" not in lines["9 vanilla, BS / BS (BN)"]
+    assert lines["2 modified, WC, SMAS / SMAS"].startswith("| 2 modified, WC, SMAS / SMAS | missing |")
+    # Figure 1(b): b = 2 from Table 2's runs of the same presets, BN at b = 32 from row 1's.
+    make_run(t2, "table2_row1_bn_regular", 0, "finished", 30.0, nbs=32)
+    fig = tmp_path / "f1b"
+    make_run(fig, "table2_row8_mabn", 0, "finished", 41.0, nbs=4)
+    out = tmp_path / "figure1b.md"
+    assert collect_results.main(["figure1b", str(fig), str(t2), "--seeds", "0", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| BN | 60.00 | missing | missing | missing | 30.00 |" in text
+    assert "| MABN | 40.00 | 41.00 | missing | missing | missing |" in text
+    assert collect_results.main(["table4", str(t4), "--seeds", "zero"]) == 2
+    assert collect_results.main(["table4", str(t4), str(tmp_path / "nowhere")]) == 2

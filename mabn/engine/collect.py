@@ -19,6 +19,12 @@ the same file.
 
     python scripts/collect_results.py table2 runs/table2 --out results/table2.md \
         --title "Table 2" --notes results/table2.notes.md
+    python scripts/collect_results.py table4 runs/table4 runs/table2 --seeds 0,1   # shared rows
+
+Several folders may be given: a row without runs of its own takes the runs of the configuration
+that ``mabn.engine.studies.SAME_AS`` names as the same (Table 4's rows 1, 4, 5, 9 are Table 2's
+rows 8, 7, 6, 3; Figure 1(b)'s points at b = 2 are Table 2's runs, BN at b = 32 is its row 1), and
+says so in the status column. ``--seeds`` keeps only the runs of those seeds.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import sys
 
 import yaml
 
-from .studies import CONVERGENCE_TOLERANCE, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE, STUDIES, Row
+from .studies import CONVERGENCE_TOLERANCE, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE, SAME_AS, STUDIES, Row
 
 
 def find_runs(root: str) -> list[dict]:
@@ -71,7 +77,7 @@ def fmt(x, digits=2, signed=False):
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
-def _summary(row: Row, rs: list[dict]) -> dict:
+def _summary(row: Row, rs: list[dict], same_as: str | None = None) -> dict:
     rs = sorted(rs, key=lambda r: r["config"]["seed"])
     finished = [r for r in rs if r["metrics"].get("status") == "finished"
                 and r["metrics"].get("val_top1_err") is not None]
@@ -83,6 +89,7 @@ def _summary(row: Row, rs: list[dict]) -> dict:
         "other": [r for r in rs if r not in finished and r not in diverged],
         "mean": statistics.mean(errs) if errs else None,
         "std": statistics.stdev(errs) if len(errs) > 1 else None,
+        "same_as": same_as,  # the preset whose runs these are (studies.SAME_AS), or None
     }
 
 
@@ -94,7 +101,15 @@ def summarize(rows: list[Row], runs: list[dict], study: str) -> list[dict]:
     if study == "convergence":
         return [_summary(Row(row.key, row.label, row.paper_err, iters), by_key[(row.key, iters)])
                 for row in rows for iters in sorted(k[1] for k in by_key if k[0] == row.key)]
-    return [_summary(row, by_key.get((row.key, row.norm_batch_size), [])) for row in rows]
+    out = []
+    for row in rows:
+        key = (row.key, row.norm_batch_size)
+        alias = SAME_AS.get(key)
+        if not by_key.get(key) and alias and by_key.get(alias):
+            out.append(_summary(row, by_key[alias], same_as=alias[0]))
+        else:
+            out.append(_summary(row, by_key.get(key, [])))
+    return out
 
 
 def paired_gap(s: dict, ref: dict | None) -> tuple[float | None, float | None, int]:
@@ -115,6 +130,8 @@ def status_text(s: dict) -> str:
         parts.append(f"{len(s['diverged'])} diverged (iteration {its})")
     for r in s["other"]:
         parts.append(f"{r['metrics'].get('status', '?')} at iteration {r['metrics'].get('iteration')}")
+    if s.get("same_as") and parts:
+        parts.append(f"the runs of `{s['same_as']}` (the same configuration)")
     return "; ".join(parts) or "no run"
 
 
@@ -216,7 +233,7 @@ def render(study: str, summary: list[dict], runs_dir: str, title: str | None, no
     lines = [f"# {title or study}", ""]
     if notes:
         lines += [notes.rstrip(), ""]
-    lines += [f"Collected by `{command}` from the run directories under `{runs_dir}`.", ""]
+    lines += [f"Collected by `{command}` from the run directories under {runs_dir}.", ""]
     body = {"figure1b": _figure1b_lines, "convergence": _convergence_lines}.get(study)
     table, missing = body(summary) if body else _table_lines(study, summary)
     lines += table + [""]
@@ -286,19 +303,33 @@ def plot_figure1b(summary: list[dict], path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", choices=sorted(STUDIES))
-    p.add_argument("runs_dir", help="folder holding the study's run directories (searched recursively)")
+    p.add_argument("runs_dir", nargs="+",
+                   help="folder(s) holding the study's run directories (searched recursively); give "
+                        "another study's folder too to use its runs of the same configurations "
+                        "(mabn.engine.studies.SAME_AS; for Figure 1(b), Table 2's runs at b = 2)")
+    p.add_argument("--seeds", help="comma-separated seeds: only these runs are collected")
     p.add_argument("--out", help="markdown file (default results/<study>.md)")
     p.add_argument("--title")
     p.add_argument("--notes", help="markdown file whose text goes under the title (protocol, machine)")
     args = p.parse_args(argv)
-    if not os.path.isdir(args.runs_dir):
-        print(f"runs_dir {args.runs_dir!r} is not a directory", file=sys.stderr)
-        return 2
+    for d in args.runs_dir:
+        if not os.path.isdir(d):
+            print(f"runs_dir {d!r} is not a directory", file=sys.stderr)
+            return 2
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = {int(v) for v in args.seeds.split(",")}
+        except ValueError:
+            print(f"--seeds {args.seeds!r} is not a comma-separated list of integers", file=sys.stderr)
+            return 2
     out = args.out or os.path.join("results", f"{args.study}.md")
     notes = open(args.notes).read() if args.notes else None
     command = "python scripts/collect_results.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    summary = summarize(STUDIES[args.study], find_runs(args.runs_dir), args.study)
-    text = render(args.study, summary, args.runs_dir, args.title, notes, command)
+    runs = [r for d in args.runs_dir for r in find_runs(d)
+            if seeds is None or r["config"].get("seed") in seeds]
+    summary = summarize(STUDIES[args.study], runs, args.study)
+    text = render(args.study, summary, ", ".join(f"`{d}`" for d in args.runs_dir), args.title, notes, command)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
     with open(tmp, "w") as f:

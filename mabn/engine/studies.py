@@ -62,6 +62,19 @@ CONVERGENCE = [TABLE2[0], TABLE2[7]]
 #: A schedule is called converged when doubling it changes each row's mean error by less than this.
 CONVERGENCE_TOLERANCE = 1.5
 
+#: Configurations of one study that are exactly another's: the same resolved config but the preset's
+#: name (tests/test_studies.py checks it), keyed like the collector's run keys (preset, and the
+#: normalization batch size for Figure 1(b)). When a row has no run of its own, the collector
+#: takes the runs of the configuration it names here (given the other study's runs folder too), so
+#: a reproduction need not train the same configuration twice.
+SAME_AS = {
+    ("table4_row1_mabn", None): ("table2_row8_mabn", None),
+    ("table4_row4_wc_ema_bs", None): ("table2_row7_modified_ema", None),
+    ("table4_row5_wc_bs_bs", None): ("table2_row6_modified_small", None),
+    ("table4_row9_bn_small", None): ("table2_row3_bn_small", None),
+    ("table2_row3_bn_small", 32): ("table2_row1_bn_regular", 32),  # Figure 1(b): BN at b = 32
+}
+
 STUDIES = {"table2": TABLE2, "table4": TABLE4, "figure1b": FIGURE1B, "convergence": CONVERGENCE}
 
 #: The regular-batch BN row that the "gap" column is measured against, per study.
