@@ -2,9 +2,10 @@
 """Collect the runs of a study into a results table (the collector is mabn.engine.collect).
 
     python scripts/collect_results.py table2 runs/table2                 # -> results/table2.md
-    python scripts/collect_results.py table2 runs/table2 --out results/table2_tiny.md \
-        --title "Table 2, scaled down" --notes notes.md
-    python scripts/collect_results.py figure1b runs/figure1b             # table + PNG plot
+    python scripts/collect_results.py table2 runs/table2 --out results/table2.md \
+        --title "Table 2" --notes results/table2.notes.md
+    python scripts/collect_results.py table4 runs/table4 runs/table2 --seeds 0,1   # shared rows
+    python scripts/collect_results.py figure1b runs/figure1b runs/table2 --seeds 0,1  # table + PNG
 """
 
 import sys

@@ -180,11 +180,15 @@ def test_collector_convergence_verdict(tmp_path):
         make_run(runs / "x2", "table2_row1_bn_regular", seed, "finished", 29.0 + seed, nbs=32, iterations=200)
         make_run(runs / "x1", "table2_row8_mabn", seed, "finished", 35.0 + seed, iterations=100)
         make_run(runs / "x2", "table2_row8_mabn", seed, "finished", 32.0 + seed, iterations=200)
+    make_run(runs / "x2", "table2_row1_bn_regular", 2, "finished", 31.0, nbs=32, iterations=200)
     out = tmp_path / "convergence.md"
     assert collect_results.main(["convergence", str(runs), "--out", str(out)]) == 0
     text = out.read_text()
-    assert "| 1 BN, regular (b=32) | 200 | 29.50 | 0.71 | -1.00 | 0,1 | 2 finished |" in text
-    assert "changes the mean error by -1.00 points: converged." in text
+    # 200 iterations: 29, 30, 31 (mean 30, std 1); 100: 30, 31 (mean 30.5, std 0.707). The
+    # change's standard error: sqrt(1^2 / 3 + 0.707^2 / 2) = 0.76.
+    assert "| 1 BN, regular (b=32) | 200 | 30.00 | 1.00 | -0.50 | 0.76 | 0,1,2 | 3 finished |" in text
+    assert "| 1 BN, regular (b=32) | 100 | 30.50 | 0.71 | - | - | 0,1 | 2 finished |" in text
+    assert "changes the mean error by -0.50 points: converged." in text
     assert "changes the mean error by -3.00 points: NOT converged" in text
 
 

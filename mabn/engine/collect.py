@@ -207,19 +207,24 @@ def _convergence_lines(summary: list[dict]) -> tuple[list[str], list[Row]]:
     the schedule is doubled."""
     lines = [f"Top-1 validation error (%) at the protocol's schedule and at longer ones, mean over seeds "
              f"(± sample std). A schedule is converged when doubling it changes each row's mean error by "
-             f"less than {CONVERGENCE_TOLERANCE} points.", "",
-             "| row | iterations | ours: top-1 err | ours: std | change from half as long | seeds | status |",
-             "|---|---:|---:|---:|---:|---|---|"]
-    means = {(s["row"].key, s["row"].norm_batch_size): s["mean"] for s in summary}
+             f"less than {CONVERGENCE_TOLERANCE} points. The change's standard error is "
+             f"sqrt(std_1^2 / n_1 + std_2^2 / n_2) from the two lengths' seed spreads (n seeds each): a "
+             f"change within about two of them is not distinguishable from seed noise.", "",
+             "| row | iterations | ours: top-1 err | ours: std | change from half as long | std. error of the change | seeds | status |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
+    by_len = {(s["row"].key, s["row"].norm_batch_size): s for s in summary}
     verdicts = []
     for s in summary:
         key, iters = s["row"].key, s["row"].norm_batch_size
-        half = means.get((key, iters // 2)) if iters % 2 == 0 else None
-        change = s["mean"] - half if s["mean"] is not None and half is not None else None
-        if change is not None:
+        half = by_len.get((key, iters // 2)) if iters % 2 == 0 else None
+        change = se = None
+        if half is not None and s["mean"] is not None and half["mean"] is not None:
+            change = s["mean"] - half["mean"]
+            if s["std"] is not None and half["std"] is not None:
+                se = math.sqrt(s["std"] ** 2 / len(s["errs"]) + half["std"] ** 2 / len(half["errs"]))
             verdicts.append((s["row"].label, iters // 2, iters, change))
         lines.append(f"| {s['row'].label} | {iters} | {fmt(s['mean'])} | {fmt(s['std'])} | "
-                     f"{fmt(change, signed=True)} | {_seeds(s)} | {status_text(s)} |")
+                     f"{fmt(change, signed=True)} | {fmt(se)} | {_seeds(s)} | {status_text(s)} |")
     lines.append("")
     for label, short, long_, change in verdicts:
         ok = abs(change) < CONVERGENCE_TOLERANCE
