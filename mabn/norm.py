@@ -351,8 +351,11 @@ def _affine_rows(x, scale, offset):
     by BatchNorm's inference kernel on (1, N*C, H, W) planes with weight ``scale``, bias
     ``offset``, mean 0, variance 1 and eps 0, which computes exactly ``x * scale + offset`` at the
     speed of a plain multiply (torch's addcmul with broadcast (N, C, 1, 1) coefficients takes ~1.7x
-    as long; scripts/bench_norm.py shows the layer's total)."""
+    as long; scripts/bench_norm.py shows the layer's total). On CUDA and under torch.compile: one
+    broadcast multiply-add."""
     rx, dim = _rows(x)
+    if not _eager_cpu(x):
+        dim = None
     if dim == 1:  # written through the (N, H*W, C) view of a new channels_last tensor (not a view:
         out = torch.empty_like(x)  # in-place ops such as ReLU(inplace=True) may follow)
         rout = _rows(out)[0]
@@ -361,7 +364,7 @@ def _affine_rows(x, scale, offset):
         else:
             torch.addcmul(offset[:, None, :], rx, scale[:, None, :], out=rout)
         return out
-    if dim == 2 and _eager_cpu(x):  # through BatchNorm's inference kernel on (1, N*C, H, W) planes
+    if dim == 2:  # through BatchNorm's inference kernel on (1, N*C, H, W) planes
         n, c, h, w = x.shape
         out = torch.empty_like(x)
         planes = n * c
@@ -380,13 +383,15 @@ def _input_gradient(dout, x, a, b, const):
     may be None): eq. 20's input gradient, two fused multiply-adds in x's layout."""
     rd, dim = _rows(dout)
     rx, dim_x = _rows(x)
-    if dim == 1 and dim_x == 1:  # channels_last: on the (N, H*W, C) views (see _affine_rows)
+    if dim == 1 and dim_x == 1 and _eager_cpu(x):  # channels_last: (N, H*W, C) views (_affine_rows)
         dx = _affine_rows(x, b, const)
         _rows(dx)[0].addcmul_(rd, a[:, None, :])
         return dx
-    dx = _affine_rows(x, b, const) if dim_x is not None else torch.addcmul(
-        torch.zeros_like(x) if const is None else const[:, :, None, None], x, b[:, :, None, None])
-    return dx.addcmul_(dout, a[:, :, None, None])
+    if dim_x is None or not _eager_cpu(x):  # CUDA, torch.compile, other strides: two broadcast ops
+        dx = (torch.mul(x, b[:, :, None, None]) if const is None
+              else torch.addcmul(const[:, :, None, None], x, b[:, :, None, None]))
+        return dx.addcmul_(dout, a[:, :, None, None])
+    return _affine_rows(x, b, const).addcmul_(dout, a[:, :, None, None])
 
 
 def _group_sum(t, groups):
