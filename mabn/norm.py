@@ -237,8 +237,8 @@ def _rows(x):
 
 
 def _eager_cpu(x) -> bool:
-    """Whether the chunked CPU kernels below apply (eager mode on the CPU); elsewhere one
-    expression per pass (the CUDA caching allocator reuses memory, and torch.compile fuses)."""
+    """Whether the CPU kernels below apply (plane, block and view tricks; eager mode on the CPU);
+    elsewhere one plain expression per pass (torch.compile fuses them, CUDA's are fast as they are)."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
@@ -380,18 +380,14 @@ def _affine_rows(x, scale, offset):
 
 def _input_gradient(dout, x, a, b, const):
     """``dout * a + x * b (+ const)`` with per-(sample, channel) coefficients (N, C) (``const``
-    may be None): eq. 20's input gradient, two fused multiply-adds in x's layout."""
+    may be None): eq. 20's input gradient, two fused multiply-adds in x's layout (the first one
+    by _affine_rows; the second on the (N, H*W, C) views when both are channels_last on the CPU)."""
+    dx = _affine_rows(x, b, const)
     rd, dim = _rows(dout)
-    rx, dim_x = _rows(x)
-    if dim == 1 and dim_x == 1 and _eager_cpu(x):  # channels_last: (N, H*W, C) views (_affine_rows)
-        dx = _affine_rows(x, b, const)
+    if dim == 1 and _rows(x)[1] == 1 and _eager_cpu(x):
         _rows(dx)[0].addcmul_(rd, a[:, None, :])
         return dx
-    if dim_x is None or not _eager_cpu(x):  # CUDA, torch.compile, other strides: two broadcast ops
-        dx = (torch.mul(x, b[:, :, None, None]) if const is None
-              else torch.addcmul(const[:, :, None, None], x, b[:, :, None, None]))
-        return dx.addcmul_(dout, a[:, :, None, None])
-    return _affine_rows(x, b, const).addcmul_(dout, a[:, :, None, None])
+    return dx.addcmul_(dout, a[:, :, None, None])
 
 
 def _group_sum(t, groups):
