@@ -182,15 +182,6 @@ def reduced_decode_share(paths: list[str], image_size: int, val_resize: int, dra
     return train_ok / (len(paths) * draws), val_ok / len(paths)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        return platform.processor() or "unknown CPU"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=200, help="images per pass (default 200)")
@@ -255,7 +246,7 @@ def main(argv=None):
         f"median of {args.repeats} round-robin repeats (min-max in brackets).",
         "",
         f"- command: `{cmd.strip()}`",
-        f"- CPU: {cpu_model()} ({os.cpu_count()} logical CPUs seen; 1 thread used)",
+        f"- CPU: {bench.cpu_model()} (torch CPU kernels: {bench.cpu_capability()}; {os.cpu_count()} logical CPUs seen; 1 thread used)",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, Pillow {PIL.__version__} "
         f"(libjpeg-turbo {features.version('libjpeg_turbo') or 'no'}), Python {sys.version.split()[0]}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",

@@ -52,6 +52,7 @@ import torchvision
 from torch import nn
 
 from mabn import MABN2d, convert_model
+from mabn.engine import bench
 from mabn.fold import fold_model
 
 # The authors' released code reports inference iterations/s of ResNet-50 (Figure 1(a) numbers);
@@ -229,15 +230,7 @@ def bench_training(args, device, log):
 
 # ---------------------------------------------------------------------------------- report
 def machine_description() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = f"{bench.cpu_model()} (torch CPU kernels: {bench.cpu_capability()})"
     mem = ""
     try:
         with open("/proc/meminfo") as f:

@@ -2,6 +2,7 @@
 checkpoints, divergence."""
 
 import glob
+import json
 import logging
 import os
 import signal
@@ -29,6 +30,8 @@ def test_quickstart_smoke(tmp_path):
     assert glob.glob(str(out / "tb" / "events.out.tfevents.*"))
     for f in ("config.yaml", "env.json", "log.txt", "train_log.jsonl", "checkpoints/ckpt_0000100.pt"):
         assert (out / f).exists(), f
+    env = json.loads((out / "env.json").read_text())  # the machine every figure must name
+    assert env["cpu"] and env["cpu_capability"] and env["torch_threads"] == 2, env
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = EventAccumulator(str(out / "tb")).Reload().Tags()["scalars"]
     for tag in ("train/loss", "train/top1_err", "train/top5_err", "train/lr", "perf/images_per_s",

@@ -3,7 +3,8 @@
 Layout of ``out_dir``::
 
     config.yaml      the resolved configuration
-    env.json         git commit (and whether the tree was dirty), package versions, world size, command
+    env.json         git commit (and whether the tree was dirty), package versions, CPU model and the
+                     instruction set torch's kernels use, world size, command
     log.txt          the rank-0 log
     .lock            held (flock) by the run writing this folder; holds its pid and host
     train_log.jsonl  one JSON object per training log line (iteration, loss, errors, lr, speed)
@@ -29,6 +30,7 @@ import sys
 import torch
 from omegaconf import OmegaConf
 
+from .bench import cpu_capability, cpu_model
 from .config import ConfigError
 
 __all__ = ["setup_logging", "start_log_file", "lock_out_dir", "OutDirInUse", "write_provenance",
@@ -133,7 +135,8 @@ def _version(pkg: str) -> str | None:
 
 
 def write_provenance(cfg, out_dir: str, world_size: int) -> None:
-    """config.yaml and env.json (git commit, package versions, hardware, command line)."""
+    """config.yaml and env.json (git commit, package versions, hardware: CPU model and the
+    instruction set torch's kernels use, GPUs; command line)."""
     os.makedirs(out_dir, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
     status = _git("status", "--porcelain")
@@ -147,6 +150,9 @@ def write_provenance(cfg, out_dir: str, world_size: int) -> None:
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "world_size": world_size,
         "host": socket.gethostname(),
+        "cpu": cpu_model(),
+        "cpu_capability": cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
         "command": sys.argv,
     }
     write_json(os.path.join(out_dir, "env.json"), env)
