@@ -1,6 +1,7 @@
 """The study multiruns expand to exactly the paper's table rows; the collector builds the tables."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -147,6 +148,13 @@ def test_collector_on_fabricated_runs(tmp_path):
     assert lines["8 modified + EMAS in FP + SMAS in BP (MABN)"].startswith(
         "| 8 modified + EMAS in FP + SMAS in BP (MABN) | missing |")
     assert "Missing configurations (no run directory found): `table2_row8_mabn`." in text
+    # The claims table: 3 vs 1 over seeds 0, 1: differences 15, 16 -> mean 15.50, std 0.7071,
+    # half-width t(0.975, 1) * 0.7071 / sqrt(2) = 12.706 * 0.5 = 6.35; interval above 0: agrees.
+    assert ("| Table 1 / 5.1: BN with a small batch severely worsens the model (3 vs 1) | +11.81 | +15.50 "
+            "| ± 6.35 | 2 | agrees |") in text
+    assert "| 5.1: SMAS in BP with BRN collapses during training (row 5) | - (cannot converge) | 1 of 1 diverged | | 0 | agrees |" in text
+    assert "(8 vs 1) | +0.17 | - | - | 0 | not run |" in text  # row 8 missing
+    assert "(2 vs 1) | +0.12 | +1.50 | - | 1 | one seed: cannot tell |" in text
     # Deterministic: the same runs give the same file.
     assert collect_results.main(args) == 0
     assert out.read_text() == text
@@ -237,3 +245,30 @@ def test_collector_takes_same_configuration_runs_from_another_folder_and_filters
     assert "| MABN | 40.00 | 41.00 | missing | missing | missing |" in text
     assert collect_results.main(["table4", str(t4), "--seeds", "zero"]) == 2
     assert collect_results.main(["table4", str(t4), str(tmp_path / "nowhere")]) == 2
+
+
+def test_claim_verdicts_against_the_t_interval():
+    """claim_verdict against a hand computation of the 95% Student-t interval."""
+    from mabn.engine.collect import claim_verdict
+    diffs = [8.0, 10.0, 12.0]  # mean 10, sample std 2, se 2 / sqrt(3); t(0.975, 2) = 4.303
+    half = 4.303 * 2.0 / math.sqrt(3.0)  # 4.969: interval [5.03, 14.97]
+    v, g, h = claim_verdict("higher", diffs)
+    assert v == "agrees" and g == pytest.approx(10.0) and h == pytest.approx(half, rel=1e-6)
+    assert claim_verdict("lower", diffs)[0].startswith("**disagrees**")
+    assert claim_verdict("equal", diffs)[0].startswith("**disagrees**")  # 0 outside [5.03, 14.97]
+    # [-1, 1, 3]: mean 1, std 2: the interval [-3.97, 5.97] contains 0.
+    assert claim_verdict("equal", [-1.0, 1.0, 3.0])[0].startswith("agrees")
+    assert claim_verdict("higher", [-1.0, 1.0, 3.0])[0] == "cannot tell (same sign, interval includes 0)"
+    assert claim_verdict("lower", [-1.0, 1.0, 3.0])[0] == "cannot tell (opposite sign, interval includes 0)"
+    assert claim_verdict("higher", [])[0] == "not run"
+
+
+def test_every_claim_names_rows_of_its_study():
+    from mabn.engine.studies import CLAIMS, STUDIES
+    for study, claims in CLAIMS.items():
+        keys = {(r.key, r.norm_batch_size) for r in STUDIES[study]}
+        for c in claims:
+            assert c.a in keys and (c.b is None or c.b in keys), (study, c)
+            assert c.kind in ("higher", "lower", "equal", "diverges")
+            if c.paper_gap is not None and c.kind != "equal":
+                assert (c.paper_gap > 0) == (c.kind == "higher"), c  # the paper's own numbers agree

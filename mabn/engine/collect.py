@@ -10,6 +10,9 @@ the schedule length for the convergence check) and writes ``results/<study>.md``
   the runs' status. Diverged runs show "-" as in the paper; rows without any run are "missing".
 - figure1b: one line per method (BN, BRN, MABN) with the mean error at b = 2, 4, 8, 16, 32, the
   paper's known points, and a PNG (error against b, one line per method with its seed spread).
+- table2 / table4 / figure1b also get a table of the paper's claims (``studies.CLAIMS``): for each,
+  our paired gap with its 95% confidence interval (Student's t over the shared seeds) and whether
+  our runs agree, disagree, or cannot tell (the interval straddles zero).
 - convergence: each row's error at each schedule length and the change when it is doubled,
   with the verdict (converged when every change is below 1.5 points).
 
@@ -39,7 +42,7 @@ import sys
 
 import yaml
 
-from .studies import CONVERGENCE_TOLERANCE, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE, SAME_AS, STUDIES, Row
+from .studies import CLAIMS, CONVERGENCE_TOLERANCE, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE, SAME_AS, STUDIES, Row
 
 
 def find_runs(root: str) -> list[dict]:
@@ -233,6 +236,71 @@ def _convergence_lines(summary: list[dict]) -> tuple[list[str], list[Row]]:
     return lines, []
 
 
+#: Two-sided 95% quantiles of Student's t by degrees of freedom (n seeds - 1), from the t table.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def claim_verdict(kind: str, diffs: list[float]) -> tuple[str, float | None, float | None]:
+    """Our verdict on one paper claim from the per-seed differences err(a) - err(b): the verdict,
+    the mean difference and the half-width of its 95% confidence interval (None below 2 seeds).
+
+    "higher" / "lower" agree when the whole interval lies on the claimed side of zero and
+    disagree when it lies on the other side; "equal" agrees when the interval contains zero
+    (no difference resolved: read its width) and disagrees when it does not. Otherwise, and with a
+    single seed, the runs cannot tell."""
+    if not diffs:
+        return "not run", None, None
+    g = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return "one seed: cannot tell", g, None
+    half = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    lo, hi = g - half, g + half
+    if kind == "equal":
+        return ("agrees (no difference resolved)" if lo <= 0 <= hi else "**disagrees** (a difference resolved)"), g, half
+    sign = 1 if kind == "higher" else -1
+    if sign * lo > 0 and sign * hi > 0:
+        return "agrees", g, half
+    if sign * lo < 0 and sign * hi < 0:
+        return "**disagrees** (the opposite difference resolved)", g, half
+    return ("cannot tell (same sign, interval includes 0)" if sign * g > 0
+            else "cannot tell (opposite sign, interval includes 0)"), g, half
+
+
+def _claims_lines(study: str, summary: list[dict]) -> list[str]:
+    """The paper's claims (studies.CLAIMS) against our runs: paired gap, 95% interval, verdict."""
+    claims = CLAIMS.get(study)
+    if not claims:
+        return []
+    by_key = {(s["row"].key, s["row"].norm_batch_size): s for s in summary}
+    lines = ["## The paper's claims against these runs", "",
+             "Gap: err(first row) - err(second row), paired over the seeds both finished, with the "
+             "half-width of its 95% confidence interval (Student's t, n - 1 degrees of freedom). "
+             "Claims that one row's error is higher or lower agree when the whole interval is on "
+             "the paper's side of 0; claims of no difference agree when it contains 0 (then its "
+             "width says how small a difference the runs could have seen).", "",
+             "| claim | paper: gap | ours: gap | 95% interval | seeds | verdict |",
+             "|---|---:|---:|---:|---:|---|"]
+    for c in claims:
+        sa = by_key.get(c.a)
+        if c.kind == "diverges":
+            if sa is None or not sa["runs"]:
+                verdict, ours = "not run", "-"
+            else:
+                nd, nf = len(sa["diverged"]), len(sa["errs"])
+                ours = f"{nd} of {len(sa['runs'])} diverged" + (f"; finished at {fmt(sa['mean'])}" if nf else "")
+                verdict = ("agrees" if nd and not nf and not sa["other"] else
+                           "**disagrees** (it converges)" if nf and not nd else "mixed")
+            lines.append(f"| {c.text} | - (cannot converge) | {ours} | | {_seeds(sa) if sa else 'none'} | {verdict} |")
+            continue
+        sb = by_key.get(c.b)
+        diffs = ([sa["by_seed"][k] - sb["by_seed"][k] for k in sorted(sa["by_seed"]) if k in sb["by_seed"]]
+                 if sa and sb else [])
+        verdict, g, half = claim_verdict(c.kind, diffs)
+        lines.append(f"| {c.text} | {fmt(c.paper_gap, signed=True)} | {fmt(g, signed=True)} | "
+                     f"{'± ' + fmt(half) if half is not None else '-'} | {len(diffs)} | {verdict} |")
+    return lines + [""]
+
+
 def render(study: str, summary: list[dict], runs_dir: str, title: str | None, notes: str | None,
            command: str) -> str:
     lines = [f"# {title or study}", ""]
@@ -242,6 +310,7 @@ def render(study: str, summary: list[dict], runs_dir: str, title: str | None, no
     body = {"figure1b": _figure1b_lines, "convergence": _convergence_lines}.get(study)
     table, missing = body(summary) if body else _table_lines(study, summary)
     lines += table + [""]
+    lines += _claims_lines(study, summary)
     if missing:
         lines += ["Missing configurations (no run directory found): "
                   + ", ".join(f"`{m.key}`" + (f" (norm_batch_size={m.norm_batch_size})" if m.norm_batch_size else "") for m in missing) + ".", ""]
