@@ -753,8 +753,10 @@ class BatchStatNorm2d(nn.Module):
             if vanilla:
                 mean = _group_sum(s1, groups) / count
                 var = (second - mean * mean).clamp_min(0.0)
+                # Off the eager CPU path (CUDA; torch.compile, where the data-dependent test would
+                # break the graph) the centred kernel is always used.
                 if compute_dtype != torch.float64 and (
-                        x.device.type != "cpu"
+                        not _eager_cpu(x)
                         or bool((mean * mean > _CANCELLATION_RATIO * (var + self.eps)).any())):
                     # One-pass E[x^2] - mu^2 is inaccurate here: use torch's centred kernel.
                     var, mean = torch.var_mean(x.view(groups, n // groups, c, h, w), dim=(1, 3, 4),

@@ -112,3 +112,24 @@ def test_compile_with_statistics_recording_is_refused():
     assert load_cfg(["compile=true"]).compile is True and load_cfg().compile is False
     with pytest.raises(ConfigError, match=r"compile=true does not support statistics recording \(stats.enabled=true\)"):
         load_cfg(["compile=true", "stats.enabled=true"])
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(compiling.unavailable_reason("cpu") is not None,
+                    reason=f"torch.compile cannot run here: {compiling.unavailable_reason('cpu')}")
+def test_vanilla_form_compiles_without_a_graph_break():
+    """The vanilla form (BatchRenorm2d) traces as one graph (fullgraph=True raises on a break,
+    e.g. a data-dependent Python branch) and matches eager to float32 rounding."""
+    from mabn import BatchRenorm2d
+    torch.manual_seed(0)
+    x = torch.randn(8, 6, 5, 5) * 3 + 1
+    eager, comp = BatchRenorm2d(6, norm_batch_size=2), BatchRenorm2d(6, norm_batch_size=2)
+    comp.load_state_dict(eager.state_dict())
+    compiled = torch.compile(comp, fullgraph=True)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = eager(xe), compiled(xc)
+    (ye * torch.arange(ye.numel()).view_as(ye).sin()).sum().backward()
+    (yc * torch.arange(yc.numel()).view_as(yc).sin()).sum().backward()
+    torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(comp.running_mean, eager.running_mean, rtol=1e-5, atol=1e-6)
