@@ -115,11 +115,18 @@ def summarize(rows: list[Row], runs: list[dict], study: str) -> list[dict]:
     return out
 
 
+def paired_diffs(s: dict | None, ref: dict | None) -> list[float]:
+    """err(row, seed) - err(reference, seed) for each seed both finished, in seed order."""
+    if s is None or ref is None:
+        return []
+    return [s["by_seed"][k] - ref["by_seed"][k] for k in sorted(s["by_seed"]) if k in ref["by_seed"]]
+
+
 def paired_gap(s: dict, ref: dict | None) -> tuple[float | None, float | None, int]:
     """Mean and sample std of err(row, seed) - err(reference, seed) over the seeds both finished."""
     if ref is None:
         return None, None, 0
-    diffs = [s["by_seed"][k] - ref["by_seed"][k] for k in sorted(s["by_seed"]) if k in ref["by_seed"]]
+    diffs = paired_diffs(s, ref)
     return (statistics.mean(diffs) if diffs else None,
             statistics.stdev(diffs) if len(diffs) > 1 else None, len(diffs))
 
@@ -293,10 +300,11 @@ def _claims_lines(study: str, summary: list[dict]) -> list[str]:
             lines.append(f"| {c.text} | - (cannot converge) | {ours} | | {_seeds(sa) if sa else 'none'} | {verdict} |")
             continue
         sb = by_key.get(c.b)
-        diffs = ([sa["by_seed"][k] - sb["by_seed"][k] for k in sorted(sa["by_seed"]) if k in sb["by_seed"]]
-                 if sa and sb else [])
+        diffs = paired_diffs(sa, sb)
         verdict, g, half = claim_verdict(c.kind, diffs)
-        lines.append(f"| {c.text} | {fmt(c.paper_gap, signed=True)} | {fmt(g, signed=True)} | "
+        paper_gap = (sa["row"].paper_err - sb["row"].paper_err
+                     if sa and sb and None not in (sa["row"].paper_err, sb["row"].paper_err) else None)
+        lines.append(f"| {c.text} | {fmt(paper_gap, signed=True)} | {fmt(g, signed=True)} | "
                      f"{'± ' + fmt(half) if half is not None else '-'} | {len(diffs)} | {verdict} |")
     return lines + [""]
 

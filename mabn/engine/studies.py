@@ -90,12 +90,12 @@ class Claim:
     batch size for Figure 1(b)); the claim is about err(a) - err(b), the paired gap over the seeds
     both finished. ``kind`` is what the paper says of it: "higher" (a's error is larger), "lower",
     "equal" (no real difference), or "diverges" (``a``'s training cannot converge; ``b`` unused).
-    ``paper_gap`` is the difference of the paper's numbers (None where it has none)."""
+    The paper's own gap is the difference of the two rows' ``paper_err`` (none where either is
+    None)."""
     text: str
     kind: str
     a: tuple[str, int | None]
-    b: tuple[str, int | None] | None
-    paper_gap: float | None
+    b: tuple[str, int | None] | None = None
 
 
 def _t2(n: int) -> tuple[str, None]:
@@ -106,43 +106,40 @@ def _t4(n: int) -> tuple[str, None]:
     return (TABLE4[n - 1].key, None)
 
 
-def _gap(rows: list[Row], a: int, b: int) -> float:
-    return round(rows[a - 1].paper_err - rows[b - 1].paper_err, 2)
+def _f1b(method: str, b: int) -> tuple[str, int]:
+    return (FIGURE1B_METHODS[method][0], b)
 
 
 #: The paper's claims per study: Table 1 and section 5.1's text (Table 2's rows; Table 1 is rows
 #: 1, 3, 4 and 8), section 4.3 and appendix B.2 (Table 4), section 5.1 (Figure 1(b)).
 CLAIMS = {
     "table2": [
-        Claim("Table 1 / 5.1: BN with a small batch severely worsens the model (3 vs 1)", "higher", _t2(3), _t2(1), _gap(TABLE2, 3, 1)),
-        Claim("Table 1 / 5.1: BRN is still far from complete recovery (4 vs 1)", "higher", _t2(4), _t2(1), _gap(TABLE2, 4, 1)),
-        Claim("Table 1 / 5.1: MABN almost completely restores BN(32) (8 vs 1)", "equal", _t2(8), _t2(1), _gap(TABLE2, 8, 1)),
-        Claim("5.1: EMAS in FP (BRN) restores BN(2) to some extent (4 vs 3)", "lower", _t2(4), _t2(3), _gap(TABLE2, 4, 3)),
-        Claim("5.1: SMAS in BP with BRN collapses during training (row 5)", "diverges", _t2(5), None, None),
-        Claim("5.1: modified normalization slightly outperforms BRN at b = 2 (6 vs 4)", "lower", _t2(6), _t2(4), _gap(TABLE2, 6, 4)),
-        Claim("5.1: modified normalization shows no superiority to vanilla at b = 32 (2 vs 1)", "equal", _t2(2), _t2(1), _gap(TABLE2, 2, 1)),
-        Claim("5.1: with EMAS in FP, modified normalization reduces the error further (7 vs 6)", "lower", _t2(7), _t2(6), _gap(TABLE2, 7, 6)),
-        Claim("5.1: modified + EMAS in FP still fails to restore BN(32) (7 vs 1)", "higher", _t2(7), _t2(1), _gap(TABLE2, 7, 1)),
-        Claim("5.1: SMAS in BP fills the rest of the gap (8 vs 7)", "lower", _t2(8), _t2(7), _gap(TABLE2, 8, 7)),
+        Claim("Table 1 / 5.1: BN with a small batch severely worsens the model (3 vs 1)", "higher", _t2(3), _t2(1)),
+        Claim("Table 1 / 5.1: BRN is still far from complete recovery (4 vs 1)", "higher", _t2(4), _t2(1)),
+        Claim("Table 1 / 5.1: MABN almost completely restores BN(32) (8 vs 1)", "equal", _t2(8), _t2(1)),
+        Claim("5.1: EMAS in FP (BRN) restores BN(2) to some extent (4 vs 3)", "lower", _t2(4), _t2(3)),
+        Claim("5.1: SMAS in BP with BRN collapses during training (row 5)", "diverges", _t2(5)),
+        Claim("5.1: modified normalization slightly outperforms BRN at b = 2 (6 vs 4)", "lower", _t2(6), _t2(4)),
+        Claim("5.1: modified normalization shows no superiority to vanilla at b = 32 (2 vs 1)", "equal", _t2(2), _t2(1)),
+        Claim("5.1: with EMAS in FP, modified normalization reduces the error further (7 vs 6)", "lower", _t2(7), _t2(6)),
+        Claim("5.1: modified + EMAS in FP still fails to restore BN(32) (7 vs 1)", "higher", _t2(7), _t2(1)),
+        Claim("5.1: SMAS in BP fills the rest of the gap (8 vs 7)", "lower", _t2(8), _t2(7)),
     ],
     "table4": [
-        Claim("4.3: WC has little benefit for vanilla normalization (10 vs 9)", "equal", _t4(10), _t4(9), _gap(TABLE4, 10, 9)),
-        Claim("4.3: WC significantly improves modified normalization, EMAS / SMAS (1 vs 6)", "lower", _t4(1), _t4(6), _gap(TABLE4, 1, 6)),
-        Claim("4.3: WC significantly improves modified normalization, EMAS / BS (4 vs 7)", "lower", _t4(4), _t4(7), _gap(TABLE4, 4, 7)),
-        Claim("4.3: WC significantly improves modified normalization, BS / BS (5 vs 8)", "lower", _t4(5), _t4(8), _gap(TABLE4, 5, 8)),
-        Claim("B.2: EMAS beats SMAS in FP (1 vs 2)", "lower", _t4(1), _t4(2), _gap(TABLE4, 1, 2)),
-        Claim("B.2: SMAS beats EMAS in BP (1 vs 3)", "lower", _t4(1), _t4(3), _gap(TABLE4, 1, 3)),
-        Claim("B.2: SMAS beats batch statistics in BP (1 vs 4)", "lower", _t4(1), _t4(4), _gap(TABLE4, 1, 4)),
-        Claim("MABN at b = 2 restores modified normalization at b = 32 (1 vs 11)", "equal", _t4(1), _t4(11), _gap(TABLE4, 1, 11)),
+        Claim("4.3: WC has little benefit for vanilla normalization (10 vs 9)", "equal", _t4(10), _t4(9)),
+        Claim("4.3: WC significantly improves modified normalization, EMAS / SMAS (1 vs 6)", "lower", _t4(1), _t4(6)),
+        Claim("4.3: WC significantly improves modified normalization, EMAS / BS (4 vs 7)", "lower", _t4(4), _t4(7)),
+        Claim("4.3: WC significantly improves modified normalization, BS / BS (5 vs 8)", "lower", _t4(5), _t4(8)),
+        Claim("B.2: EMAS beats SMAS in FP (1 vs 2)", "lower", _t4(1), _t4(2)),
+        Claim("B.2: SMAS beats EMAS in BP (1 vs 3)", "lower", _t4(1), _t4(3)),
+        Claim("B.2: SMAS beats batch statistics in BP (1 vs 4)", "lower", _t4(1), _t4(4)),
+        Claim("MABN at b = 2 restores modified normalization at b = 32 (1 vs 11)", "equal", _t4(1), _t4(11)),
     ],
     "figure1b": [
-        Claim("5.1: BN heavily relies on the batch size (BN b=2 vs b=32)", "higher",
-              ("table2_row3_bn_small", 2), ("table2_row3_bn_small", 32), round(35.22 - 23.41, 2)),
-        Claim("5.1: BRN heavily relies on the batch size (BRN b=2 vs b=32)", "higher",
-              ("table2_row4_brn", 2), ("table2_row4_brn", 32), None),
-        Claim("5.1: BRN performs better than vanilla BN (b=2)", "lower",
-              ("table2_row4_brn", 2), ("table2_row3_bn_small", 2), round(30.29 - 35.22, 2)),
+        Claim("5.1: BN heavily relies on the batch size (BN b=2 vs b=32)", "higher", _f1b("BN", 2), _f1b("BN", 32)),
+        Claim("5.1: BRN heavily relies on the batch size (BRN b=2 vs b=32)", "higher", _f1b("BRN", 2), _f1b("BRN", 32)),
+        Claim("5.1: BRN performs better than vanilla BN (b=2)", "lower", _f1b("BRN", 2), _f1b("BN", 2)),
         Claim("5.1: MABN retains its error regardless of the batch size (MABN b=2 vs b=32)", "equal",
-              ("table2_row8_mabn", 2), ("table2_row8_mabn", 32), None),
+              _f1b("MABN", 2), _f1b("MABN", 32)),
     ],
 }
