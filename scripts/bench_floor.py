@@ -15,7 +15,12 @@ implementation: forward statistics (read x), normalization (read x, write y), ba
 two fresh full-size tensors (y and dL/dx) add 2 E x 4 bytes of first-touch page faults; the
 "floor + faults" column adds their measured cost.
 
+With ``--allocator keep`` freed memory stays in the process (mabn.engine.bench.set_allocator):
+the fault cost then measures ~0, and the layers are timed without it, as a GPU's caching
+allocator runs them.
+
     python scripts/bench_floor.py                     # 2 threads, CPU, all four shapes
+    python scripts/bench_floor.py --allocator keep    # the same without first-touch page faults
     python scripts/bench_floor.py --threads 1 --out results/floor.md
 """
 
@@ -23,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
 import sys
 import time
@@ -93,7 +97,9 @@ def main(argv=None) -> int:
     p.add_argument("--mib", type=int, default=256, help="size of the bandwidth test tensors")
     p.add_argument("--shapes", nargs="+", default=SHAPES)
     p.add_argument("--out", default=None, help="also write the report (markdown) here")
+    bench.add_allocator_argument(p)
     args = p.parse_args(argv)
+    bench.apply_allocator(p, args)
     try:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
         assert all(len(s) == 4 for s in shapes)
@@ -106,7 +112,6 @@ def main(argv=None) -> int:
     lines = [
         f"Command: `python scripts/bench_floor.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
         f"Machine: {bench.machine_description(torch.device('cpu'))}; load average {bench.load_average()}; "
-        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; "
         f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         "",
         f"Memory bandwidth ({args.mib} MiB tensors, preallocated): copy {bw['copy']:.1f} GB/s, "

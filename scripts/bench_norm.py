@@ -76,7 +76,9 @@ def main(argv=None):
                    help="compile every layer (torch.compile); the compile time is reported separately")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", help="also write the markdown table to this file")
+    bench.add_allocator_argument(p)
     args = p.parse_args(argv)
+    bench.apply_allocator(p, args)
     try:
         device = bench.resolve_device(args.device)
     except ValueError as e:

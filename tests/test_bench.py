@@ -37,8 +37,44 @@ def test_bench_step_refuses_bad_sizes():
 def test_bench_norm_eager_table(tmp_path):
     out = tmp_path / "norm.md"
     r = run_script([PYTHON, "scripts/bench_norm.py", "--shapes", "4x8x4x4", "--repeats", "1", "--warmup", "0",
-                    "--out", str(out)])
+                    "--allocator", "keep", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     assert "| 4x8x4x4 | " in text and "MABN2d (b=2) ms (x BN)" in text and "(1.00x)" in text
     assert "- device: " in text and "Compilation" not in text
+    assert "CPU memory: glibc malloc keeping freed memory (--allocator keep" in text
+
+
+_RSS_AFTER_FREE = """
+import sys, torch
+from mabn.engine import bench
+if sys.argv[1] == "keep":
+    bench.set_allocator("keep")
+page = __import__("os").sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+t = torch.empty(64 << 20)  # 256 MiB, written below so that every page is resident
+t.fill_(1.0)
+before = rss()
+del t
+print((before - rss()) >> 20)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's mallopt and /proc")
+def test_allocator_keep_retains_freed_memory():
+    """By default glibc returns a freed 256 MiB tensor to the OS (the resident size drops by it:
+    the next allocation pays first-touch page faults again); with set_allocator("keep") the
+    memory stays resident for reuse."""
+    released = {}
+    for mode in ("default", "keep"):
+        r = run_script([PYTHON, "-c", _RSS_AFTER_FREE, mode])
+        assert r.returncode == 0, r.stderr[-3000:]
+        released[mode] = int(r.stdout.split()[-1])
+    assert released["default"] > 200, released
+    assert released["keep"] < 32, released
+
+
+def test_allocator_rejects_unknown_names():
+    from mabn.engine import bench
+    with pytest.raises(ValueError, match="--allocator 'huge'"):
+        bench.set_allocator("huge")

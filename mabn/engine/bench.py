@@ -8,6 +8,8 @@ every timed call is bracketed by ``torch.cuda.synchronize``.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import platform
 import statistics
@@ -17,7 +19,7 @@ from typing import Callable
 import torch
 
 __all__ = ["write_report", "resolve_device", "sync", "timed", "round_robin", "spread", "cpu_model", "cpu_capability", "load_average",
-           "machine_description"]
+           "machine_description", "ALLOCATORS", "set_allocator", "add_allocator_argument", "apply_allocator", "allocator_description"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,11 +109,72 @@ def load_average() -> str:
         return "n/a"
 
 
+#: ``--allocator`` choices of the CPU benchmarks. "default": the C library's malloc as the
+#: process got it. "keep": glibc's malloc told to keep freed memory in the process (see
+#: :func:`set_allocator`), so that no timed call pays first-touch page faults for memory it
+#: allocates, as on a GPU with torch's caching allocator.
+ALLOCATORS = ("default", "keep")
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, glibc's <malloc.h>
+_allocator = "default"
+
+
+def set_allocator(name: str) -> None:
+    """Choose how freed CPU memory is handled for the rest of the process (call it first).
+
+    Why it matters: torch's CPU tensors come from malloc, and glibc serves large ones (above a
+    threshold of at most 32 MiB) with fresh ``mmap`` pages that go back to the OS when freed, and
+    trims the heap when its free top grows large. Every fresh page then costs a page fault on its
+    first write, and that cost differs a lot between machines (measured by
+    scripts/bench_floor.py: 140 ms per GB on the Intel Xeon box, 420-470 ms per GB on the AMD
+    EPYC virtual machine). A layer's forward+backward writes two fresh full-size tensors, so
+    that cost is shared by every layer compared and moves their ratios with the machine.
+    ``"keep"`` calls ``mallopt(M_MMAP_MAX, 0)`` (no mmap'd chunks) and
+    ``mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)`` (no trimming): freed memory is reused without
+    faults. ValueError for an unknown name; RuntimeError where there is no glibc mallopt."""
+    global _allocator
+    if name not in ALLOCATORS:
+        raise ValueError(f"--allocator {name!r}: choose one of {', '.join(ALLOCATORS)}")
+    if name == "keep":
+        path = ctypes.util.find_library("c")
+        mallopt = getattr(ctypes.CDLL(path), "mallopt", None) if path else None
+        if mallopt is None or not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
+            raise RuntimeError("--allocator keep needs glibc's mallopt (Linux with glibc); "
+                               "use --allocator default")
+    _allocator = name
+
+
+def add_allocator_argument(parser) -> None:
+    """The ``--allocator`` option of a CPU benchmark script (see :func:`set_allocator`)."""
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="default",
+                        help="CPU memory: 'default' malloc, or 'keep' freed memory in the process "
+                             "(no first-touch page faults in the timed calls; glibc only)")
+
+
+def apply_allocator(parser, args) -> None:
+    """:func:`set_allocator` with ``args.allocator``; a command-line error (exit 2) where it cannot."""
+    try:
+        set_allocator(args.allocator)
+    except (ValueError, RuntimeError) as e:
+        parser.error(str(e))
+
+
+def allocator_description() -> str:
+    """How CPU memory is allocated here: :func:`set_allocator`'s choice, and the environment
+    variables that change malloc or torch's CPU allocations (LD_PRELOAD of jemalloc/tcmalloc,
+    glibc's MALLOC_* tunables, torch's THP_MEM_ALLOC_ENABLE) when set."""
+    s = ("glibc malloc keeping freed memory (--allocator keep: no mmap, no trim)" if _allocator == "keep"
+         else "the C library's malloc, default settings (--allocator default)")
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items())
+           if k in ("LD_PRELOAD", "THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES") or k.startswith("MALLOC_")]
+    return s + (f"; environment: {' '.join(env)}" if env else "")
+
+
 def machine_description(device: torch.device) -> str:
-    """CPU model, logical cores, torch version and intra-op threads, plus the GPU on CUDA."""
+    """CPU model, logical cores, torch version and intra-op threads, the CPU allocator, plus the
+    GPU on CUDA."""
     s = (f"{cpu_model()} (torch CPU kernels: {cpu_capability()}), {os.cpu_count()} logical cores, "
          f"torch {torch.__version__}, "
-         f"{torch.get_num_threads()} intra-op threads")
+         f"{torch.get_num_threads()} intra-op threads; CPU memory: {allocator_description()}")
     if device.type == "cuda":
         s += f"; GPU: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     return s
