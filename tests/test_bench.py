@@ -78,3 +78,27 @@ def test_allocator_rejects_unknown_names():
     from mabn.engine import bench
     with pytest.raises(ValueError, match="--allocator 'huge'"):
         bench.set_allocator("huge")
+
+
+def test_bench_floor_report_and_floor_arithmetic(tmp_path):
+    """bench_floor's floor column is 8 full-tensor passes of 4-byte elements at the copy
+    bandwidth it printed (recomputed here from the report), and bad shapes exit 2."""
+    import re
+    out = tmp_path / "floor.md"
+    r = run_script([PYTHON, "scripts/bench_floor.py", "--mib", "8", "--shapes", "4x8x16x16", "--repeats", "2",
+                    "--threads", "1", "--allocator", "keep", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert "CPU memory: glibc malloc keeping freed memory" in text and "1 intra-op threads" in text
+    copy = float(re.search(r"copy ([0-9.]+) GB/s", text).group(1))
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| 4x8x16x16 |")]
+    assert [c.strip() for c in (rows[0][1], rows[1][1])] == ["NCHW", "channels_last"]
+    for row in rows:
+        floor_ms = float(row[2])
+        assert floor_ms == pytest.approx(8 * 4 * 8 * 16 * 16 * 4 / (copy * 1e9) * 1e3, abs=0.006)
+        bn, mabn = float(row[4]), float(row[5])
+        # the ratio comes from the unrounded times; the printed ones are rounded to 0.005 ms
+        slack = mabn / bn * (0.005 / bn + 0.005 / mabn) + 0.005
+        assert float(row[6].strip().rstrip("x")) == pytest.approx(mabn / bn, abs=slack)
+    bad = run_script([PYTHON, "scripts/bench_floor.py", "--shapes", "4x8x16"])
+    assert bad.returncode == 2 and "--shapes must look like 32x256x56x56" in bad.stderr
