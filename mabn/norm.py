@@ -73,12 +73,13 @@ Implementation: every per-group computation is vectorized (per-(sample, channel)
 H*W, then sums over the consecutive samples of each group; no Python loop over channels); the
 normalization and its eq. 20 backward are one autograd Function that never materialises Y: the
 forward reads x once for its statistics and once for the output ``x * scale + offset``; the
-backward reads dL/dout and x once for its two reductions and writes dx in two fused
-multiply-adds. On the CPU the reductions read both memory formats in place: contiguous inputs as
+backward reads dL/dout and x once for its two reductions and once more for dx, written in one
+pass by a kernel torch.compile generates for ``dout * a + x * b + c`` (compiled once per process;
+two multiply-adds where compiling fails or ``FUSED_INPUT_GRADIENT = "off"``). On the CPU the reductions read both memory formats in place: contiguous inputs as
 (1, N*C, H, W) planes, whose sum and dot product come in one pass from torch's BatchNorm backward
-reduction kernel (see _channel_sums); channels_last inputs as (N, H*W, C) blocks of about 1 MiB
-(see _CHUNK), and in the backward one normalization group at a time as a (1, C, b*H, W)
-channels_last image; small channels_last tensors by plain products. Group variances come from
+reduction kernel (see _channel_sums); channels_last inputs one normalization group at a time as
+a (1, C, b*H, W) channels_last image through the same kernel, forward and backward (small
+channels_last tensors, under _CHUNK elements, by plain products). Group variances come from
 float64 combinations of float32 partial sums; when an input is so badly centred that this loses
 precision (mean^2 > 16 var), and always on CUDA, torch's centred var_mean kernel is used
 instead. Statistics are computed in float32 for half-precision inputs (autocast) and the output
@@ -217,11 +218,11 @@ def _ema_update(running, value, alpha, first):
     running.copy_(updated)
 
 
-#: Largest temporary, in elements, that a chunked reduction forms on the CPU (2^18 floats, 1 MiB).
-#: A full-size temporary (e.g. ``(a * b).sum(...)`` on a ResNet-50 activation, ~100 MB) is a fresh
-#: allocation whose pages are faulted in on first touch: on the VMs this project runs on that
-#: costs 5-8x a pass over the same memory and dominated the layer's time. Chunks this small are
-#: reused from the C allocator's heap, so the reduction only reads its inputs once.
+#: Largest channels_last tensor, in elements, whose reductions are formed through a full-size
+#: product on the CPU (2^18 floats, 1 MiB); larger ones go through torch's BatchNorm reduction
+#: kernel one group at a time. A full-size temporary (e.g. ``(a * b).sum(...)`` on a ResNet-50
+#: activation, ~100 MB) is a fresh allocation whose pages are faulted in on first touch: on the
+#: VMs this project runs on that costs 5-8x a pass over the same memory.
 _CHUNK = 1 << 18
 
 
@@ -240,19 +241,6 @@ def _eager_cpu(x) -> bool:
     """Whether the CPU kernels below apply (plane, block and view tricks; eager mode on the CPU);
     elsewhere one plain expression per pass (torch.compile fuses them, CUDA's are fast as they are)."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def _row_chunks(rows):
-    """Index pairs ``(samples, positions)`` that cut a channels_last ``_rows`` view (N, L, C)
-    into consecutive blocks of about _CHUNK elements: several whole samples when one sample's
-    L*C block fits a chunk, else one sample's positions a piece at a time. Each block is
-    contiguous, and its reduction over the middle axis keeps C the vectorized inner loop."""
-    n, length, c = rows.shape
-    if length * c <= _CHUNK:
-        step = max(1, _CHUNK // max(1, length * c))
-        return [(slice(i, i + step), slice(None)) for i in range(0, n, step)]
-    step = max(1, _CHUNK // max(1, c))
-    return [(slice(i, i + 1), slice(j, j + step)) for i in range(n) for j in range(0, length, step)]
 
 
 def _channel_sums(a, b, zero=None, one=None):
@@ -275,11 +263,10 @@ def _plane_sums(x, with_sum: bool = True):
     Each memory format is reduced in its own layout without copying the input, reading it once.
     On the CPU: contiguous inputs as (1, N*C, H, W) planes (the sum of squares by vector_norm,
     both sums together by torch's BatchNorm reduction, see _channel_sums); channels_last inputs
-    as (N, H*W, C) blocks of about _CHUNK elements reduced over the middle axis (the channels
-    stay the vectorized inner loop; the product is formed a block at a time, never as a
-    full-size temporary). The sums are accumulated in float32 per plane or block and combined in
-    float64, so that the group variance E[x^2] - mu^2 is formed without float32 cancellation
-    between blocks.
+    on their (N, H*W, C) view reduced over the middle axis (the channels stay the vectorized
+    inner loop), through one product; _group_sums reduces large channels_last inputs without it.
+    The sums are accumulated in float32 per plane and combined in float64, so that the group
+    variance E[x^2] - mu^2 is formed without float32 cancellation between planes.
     """
     rows, dim = _rows(x)
     if rows is None:  # other strides: torch's generic reductions
@@ -294,17 +281,39 @@ def _plane_sums(x, with_sum: bool = True):
         planes = x.view(1, n * c, h, w)
         s1, s2 = _channel_sums(planes, planes)
         return s1.double().view(n, c), s2.double().view(n, c)
-    if x.numel() <= _CHUNK:  # channels_last, small: one product (vector_norm over the middle
-        s1 = rows.sum(1).double() if with_sum else None  # axis is a slow path)
-        return s1, (rows * rows).sum(1).double()
-    s1 = torch.zeros(n, c, dtype=torch.float64) if with_sum else None
-    s2 = torch.zeros(n, c, dtype=torch.float64)
-    for i, j in _row_chunks(rows):  # channels_last, large: a block at a time
-        part = rows[i, j]
-        if with_sum:
-            s1[i] += part.sum(1)
-        s2[i] += (part * part).sum(1)
-    return s1, s2
+    # channels_last: one product (vector_norm over the middle axis is a slow path); large
+    # channels_last inputs are reduced by _group_sums without this full-size temporary
+    s1 = rows.sum(1).double() if with_sum else None
+    return s1, (rows * rows).sum(1).double()
+
+
+def _group_images(t, groups):
+    """A channels_last (N, C, H, W) tensor as (G, C, b*H, W) channels_last views without a copy,
+    one image per normalization group of b consecutive samples (a sample's channels cannot share
+    one channel axis with other samples' in that layout, so torch's per-channel kernels see one
+    group at a time)."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).reshape(groups, (n // groups) * h, w, c).permute(0, 3, 1, 2)
+
+
+def _group_sums(x, groups, with_sum: bool = True):
+    """Per-(group, channel) sum (None unless ``with_sum``) and sum of squares over the group's
+    samples and H, W: float64 (G, C) each, the forward statistics of eq. 2 / eq. 15.
+
+    Large channels_last inputs on the CPU (eager): one group at a time as a (1, C, b*H, W)
+    channels_last image (_group_images), both sums in one pass by torch's BatchNorm backward
+    reduction (_channel_sums with a = b = x; the same kernel, and the same float32 accumulation,
+    as the backward's reductions and as nn.BatchNorm2d's own). Everything else: the
+    per-(sample, channel) sums of _plane_sums, summed over each group's samples in float64."""
+    rows, dim = _rows(x)
+    if dim == 1 and _eager_cpu(x) and x.numel() > _CHUNK:
+        c = x.shape[1]
+        zero, one = x.new_zeros(c), x.new_ones(c)
+        sums = [_channel_sums(g, g, zero, one) for g in _group_images(x, groups).split(1)]
+        s2 = torch.stack([q for _, q in sums]).double()
+        return (torch.stack([s for s, _ in sums]).double() if with_sum else None), s2
+    s1, s2 = _plane_sums(x, with_sum)
+    return (None if s1 is None else _group_sum(s1, groups)), _group_sum(s2, groups)
 
 
 #: Above this ratio mean^2 / variance, E[x^2] - mu^2 in float32 loses too many digits: the layer
@@ -331,14 +340,10 @@ def _group_dot_sum(dout, x, groups):
         sd, sdx = _channel_sums(x.view(1, n * c, h, w), dout.view(1, n * c, h, w))
         sd, sdx = sd.double().view(n, c), sdx.double().view(n, c)
     else:
-        n, c, h, w = x.shape
-        b = n // groups
-
-        def images(t):  # (G, C, b*H, W) channels_last views, one image per group
-            return t.permute(0, 2, 3, 1).reshape(groups, b * h, w, c).permute(0, 3, 1, 2)
-
+        c = x.shape[1]
         zero, one = x.new_zeros(c), x.new_ones(c)
-        sums = [_channel_sums(gx, gd, zero, one) for gx, gd in zip(images(x).split(1), images(dout).split(1))]
+        sums = [_channel_sums(gx, gd, zero, one)
+                for gx, gd in zip(_group_images(x, groups).split(1), _group_images(dout, groups).split(1))]
         return torch.stack([s for s, _ in sums]).double(), torch.stack([s for _, s in sums]).double()
     return _group_sum(sd, groups), _group_sum(sdx, groups)
 
@@ -378,10 +383,70 @@ def _affine_rows(x, scale, offset):
     return torch.addcmul(offset[:, :, None, None], x, scale[:, :, None, None])
 
 
+#: Whether eq. 20's input gradient is one pass on the CPU in eager mode (see _fused_input_gradient):
+#: "auto" (the default) uses a kernel that torch.compile generates for it, once per process and
+#: dtype (a few seconds, the first time a large tensor's backward runs; it needs the C++ compiler
+#: torch.compile needs), and falls back to two passes, with a warning, where compiling fails;
+#: "off" always takes two passes. Set it as ``mabn.norm.FUSED_INPUT_GRADIENT = "off"``.
+FUSED_INPUT_GRADIENT = "auto"
+_fused_kernel = None  # the compiled kernel, once made; False after a failed compilation
+_FUSED_RECOMPILE_LIMIT = 32  # distinct (dtype, layout, size-pattern) graphs compiled at most
+
+
+def _multiply_adds(d, x, a, b, k):
+    """``d * a + x * b + k``: the kernel torch.compile fuses into one pass (_fused_input_gradient)."""
+    return d * a + x * b + k
+
+
+def _fused_input_gradient(dout, x, a, b, const):
+    """``dout * a + x * b + const`` in one pass over dout and x (3 memory passes, not the 5 of two
+    multiply-adds, whose intermediate eager torch must write and read back), or None where it
+    does not apply: off the eager CPU path, for tensors of at most _CHUNK elements (the compiled
+    call's overhead is not worth it), for layouts that differ, with FUSED_INPUT_GRADIENT "off", or
+    after compiling failed. Computed on the (N, C, H*W) / (N, H*W, C) views of both inputs with
+    (N, C, 1) / (N, 1, C) coefficients, so that one symbolic-shape kernel serves every shape."""
+    global _fused_kernel
+    if FUSED_INPUT_GRADIENT == "off" or _fused_kernel is False:
+        return None
+    if FUSED_INPUT_GRADIENT != "auto":
+        raise OptionError("mabn.norm.FUSED_INPUT_GRADIENT", FUSED_INPUT_GRADIENT, 'is "auto" or "off"')
+    rd, dim = _rows(dout)
+    rx, dim_x = _rows(x)
+    if rd is None or dim != dim_x or not _eager_cpu(x) or x.numel() <= _CHUNK or dout.dtype != x.dtype:
+        return None
+    if const is None:  # (a zero tensor like the others: one compiled graph for both cases)
+        const = torch.zeros_like(a)
+    a, b, const = (t[:, :, None] if dim == 2 else t[:, None, :] for t in (a, b, const))
+    if _fused_kernel is None:
+        _fused_kernel = torch.compile(_multiply_adds, dynamic=True, fullgraph=True)
+    try:
+        # One graph per dtype and layout in training; a test process sees more (sizes of 1 and
+        # equal sizes specialize), hence a limit above dynamo's default of 8.
+        with torch._dynamo.config.patch(recompile_limit=_FUSED_RECOMPILE_LIMIT):
+            rows = _fused_kernel(rd, rx, a, b, const)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:  # yet another pattern: two passes for this one
+        return None
+    except Exception as error:  # no C++ compiler, or an inductor failure: two passes from now on
+        import warnings
+        _fused_kernel = False
+        warnings.warn(f"mabn.norm: the fused input-gradient kernel could not be compiled ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0] if str(error) else ''}); using two passes "
+                      f"(set mabn.norm.FUSED_INPUT_GRADIENT = 'off' to skip the attempt)", RuntimeWarning)
+        return None
+    n, c, h, w = x.shape
+    if dim == 2:
+        return rows.view(n, c, h, w)
+    return rows.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
 def _input_gradient(dout, x, a, b, const):
     """``dout * a + x * b (+ const)`` with per-(sample, channel) coefficients (N, C) (``const``
-    may be None): eq. 20's input gradient, two fused multiply-adds in x's layout (the first one
-    by _affine_rows; the second on the (N, H*W, C) views when both are channels_last on the CPU)."""
+    may be None): eq. 20's input gradient. One pass where _fused_input_gradient applies; else two
+    fused multiply-adds in x's layout (the first one by _affine_rows; the second on the
+    (N, H*W, C) views when both are channels_last on the CPU)."""
+    dx = _fused_input_gradient(dout, x, a, b, const)
+    if dx is not None:
+        return dx
     dx = _affine_rows(x, b, const)
     rd, dim = _rows(dout)
     if dim == 1 and _rows(x)[1] == 1 and _eager_cpu(x):
@@ -747,11 +812,11 @@ class BatchStatNorm2d(nn.Module):
 
         with torch.no_grad():
             # Batch statistics of every group (eq. 2 / eq. 15), shape (G, K, C).
-            s1, s2 = _plane_sums(x, with_sum=vanilla)
-            second = _group_sum(s2, groups) / count
+            s1, s2 = _group_sums(x, groups, with_sum=vanilla)
+            second = s2 / count
             centred = False
             if vanilla:
-                mean = _group_sum(s1, groups) / count
+                mean = s1 / count
                 var = (second - mean * mean).clamp_min(0.0)
                 # Off the eager CPU path (CUDA; torch.compile, where the data-dependent test would
                 # break the graph) the centred kernel is always used.

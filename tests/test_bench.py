@@ -43,6 +43,18 @@ def test_bench_norm_eager_table(tmp_path):
     assert "| 4x8x4x4 | " in text and "MABN2d (b=2) ms (x BN)" in text and "(1.00x)" in text
     assert "- device: " in text and "Compilation" not in text
     assert "CPU memory: glibc malloc keeping freed memory (--allocator keep" in text
+    assert "eager MABN input gradient: FUSED_INPUT_GRADIENT auto, not reached" in text  # under _CHUNK
+
+
+@pytest.mark.parametrize("fused,expect", [("auto", "one fused pass"), ("off", "two passes (mabn.norm.FUSED_INPUT_GRADIENT off)")])
+def test_bench_norm_names_the_input_gradient_path(tmp_path, fused, expect):
+    """A channels_last tensor above mabn.norm._CHUNK elements takes the fused kernel unless it is
+    switched off, and the report's machine line says which path the timed layers took."""
+    out = tmp_path / "norm.md"
+    r = run_script([PYTHON, "scripts/bench_norm.py", "--shapes", "2x64x64x33", "--repeats", "1", "--warmup", "1",
+                    "--channels-last", "--threads", "1", "--fused-input-gradient", fused, "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"eager MABN input gradient: {expect}" in out.read_text()
 
 
 _RSS_AFTER_FREE = """

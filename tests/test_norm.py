@@ -403,6 +403,69 @@ def test_channels_last_and_float32_match_float64():
         torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-5)
 
 
+def _float32_layer_against_float64(preset, fmt, shape=(4, 8, 9, 9)):
+    """Three iterations of a float32 layer in ``fmt`` and a float64 copy in NCHW on one input:
+    the largest relative error of the input gradient (against the float64 one's scale)."""
+    x64, up64 = make_input(*shape), make_input(*shape, seed=7)
+    ref = getattr(mabn, preset)(shape[1], norm_batch_size=2, renorm_warmup_iters=1).double()
+    layer = getattr(mabn, preset)(shape[1], norm_batch_size=2, renorm_warmup_iters=1)
+    worst = 0.0
+    for it in range(3):
+        x, x32 = x64.clone().requires_grad_(), x64.float().contiguous(memory_format=fmt).requires_grad_()
+        (g64,) = torch.autograd.grad(ref(x * (1 + it)), x, up64)
+        y = layer(x32 * (1 + it))
+        (g32,) = torch.autograd.grad(y, x32, up64.float().contiguous(memory_format=fmt))
+        assert g32.is_contiguous(memory_format=fmt) and g32.dtype == torch.float32
+        worst = max(worst, float((g32.double() - g64).abs().max() / g64.abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("preset", ["MABN2d", "BatchNorm2d"])
+def test_fused_input_gradient_is_taken_and_matches_float64(monkeypatch, fmt, preset):
+    """The one-pass input gradient (a kernel torch.compile makes, mabn.norm._fused_input_gradient)
+    is used for tensors above mabn.norm._CHUNK elements in eager mode on the CPU (made small here),
+    in both layouts, and the float32 gradient matches the float64 layer's; with
+    FUSED_INPUT_GRADIENT = "off" the two-pass path gives the same gradient."""
+    import mabn.norm as norm_module
+    monkeypatch.setattr(norm_module, "_CHUNK", 64)
+    calls = []
+    fused = norm_module._fused_input_gradient
+    monkeypatch.setattr(norm_module, "_fused_input_gradient", lambda *a: calls.append(fused(*a)) or calls[-1])
+    err_fused = _float32_layer_against_float64(preset, fmt)
+    assert calls and all(dx is not None for dx in calls), "the fused kernel was not used"
+    assert callable(norm_module._fused_kernel)
+    monkeypatch.setattr(norm_module, "FUSED_INPUT_GRADIENT", "off")
+    calls.clear()
+    err_two = _float32_layer_against_float64(preset, fmt)
+    assert calls and all(dx is None for dx in calls)
+    assert err_fused < 1e-5 and err_two < 1e-5, (err_fused, err_two)
+
+
+def test_fused_input_gradient_falls_back_when_compiling_fails(monkeypatch):
+    """A kernel that cannot be compiled (e.g. no C++ compiler) warns once, names the switch, and
+    every later backward takes the two passes, with the float64 gradient."""
+    import mabn.norm as norm_module
+    monkeypatch.setattr(norm_module, "_CHUNK", 64)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(norm_module, "_fused_kernel", broken)
+    with pytest.warns(RuntimeWarning, match="FUSED_INPUT_GRADIENT.*off"):
+        err = _float32_layer_against_float64("MABN2d", torch.channels_last)
+    assert norm_module._fused_kernel is False
+    assert err < 1e-5
+
+
+def test_fused_input_gradient_bad_setting_is_named(monkeypatch):
+    import mabn.norm as norm_module
+    monkeypatch.setattr(norm_module, "_CHUNK", 64)
+    monkeypatch.setattr(norm_module, "FUSED_INPUT_GRADIENT", "on")
+    with pytest.raises(ValueError, match="FUSED_INPUT_GRADIENT.*on"):
+        _float32_layer_against_float64("MABN2d", torch.contiguous_format)
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("preset", ["MABN2d", "BatchNorm2d"])
 def test_inplace_relu_after_the_layer(fmt, preset):

@@ -169,12 +169,37 @@ def allocator_description() -> str:
     return s + (f"; environment: {' '.join(env)}" if env else "")
 
 
+def add_fused_argument(parser) -> None:
+    """``--fused-input-gradient {auto,off}``: mabn.norm.FUSED_INPUT_GRADIENT for eager MABN layers."""
+    parser.add_argument("--fused-input-gradient", choices=("auto", "off"), default="auto",
+                        help="mabn.norm.FUSED_INPUT_GRADIENT for eager layers: auto (one pass, a kernel "
+                             "torch.compile makes on first use, in the warm-up) or off (two passes)")
+
+
+def apply_fused(args) -> None:
+    from mabn import norm
+    norm.FUSED_INPUT_GRADIENT = args.fused_input_gradient
+
+
+def fused_description() -> str:
+    """How eager mabn layers computed eq. 20's input gradient in this process so far."""
+    from mabn import norm
+    if norm.FUSED_INPUT_GRADIENT == "off":
+        return "two passes (mabn.norm.FUSED_INPUT_GRADIENT off)"
+    if norm._fused_kernel is False:
+        return "two passes (FUSED_INPUT_GRADIENT auto, but its kernel failed to compile)"
+    if norm._fused_kernel is None:
+        return "FUSED_INPUT_GRADIENT auto, not reached in eager mode"
+    return "one fused pass (FUSED_INPUT_GRADIENT auto: a kernel compiled on first use)"
+
+
 def machine_description(device: torch.device) -> str:
-    """CPU model, logical cores, torch version and intra-op threads, the CPU allocator, plus the
-    GPU on CUDA."""
+    """CPU model, logical cores, torch version and intra-op threads, the CPU allocator, how eager
+    mabn layers computed their input gradient, plus the GPU on CUDA."""
     s = (f"{cpu_model()} (torch CPU kernels: {cpu_capability()}), {os.cpu_count()} logical cores, "
          f"torch {torch.__version__}, "
-         f"{torch.get_num_threads()} intra-op threads; CPU memory: {allocator_description()}")
+         f"{torch.get_num_threads()} intra-op threads; CPU memory: {allocator_description()}; "
+         f"eager MABN input gradient: {fused_description()}")
     if device.type == "cuda":
         s += f"; GPU: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     return s
