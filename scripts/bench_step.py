@@ -94,19 +94,30 @@ def render(args, command, first, times, breaks, started, wall, load_start, devic
          f"(MABN2d, groups of {args.norm_batch_size} images, weight-centralized convolutions).",
          f"- Timing: {args.warmup} warm-up + {args.iters} timed round-robin rounds after one untimed "
          f"first step per configuration; median step time; spread = (max - min) / median over the "
-         f"timed steps. Compile = the first step of a compiled configuration (compilation included).",
+         f"timed steps. Paired = MABN's step over BN's step of the same round (the two run one after "
+         f"the other, so slow phases of the machine hit both): median over rounds, and the mean with "
+         f"its standard error (sample std / sqrt(rounds)). Compile = the first step of a compiled "
+         f"configuration (compilation included).",
          ""]
-    L.append("| layout | mode | BN step (ms) | MABN step (ms) | MABN / BN | BN spread | MABN spread | "
-             "BN compile (s) | MABN compile (s) |")
-    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    L.append("| layout | mode | BN step (ms) | MABN step (ms) | MABN / BN | paired: median | paired: mean ± s.e. | "
+             "BN spread | MABN spread | BN compile (s) | MABN compile (s) |")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for layout in args.layouts:
         for mode in args.modes:
             key = lambda net: (layout, mode, net)  # noqa: E731
             med = {n: statistics.median(times[key(n)]) for n in NETWORKS}
             comp = {n: f"{first[key(n)]:.1f}" if mode == "compiled" else "-" for n in NETWORKS}
+            paired = [m / b for m, b in zip(times[key("MABN")], times[key("BN")])]
+            se = statistics.stdev(paired) / len(paired) ** 0.5 if len(paired) > 1 else float("nan")
             L.append(f"| {layout} | {mode} | {1e3 * med['BN']:.1f} | {1e3 * med['MABN']:.1f} | "
-                     f"{med['MABN'] / med['BN']:.3f} | {bench.spread(times[key('BN')]):.0f}% | "
+                     f"{med['MABN'] / med['BN']:.3f} | {statistics.median(paired):.3f} | "
+                     f"{statistics.mean(paired):.3f} ± {se:.3f} | {bench.spread(times[key('BN')]):.0f}% | "
                      f"{bench.spread(times[key('MABN')]):.0f}% | {comp['BN']} | {comp['MABN']} |")
+    keys = [(layout, mode, net) for layout in args.layouts for mode in args.modes for net in NETWORKS]
+    L += ["", "Every timed step (ms), round by round:", "",
+          "| round | " + " | ".join(" ".join(k) for k in keys) + " |", "|---:|" + "---:|" * len(keys)]
+    for r in range(len(times[keys[0]])):
+        L.append(f"| {r + 1} | " + " | ".join(f"{1e3 * times[k][r]:.1f}" for k in keys) + " |")
     if "compiled" in args.modes:
         L += ["", "Graph breaks met by torch.compile (0 = each network compiled as whole graphs): "
               + ", ".join(f"{layout} {net}: {breaks[(layout, net)]}" for layout in args.layouts for net in NETWORKS)]

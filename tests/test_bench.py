@@ -27,6 +27,17 @@ def test_bench_step_writes_its_report(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| nchw | eager |")).split("|")
     bn, mabn_ms, ratio = float(row[3]), float(row[4]), float(row[5])
     assert bn > 0 and mabn_ms > 0 and ratio == pytest.approx(mabn_ms / bn, rel=0.01, abs=0.001)
+    # The paired columns against the per-round table: round r's MABN step over its BN step.
+    lines = text.splitlines()
+    head = lines.index(next(line for line in lines if line.startswith("| round | ")))
+    cols = [c.strip() for c in lines[head].split("|")[1:-1]]
+    rounds = [[float(c) for c in line.split("|")[1:-1]] for line in lines[head + 2:head + 4]]
+    assert [r[0] for r in rounds] == [1, 2]
+    pairs = [r[cols.index("nchw eager MABN")] / r[cols.index("nchw eager BN")] for r in rounds]
+    assert float(row[6]) == pytest.approx(sum(pairs) / 2, abs=0.002)  # the median of two is their mean
+    mean, se = (float(v) for v in row[7].split("±"))
+    assert mean == pytest.approx(sum(pairs) / 2, abs=0.002)
+    assert se == pytest.approx(abs(pairs[0] - pairs[1]) / 2, abs=0.002)  # std/sqrt(2) of two values
 
 
 def test_bench_step_refuses_bad_sizes():
