@@ -230,28 +230,18 @@ def bench_training(args, device, log):
 
 # ---------------------------------------------------------------------------------- report
 def machine_description() -> str:
-    cpu = f"{bench.cpu_model()} (torch CPU kernels: {bench.cpu_capability()})"
+    """bench.machine_description (CPU, threads, allocator, input-gradient path, GPU) plus the RAM,
+    torchvision, Python and the OS."""
     mem = ""
     try:
         with open("/proc/meminfo") as f:
             kb = int(f.readline().split()[1])
-        mem = f", {kb / 2**20:.0f} GiB RAM"
+        mem = f"{kb / 2**20:.0f} GiB RAM, "
     except (OSError, ValueError, IndexError):
         pass
-    s = (f"{cpu}, {os.cpu_count()} logical cores{mem}, torch {torch.__version__} "
-         f"({torch.get_num_threads()} intra-op threads), torchvision {torchvision.__version__}, "
-         f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
-    if torch.cuda.is_available():
-        s += f"; CUDA device: {torch.cuda.get_device_name(0)}"
-    return s
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return (f"{bench.machine_description(device)}; {mem}torchvision {torchvision.__version__}, "
+            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
 
 
 def _spread(xs):
@@ -265,7 +255,7 @@ def render(args, static, inference, training, command, started, wall) -> str:
     L.append(f"- Command: `{command}`")
     L.append(f"- Date: {started:%Y-%m-%d %H:%M} (local time), wall time {wall / 60:.1f} min")
     L.append(f"- Machine: {machine_description()}")
-    L.append(f"- Load average (1, 5, 15 min) at start: {args.load_start}; at end: {_loadavg()} "
+    L.append(f"- Load average (1, 5, 15 min) at start: {args.load_start}; at end: {bench.load_average()} "
              f"(other processes sharing the cores make timings noisy; see the spread columns)")
     L.append(f"- Input {args.image_size}x{args.image_size}, float32, NCHW, `torch.inference_mode()`; "
              f"{args.repeats} interleaved repeats per (device, batch) with the model order rotated, each "
@@ -383,6 +373,14 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="markdown file to write (the table is printed either way)")
     p.add_argument("--_train-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for key in ("train_batch_size", "norm_batch_size", "train_iters", "train_repeats", "repeats"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
+    if args.batch_sizes and min(args.batch_sizes) < 1:
+        p.error(f"--batch-sizes={args.batch_sizes} must all be >= 1")
+    if args.image_size < (32 if args.no_train else 64):
+        p.error(f"--image-size={args.image_size} must be >= {32 if args.no_train else 64} (the ResNet reduces it "
+                f"32-fold; training InstanceNorm/GroupNorm needs more than one value per channel)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._train_worker:
@@ -392,7 +390,7 @@ def main(argv=None):
         print(msg, file=sys.stderr, flush=True)
 
     started, t0 = datetime.datetime.now(), time.perf_counter()
-    args.load_start = _loadavg()
+    args.load_start = bench.load_average()
     command = "python scripts/bench_inference.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.device == "all":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

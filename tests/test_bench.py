@@ -128,3 +128,19 @@ def test_bench_floor_report_and_floor_arithmetic(tmp_path):
         assert float(row[6].strip().rstrip("x")) == pytest.approx(mabn / bn, abs=slack)
     bad = run_script([PYTHON, "scripts/bench_floor.py", "--shapes", "4x8x16"])
     assert bad.returncode == 2 and "--shapes must look like 32x256x56x56" in bad.stderr
+
+
+def test_bench_inference_machine_line_and_bad_sizes(tmp_path):
+    """bench_inference's report carries the shared machine line (allocator and input-gradient path
+    included) and a size the models cannot train at is refused by name, before any work."""
+    r = run_script([PYTHON, "scripts/bench_inference.py", "--image-size", "32"])
+    assert r.returncode == 2 and "--image-size=32 must be >= 64" in r.stderr, r.stderr[-2000:]
+    r = run_script([PYTHON, "scripts/bench_inference.py", "--train-iters", "0"])
+    assert r.returncode == 2 and "--train-iters=0 must be >= 1" in r.stderr, r.stderr[-2000:]
+    out = tmp_path / "inf.md"
+    r = run_script([PYTHON, "scripts/bench_inference.py", "--arch", "resnet18", "--batch-sizes", "1", "--repeats", "1",
+                    "--min-time", "0.01", "--image-size", "64", "--no-train", "--threads", "1", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    machine = next(line for line in out.read_text().splitlines() if line.startswith("- Machine: "))
+    for needle in ("CPU memory: ", "eager MABN input gradient: ", "torchvision ", "Python "):
+        assert needle in machine, needle
