@@ -75,7 +75,8 @@ normalization and its eq. 20 backward are one autograd Function that never mater
 forward reads x once for its statistics and once for the output ``x * scale + offset``; the
 backward reads dL/dout and x once for its two reductions and once more for dx, written in one
 pass by a kernel torch.compile generates for ``dout * a + x * b + c`` (compiled once per process;
-two multiply-adds where compiling fails or ``FUSED_INPUT_GRADIENT = "off"``). On the CPU the reductions read both memory formats in place: contiguous inputs as
+two multiply-adds where compiling fails or ``FUSED_INPUT_GRADIENT = "off"``). On the CPU the
+reductions read both memory formats in place: contiguous inputs as
 (1, N*C, H, W) planes, whose sum and dot product come in one pass from torch's BatchNorm backward
 reduction kernel (see _channel_sums); channels_last inputs one normalization group at a time as
 a (1, C, b*H, W) channels_last image through the same kernel, forward and backward (small
@@ -300,18 +301,14 @@ def _group_sums(x, groups, with_sum: bool = True):
     """Per-(group, channel) sum (None unless ``with_sum``) and sum of squares over the group's
     samples and H, W: float64 (G, C) each, the forward statistics of eq. 2 / eq. 15.
 
-    Large channels_last inputs on the CPU (eager): one group at a time as a (1, C, b*H, W)
-    channels_last image (_group_images), both sums in one pass by torch's BatchNorm backward
-    reduction (_channel_sums with a = b = x; the same kernel, and the same float32 accumulation,
-    as the backward's reductions and as nn.BatchNorm2d's own). Everything else: the
+    Large channels_last inputs on the CPU (eager): _group_dot_sum(x, x), i.e. one group at a
+    time as a (1, C, b*H, W) channels_last image, both sums in one pass by torch's BatchNorm
+    backward reduction (the same kernel, and the same float32 accumulation, as the backward's
+    reductions and as nn.BatchNorm2d's own). Everything else: the
     per-(sample, channel) sums of _plane_sums, summed over each group's samples in float64."""
-    rows, dim = _rows(x)
-    if dim == 1 and _eager_cpu(x) and x.numel() > _CHUNK:
-        c = x.shape[1]
-        zero, one = x.new_zeros(c), x.new_ones(c)
-        sums = [_channel_sums(g, g, zero, one) for g in _group_images(x, groups).split(1)]
-        s2 = torch.stack([q for _, q in sums]).double()
-        return (torch.stack([s for s, _ in sums]).double() if with_sum else None), s2
+    if _rows(x)[1] == 1 and _eager_cpu(x) and x.numel() > _CHUNK:
+        s1, s2 = _group_dot_sum(x, x, groups)  # its per-group channels_last images, dout = x
+        return (s1 if with_sum else None), s2
     s1, s2 = _plane_sums(x, with_sum)
     return (None if s1 is None else _group_sum(s1, groups)), _group_sum(s2, groups)
 

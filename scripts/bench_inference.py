@@ -373,9 +373,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="markdown file to write (the table is printed either way)")
     p.add_argument("--_train-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for key in ("train_batch_size", "norm_batch_size", "train_iters", "train_repeats", "repeats"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
+    bench.require_positive(p, args, "train_batch_size", "norm_batch_size", "train_iters", "train_repeats", "repeats")
     if args.batch_sizes and min(args.batch_sizes) < 1:
         p.error(f"--batch-sizes={args.batch_sizes} must all be >= 1")
     if args.image_size < (32 if args.no_train else 64):

@@ -150,9 +150,7 @@ def main(argv=None):
         device = bench.resolve_device(args.device)
     except ValueError as e:
         p.error(str(e))
-    for key in ("batch", "image_size", "norm_batch_size", "iters"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
+    bench.require_positive(p, args, "batch", "image_size", "norm_batch_size", "iters")
     if args.warmup < 0:
         p.error(f"--warmup={args.warmup} must be >= 0")
     if args.batch % args.norm_batch_size:

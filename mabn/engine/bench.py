@@ -169,6 +169,13 @@ def allocator_description() -> str:
     return s + (f"; environment: {' '.join(env)}" if env else "")
 
 
+def require_positive(parser, args, *keys: str) -> None:
+    """``parser.error`` (exit 2) naming the first option among ``keys`` (argparse dests) below 1."""
+    for key in keys:
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
+
+
 def add_fused_argument(parser) -> None:
     """``--fused-input-gradient {auto,off}``: mabn.norm.FUSED_INPUT_GRADIENT for eager MABN layers."""
     parser.add_argument("--fused-input-gradient", choices=("auto", "off"), default="auto",
