@@ -94,6 +94,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 __all__ = [
     "BatchStatNorm2d",
     "OptionError",
@@ -288,6 +290,27 @@ def _plane_sums(x, with_sum: bool = True):
     return s1, (rows * rows).sum(1).double()
 
 
+def _kernel_dot_sums(dout, x, groups):
+    """Per-(group, channel) ``sum(dout)`` and ``sum(dout * x)``, float64 (G, C) each, in one pass
+    by mabn's C++ kernels (mabn.kernels), or None where they do not apply (not float32 CPU eager
+    tensors of one layout, contiguous or channels_last; kernels off or not built). channels_last
+    rows (N, H*W, C) are summed per group over the (G, b*H*W, C) view, contiguous ones per
+    (sample, channel) plane over H*W, then over each group's samples."""
+    ext = kernels.enabled(dout, x)
+    if ext is None:
+        return None
+    rd, dim = _rows(dout)
+    rx, dim_x = _rows(x)
+    if rd is None or dim != dim_x:
+        return None
+    n, c = x.shape[:2]
+    if dim == 1:
+        sums = ext.column_dot_sums(rd.reshape(groups, -1, c), rx.reshape(groups, -1, c))  # (2, G, C)
+        return sums[0], sums[1]
+    sums = ext.row_dot_sums(rd.reshape(n * c, -1), rx.reshape(n * c, -1)).view(2, n, c)
+    return _group_sum(sums[0], groups), _group_sum(sums[1], groups)
+
+
 def _group_images(t, groups):
     """A channels_last (N, C, H, W) tensor as (G, C, b*H, W) channels_last views without a copy,
     one image per normalization group of b consecutive samples (a sample's channels cannot share
@@ -306,6 +329,9 @@ def _group_sums(x, groups, with_sum: bool = True):
     backward reduction (the same kernel, and the same float32 accumulation, as the backward's
     reductions and as nn.BatchNorm2d's own). Everything else: the
     per-(sample, channel) sums of _plane_sums, summed over each group's samples in float64."""
+    sums = _kernel_dot_sums(x, x, groups)
+    if sums is not None:  # mabn.kernels: sum(x) and sum(x * x) in one pass
+        return (sums[0] if with_sum else None), sums[1]
     if _rows(x)[1] == 1 and _eager_cpu(x) and x.numel() > _CHUNK:
         s1, s2 = _group_dot_sum(x, x, groups)  # its per-group channels_last images, dout = x
         return (s1 if with_sum else None), s2
@@ -326,6 +352,9 @@ def _group_dot_sum(dout, x, groups):
     group at a time, each group's b consecutive samples seen as one (1, C, b*H, W) channels_last
     image (a sample's channels cannot share one channel axis with other samples' in that
     layout)."""
+    sums = _kernel_dot_sums(dout, x, groups)
+    if sums is not None:
+        return sums
     rd, dim = _rows(dout)
     rx, dim_x = _rows(x)
     if rd is None or dim != dim_x:  # layouts differ (or are neither format): generic reductions
@@ -380,56 +409,23 @@ def _affine_rows(x, scale, offset):
     return torch.addcmul(offset[:, :, None, None], x, scale[:, :, None, None])
 
 
-#: Whether eq. 20's input gradient is one pass on the CPU in eager mode (see _fused_input_gradient):
-#: "auto" (the default) uses a kernel that torch.compile generates for it, once per process and
-#: dtype (a few seconds, the first time a large tensor's backward runs; it needs the C++ compiler
-#: torch.compile needs), and falls back to two passes, with a warning, where compiling fails;
-#: "off" always takes two passes. Set it as ``mabn.norm.FUSED_INPUT_GRADIENT = "off"``.
-FUSED_INPUT_GRADIENT = "auto"
-_fused_kernel = None  # the compiled kernel, once made; False after a failed compilation
-_FUSED_RECOMPILE_LIMIT = 32  # distinct (dtype, layout, size-pattern) graphs compiled at most
-
-
-def _multiply_adds(d, x, a, b, k):
-    """``d * a + x * b + k``: the kernel torch.compile fuses into one pass (_fused_input_gradient)."""
-    return d * a + x * b + k
-
-
 def _fused_input_gradient(dout, x, a, b, const):
-    """``dout * a + x * b + const`` in one pass over dout and x (3 memory passes, not the 5 of two
-    multiply-adds, whose intermediate eager torch must write and read back), or None where it
-    does not apply: off the eager CPU path, for tensors of at most _CHUNK elements (the compiled
-    call's overhead is not worth it), for layouts that differ, with FUSED_INPUT_GRADIENT "off", or
-    after compiling failed. Computed on the (N, C, H*W) / (N, H*W, C) views of both inputs with
-    (N, C, 1) / (N, 1, C) coefficients, so that one symbolic-shape kernel serves every shape."""
-    global _fused_kernel
-    if FUSED_INPUT_GRADIENT == "off" or _fused_kernel is False:
+    """``dout * a + x * b + const`` in one pass over dout and x by mabn's C++ kernel
+    (mabn.kernels; 3 memory passes, not the 5 of two eager multiply-adds, whose intermediate
+    eager torch must write and read back), or None where it does not apply: not float32 CPU
+    eager tensors, layouts that differ or are neither format, kernels off or not built.
+    Computed on the (N, C, H*W) / (N, H*W, C) views of both inputs with (N, C) coefficients."""
+    ext = kernels.enabled(dout, x)
+    if ext is None:
         return None
-    if FUSED_INPUT_GRADIENT != "auto":
-        raise OptionError("mabn.norm.FUSED_INPUT_GRADIENT", FUSED_INPUT_GRADIENT, 'is "auto" or "off"')
     rd, dim = _rows(dout)
     rx, dim_x = _rows(x)
-    if rd is None or dim != dim_x or not _eager_cpu(x) or x.numel() <= _CHUNK or dout.dtype != x.dtype:
+    if rd is None or dim != dim_x:
         return None
-    if const is None:  # (a zero tensor like the others: one compiled graph for both cases)
+    if const is None:
         const = torch.zeros_like(a)
-    a, b, const = (t[:, :, None] if dim == 2 else t[:, None, :] for t in (a, b, const))
-    if _fused_kernel is None:
-        _fused_kernel = torch.compile(_multiply_adds, dynamic=True, fullgraph=True)
-    try:
-        # One graph per dtype and layout in training; a test process sees more (sizes of 1 and
-        # equal sizes specialize), hence a limit above dynamo's default of 8.
-        with torch._dynamo.config.patch(recompile_limit=_FUSED_RECOMPILE_LIMIT):
-            rows = _fused_kernel(rd, rx, a, b, const)
-    except torch._dynamo.exc.FailOnRecompileLimitHit:  # yet another pattern: two passes for this one
-        return None
-    except Exception as error:  # no C++ compiler, or an inductor failure: two passes from now on
-        import warnings
-        _fused_kernel = False
-        warnings.warn(f"mabn.norm: the fused input-gradient kernel could not be compiled ({type(error).__name__}: "
-                      f"{str(error).splitlines()[0] if str(error) else ''}); using two passes "
-                      f"(set mabn.norm.FUSED_INPUT_GRADIENT = 'off' to skip the attempt)", RuntimeWarning)
-        return None
+    a, b, const = (t.to(torch.float32).contiguous() for t in (a, b, const))
+    rows = ext.multiply_adds(rd, rx, a, b, const, dim == 1)
     n, c, h, w = x.shape
     if dim == 2:
         return rows.view(n, c, h, w)

@@ -98,10 +98,10 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=SHAPES)
     p.add_argument("--out", default=None, help="also write the report (markdown) here")
     bench.add_allocator_argument(p)
-    bench.add_fused_argument(p)
+    bench.add_kernels_argument(p)
     args = p.parse_args(argv)
     bench.apply_allocator(p, args)
-    bench.apply_fused(args)
+    bench.apply_kernels(args)
     try:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
         assert all(len(s) == 4 for s in shapes)

@@ -142,10 +142,10 @@ def main(argv=None):
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
     bench.add_allocator_argument(p)
-    bench.add_fused_argument(p)
+    bench.add_kernels_argument(p)
     args = p.parse_args(argv)
     bench.apply_allocator(p, args)
-    bench.apply_fused(args)
+    bench.apply_kernels(args)
     try:
         device = bench.resolve_device(args.device)
     except ValueError as e:

@@ -55,20 +55,21 @@ def test_bench_norm_eager_table(tmp_path):
     assert "| 4x8x4x4 | " in text and "MABN2d (b=2) ms (x BN)" in text and "(1.00x)" in text
     assert "- device: " in text and "Compilation" not in text
     assert "CPU memory: glibc malloc keeping freed memory (--allocator keep" in text
-    assert "eager MABN input gradient: FUSED_INPUT_GRADIENT auto, not reached" in text  # under _CHUNK
+    assert "eager mabn layers on the CPU: mabn's C++ kernels (mabn.kernels auto, built)" in text or \
+        "eager mabn layers on the CPU: torch operations (mabn.kernels auto, but the kernels failed to build)" in text
 
 
-def test_machine_line_names_the_input_gradient_path(monkeypatch):
-    """Every benchmark's machine line says how eager MABN layers computed their input gradient:
-    switched off, fused (a kernel made), failed to compile, or not reached (no large tensor)."""
-    import mabn.norm as norm_module
+def test_machine_line_names_the_cpu_kernel_path(monkeypatch):
+    """Every benchmark's machine line says which path eager mabn layers take on the CPU: torch
+    operations (switched off, or the C++ kernels failed to build), the kernels, or not built yet."""
+    from mabn import kernels
     cpu = torch.device("cpu")
-    monkeypatch.setattr(norm_module, "FUSED_INPUT_GRADIENT", "off")
-    assert "eager MABN input gradient: two passes (mabn.norm.FUSED_INPUT_GRADIENT off)" in bench.machine_description(cpu)
-    monkeypatch.setattr(norm_module, "FUSED_INPUT_GRADIENT", "auto")
-    for kernel, expect in ((None, "not reached"), (False, "failed to compile"), (len, "one fused pass")):
-        monkeypatch.setattr(norm_module, "_fused_kernel", kernel)
-        assert expect in bench.machine_description(cpu), kernel
+    monkeypatch.setattr(kernels, "MODE", "off")
+    assert "eager mabn layers on the CPU: torch operations (MABN_CPU_KERNELS" in bench.machine_description(cpu)
+    monkeypatch.setattr(kernels, "MODE", "auto")
+    for module, expect in ((None, "not built yet"), (False, "failed to build"), (len, "mabn's C++ kernels")):
+        monkeypatch.setattr(kernels, "_module", module)
+        assert expect in bench.machine_description(cpu), module
 
 
 _RSS_AFTER_FREE = """
@@ -142,5 +143,5 @@ def test_bench_inference_machine_line_and_bad_sizes(tmp_path):
                     "--min-time", "0.01", "--image-size", "64", "--no-train", "--threads", "1", "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     machine = next(line for line in out.read_text().splitlines() if line.startswith("- Machine: "))
-    for needle in ("CPU memory: ", "eager MABN input gradient: ", "torchvision ", "Python "):
+    for needle in ("CPU memory: ", "eager mabn layers on the CPU: ", "torchvision ", "Python "):
         assert needle in machine, needle

@@ -239,7 +239,7 @@ def test_chunked_layout_reductions_match_loop_reference(monkeypatch, form, x_fmt
     """The reductions in each memory format, chunked down to single elements (mabn.norm._CHUNK),
     and with the upstream gradient in another format than the input, against the float64 loop."""
     import mabn.norm as norm_module
-    monkeypatch.setattr(norm_module, "_CHUNK", chunk)
+    monkeypatch.setattr(norm_module, "_CHUNK", chunk)  # (float64: mabn.kernels never apply)
     fmt = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
     C, b = 3, 2
     kw = dict(form=form, fp_stats="ema", bp_stats="sma", norm_batch_size=b, alpha=0.8, buffer_size=3,
@@ -420,49 +420,139 @@ def _float32_layer_against_float64(preset, fmt, shape=(4, 8, 9, 9)):
     return worst
 
 
+class _CountingKernels:
+    """Stands in for the built mabn.kernels extension and counts the calls of each kernel."""
+
+    def __init__(self, ext):
+        self.ext, self.calls = ext, {}
+
+    def __getattr__(self, name):
+        fn = getattr(self.ext, name)
+
+        def counted(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*args)
+        return counted
+
+
+@pytest.fixture
+def cpu_kernels():
+    """The built C++ kernels (mabn.kernels); the test is skipped where they cannot be built."""
+    from mabn import kernels
+    if kernels.MODE != "auto":
+        pytest.skip(f"mabn.kernels.MODE is {kernels.MODE!r}")
+    ext = kernels.load()
+    if ext is None:
+        pytest.skip("mabn's C++ kernels could not be built here (no C++ compiler?)")
+    return ext
+
+
+def _column_reference(d, x, groups):
+    d, x = d.double(), x.double()
+    n, c, h, w = d.shape
+    return (d.view(groups, n // groups, c, h, w).sum((1, 3, 4)),
+            (d * x).view(groups, n // groups, c, h, w).sum((1, 3, 4)))
+
+
+@pytest.mark.parametrize("shape,groups", [((4, 3, 5, 7), 2), ((2, 37, 9, 11), 1), ((6, 16, 1, 1), 3),
+                                          ((2, 5, 40, 40), 2), ((3, 130, 2, 3), 3)])
+def test_cpu_kernel_sums_match_float64(cpu_kernels, shape, groups):
+    """column_dot_sums (channels_last rows per group) and row_dot_sums (contiguous planes) against
+    float64 sums of the float32 values, at sizes that are not multiples of the vector width, of
+    the float32 block (64 rows, 1024 values: the 40x40 maps span several) or of the threads."""
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g) * 3 + 1
+    d = torch.randn(shape, generator=g)
+    ref_sum, ref_dot = _column_reference(d, x, groups)
+    dl, xl = (t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(groups, -1, c) for t in (d, x))
+    abs_sum, abs_dot = _column_reference(d.abs(), x.abs(), groups)
+
+    def within_float32_bound(got, ref, abs_ref, block):
+        # Recursive float32 summation of a block of m terms errs by at most (m + 1) eps sum|terms|
+        # (the +1: rounding of each product); float64 adds of the block sums are exact enough.
+        bound = (block + 1) * 2.0 ** -24 * abs_ref + 1e-12
+        assert bool(((got - ref).abs() <= bound).all()), float(((got - ref).abs() / bound).max())
+
+    sums = cpu_kernels.column_dot_sums(dl, xl)
+    assert sums.dtype == torch.float64 and sums.shape == (2, groups, c)
+    within_float32_bound(sums[0], ref_sum, abs_sum, 64)
+    within_float32_bound(sums[1], ref_dot, abs_dot, 64)
+    rows = cpu_kernels.row_dot_sums(d.reshape(n * c, h * w), x.reshape(n * c, h * w))
+    assert rows.shape == (2, n * c)
+    within_float32_bound(rows[0], d.double().sum((2, 3)).flatten(), d.double().abs().sum((2, 3)).flatten(), 1024)
+    within_float32_bound(rows[1], (d.double() * x.double()).sum((2, 3)).flatten(),
+                         (d.double() * x.double()).abs().sum((2, 3)).flatten(), 1024)
+
+
+@pytest.mark.parametrize("per_column", [True, False])
+def test_cpu_kernel_multiply_adds_matches_float64(cpu_kernels, per_column):
+    """multiply_adds: d * a + x * b + k with coefficients per (sample, column) or (sample, row)."""
+    g = torch.Generator().manual_seed(5)
+    n, p, q = 3, 7, 19
+    d, x = torch.randn(n, p, q, generator=g), torch.randn(n, p, q, generator=g)
+    a, b, k = (torch.randn(n, q if per_column else p, generator=g) for _ in range(3))
+    out = cpu_kernels.multiply_adds(d, x, a, b, k, per_column)
+    expand = (lambda t: t.double()[:, None, :]) if per_column else (lambda t: t.double()[:, :, None])
+    ref = d.double() * expand(a) + x.double() * expand(b) + expand(k)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_kernels_refuse_wrong_inputs_by_name(cpu_kernels):
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        cpu_kernels.column_dot_sums(x, x.double())
+    with pytest.raises(RuntimeError, match="d must be contiguous"):
+        cpu_kernels.column_dot_sums(x.transpose(1, 2), x.transpose(1, 2).contiguous())
+    with pytest.raises(RuntimeError, match="coefficients must be"):
+        cpu_kernels.multiply_adds(x, x, torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3), True)
+
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("preset", ["MABN2d", "BatchNorm2d"])
-def test_fused_input_gradient_is_taken_and_matches_float64(monkeypatch, fmt, preset):
-    """The one-pass input gradient (a kernel torch.compile makes, mabn.norm._fused_input_gradient)
-    is used for tensors above mabn.norm._CHUNK elements in eager mode on the CPU (made small here),
-    in both layouts, and the float32 gradient matches the float64 layer's; with
-    FUSED_INPUT_GRADIENT = "off" the two-pass path gives the same gradient."""
-    import mabn.norm as norm_module
-    monkeypatch.setattr(norm_module, "_CHUNK", 64)
-    calls = []
-    fused = norm_module._fused_input_gradient
-    monkeypatch.setattr(norm_module, "_fused_input_gradient", lambda *a: calls.append(fused(*a)) or calls[-1])
-    err_fused = _float32_layer_against_float64(preset, fmt)
-    assert calls and all(dx is not None for dx in calls), "the fused kernel was not used"
-    assert callable(norm_module._fused_kernel)
-    monkeypatch.setattr(norm_module, "FUSED_INPUT_GRADIENT", "off")
-    calls.clear()
-    err_two = _float32_layer_against_float64(preset, fmt)
-    assert calls and all(dx is None for dx in calls)
-    assert err_fused < 1e-5 and err_two < 1e-5, (err_fused, err_two)
+@pytest.mark.parametrize("preset", ["MABN2d", "BatchNorm2d", "BatchRenorm2d"])
+def test_cpu_kernels_are_taken_and_match_float64(monkeypatch, cpu_kernels, fmt, preset):
+    """Eager float32 layers on the CPU take mabn's C++ kernels (forward sums, backward reductions
+    and the one-pass input gradient) in both layouts, and their input gradient matches the float64
+    layer's (which keeps torch's operations); with mabn.kernels.MODE "off" no kernel is called
+    and the torch-operation path matches as well."""
+    from mabn import kernels
+    counting = _CountingKernels(cpu_kernels)
+    monkeypatch.setattr(kernels, "_module", counting)
+    err_kernels = _float32_layer_against_float64(preset, fmt)
+    sums = "column_dot_sums" if fmt is torch.channels_last else "row_dot_sums"
+    assert counting.calls == {sums: 6, "multiply_adds": 3}, counting.calls  # 3 forwards + 3 backwards
+    monkeypatch.setattr(kernels, "MODE", "off")
+    counting.calls.clear()
+    err_torch = _float32_layer_against_float64(preset, fmt)
+    assert counting.calls == {}
+    assert err_kernels < 1e-5 and err_torch < 1e-5, (err_kernels, err_torch)
 
 
-def test_fused_input_gradient_falls_back_when_compiling_fails(monkeypatch):
-    """A kernel that cannot be compiled (e.g. no C++ compiler) warns once, names the switch, and
-    every later backward takes the two passes, with the float64 gradient."""
-    import mabn.norm as norm_module
-    monkeypatch.setattr(norm_module, "_CHUNK", 64)
+def test_cpu_kernels_fall_back_when_they_cannot_be_built(monkeypatch):
+    """A build that fails (e.g. no C++ compiler) warns once, naming the switch; the layers then
+    take torch's operations, with the float64 gradient, and reports say so."""
+    from torch.utils import cpp_extension
 
-    def broken(*args):
+    from mabn import kernels
+
+    def broken(**kwargs):
         raise RuntimeError("no C++ compiler found\nmore detail")
 
-    monkeypatch.setattr(norm_module, "_fused_kernel", broken)
-    with pytest.warns(RuntimeWarning, match="FUSED_INPUT_GRADIENT.*off"):
+    monkeypatch.setattr(kernels, "MODE", "auto")
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    with pytest.warns(RuntimeWarning, match="could not be built.*no C\\+\\+ compiler found.*MABN_CPU_KERNELS=off"):
         err = _float32_layer_against_float64("MABN2d", torch.channels_last)
-    assert norm_module._fused_kernel is False
+    assert kernels._module is False and kernels.load() is None
+    assert "failed to build" in kernels.status()
     assert err < 1e-5
 
 
-def test_fused_input_gradient_bad_setting_is_named(monkeypatch):
-    import mabn.norm as norm_module
-    monkeypatch.setattr(norm_module, "_CHUNK", 64)
-    monkeypatch.setattr(norm_module, "FUSED_INPUT_GRADIENT", "on")
-    with pytest.raises(ValueError, match="FUSED_INPUT_GRADIENT.*on"):
+def test_cpu_kernels_bad_setting_is_named(monkeypatch):
+    from mabn import kernels
+    monkeypatch.setattr(kernels, "MODE", "on")
+    monkeypatch.setattr(kernels, "_module", None)
+    with pytest.raises(ValueError, match="MABN_CPU_KERNELS.*on"):
         _float32_layer_against_float64("MABN2d", torch.contiguous_format)
 
 

@@ -176,37 +176,34 @@ def require_positive(parser, args, *keys: str) -> None:
             parser.error(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
 
 
-def add_fused_argument(parser) -> None:
-    """``--fused-input-gradient {auto,off}``: mabn.norm.FUSED_INPUT_GRADIENT for eager MABN layers."""
-    parser.add_argument("--fused-input-gradient", choices=("auto", "off"), default="auto",
-                        help="mabn.norm.FUSED_INPUT_GRADIENT for eager layers: auto (one pass, a kernel "
-                             "torch.compile makes on first use, in the warm-up) or off (two passes)")
+def add_kernels_argument(parser) -> None:
+    """``--cpu-kernels {auto,off}``: mabn.kernels.MODE, the C++ kernels of eager CPU layers."""
+    parser.add_argument("--cpu-kernels", choices=("auto", "off"), default="auto",
+                        help="mabn.kernels.MODE for eager CPU layers: auto (mabn's C++ kernels, built on "
+                             "first use: 30-60 s the first time on a machine, then cached) or off (torch "
+                             "operations only)")
 
 
-def apply_fused(args) -> None:
-    from mabn import norm
-    norm.FUSED_INPUT_GRADIENT = args.fused_input_gradient
+def apply_kernels(args) -> None:
+    from mabn import kernels
+    kernels.MODE = args.cpu_kernels
+    if kernels.MODE == "auto":
+        kernels.load()  # built (or loaded) before any timing
 
 
-def fused_description() -> str:
-    """How eager mabn layers computed eq. 20's input gradient in this process so far."""
-    from mabn import norm
-    if norm.FUSED_INPUT_GRADIENT == "off":
-        return "two passes (mabn.norm.FUSED_INPUT_GRADIENT off)"
-    if norm._fused_kernel is False:
-        return "two passes (FUSED_INPUT_GRADIENT auto, but its kernel failed to compile)"
-    if norm._fused_kernel is None:
-        return "FUSED_INPUT_GRADIENT auto, not reached in eager mode"
-    return "one fused pass (FUSED_INPUT_GRADIENT auto: a kernel compiled on first use)"
+def kernels_description() -> str:
+    """Which path eager mabn layers take on the CPU in this process (mabn.kernels.status)."""
+    from mabn import kernels
+    return kernels.status()
 
 
 def machine_description(device: torch.device) -> str:
-    """CPU model, logical cores, torch version and intra-op threads, the CPU allocator, how eager
-    mabn layers computed their input gradient, plus the GPU on CUDA."""
+    """CPU model, logical cores, torch version and intra-op threads, the CPU allocator, the path
+    of eager mabn layers on the CPU (mabn.kernels), plus the GPU on CUDA."""
     s = (f"{cpu_model()} (torch CPU kernels: {cpu_capability()}), {os.cpu_count()} logical cores, "
          f"torch {torch.__version__}, "
          f"{torch.get_num_threads()} intra-op threads; CPU memory: {allocator_description()}; "
-         f"eager MABN input gradient: {fused_description()}")
+         f"eager mabn layers on the CPU: {kernels_description()}")
     if device.type == "cuda":
         s += f"; GPU: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     return s

@@ -1,0 +1,101 @@
+"""CPU kernels of the eager normalization layers: one pass where eager torch needs several.
+
+:mod:`mabn.norm` builds its layers from torch operations. Three of its memory-bound steps have
+no single eager torch kernel, and on the CPU they are what separates the layer from
+nn.BatchNorm2d's fused C++ kernels (``results/bench_norm.md``):
+
+* the per-(group, channel) sums of a channels_last tensor (eq. 2/15 forward, eq. 20 backward
+  reductions): a sample's channels cannot share one channel axis with other samples' in that
+  layout, so torch's per-channel kernels take one call per normalization group;
+* the per-(sample, channel) sums of a contiguous tensor (the same, per H*W plane);
+* eq. 20's input gradient ``dout * a + x * b + c`` with per-(sample, channel) coefficients,
+  which eager torch writes in two passes (the second reading and rewriting the first's output).
+
+``mabn/csrc/norm_kernels.cpp`` writes each as one loop over its inputs (float32; sums
+accumulated in float32 blocks added in float64). It is compiled with torch's C++ extension
+builder the first time a layer needs it (about 30-60 s on 2 cores; the build is cached under
+torch's extension directory, ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, and later
+processes load it in well under a second). Where it cannot be built (no C++ compiler or ninja)
+the layers warn once and keep their torch-operation paths, which give the same results.
+
+``mabn.kernels.MODE``: ``"auto"`` (the default; the environment variable ``MABN_CPU_KERNELS``
+sets it at import) uses the kernels for float32 CPU tensors in eager mode; ``"off"`` never
+builds nor uses them. Under torch.compile and on CUDA the layers never use them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+import torch
+
+__all__ = ["MODE", "MODES", "load", "status", "enabled"]
+
+MODES = ("auto", "off")
+#: "auto" or "off"; see the module docstring.
+MODE = os.environ.get("MABN_CPU_KERNELS", "auto")
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "norm_kernels.cpp")
+_NAME = "mabn_norm_kernels_v1"  # change with the source's interface
+_module = None  # the loaded extension; False once building failed
+_lock = threading.Lock()
+
+
+def _check_mode() -> None:
+    if MODE not in MODES:
+        from .norm import OptionError
+        raise OptionError("mabn.kernels.MODE (environment variable MABN_CPU_KERNELS)", MODE,
+                          'is "auto" or "off"')
+
+
+def load():
+    """The compiled extension (building it on first use), or None when MODE is "off" or it could
+    not be built (warned once)."""
+    global _module
+    _check_mode()
+    if MODE == "off" or _module is False:
+        return None
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is None:
+            try:
+                from torch.utils import cpp_extension
+                with warnings.catch_warnings():  # "no CUDA runtime" notes of a CUDA build of torch
+                    warnings.simplefilter("ignore")
+                    _module = cpp_extension.load(
+                        name=_NAME, sources=[_SOURCE], extra_cflags=["-O3", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"], with_cuda=False, verbose=False)
+            except Exception as error:  # no compiler, no ninja, a failed build
+                _module = False
+                first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                warnings.warn(f"mabn.kernels: the CPU kernels could not be built ({type(error).__name__}: {first}); "
+                              f"the layers use torch operations instead (same results, slower on the CPU; "
+                              f"set MABN_CPU_KERNELS=off to skip the attempt)", RuntimeWarning)
+    return _module or None
+
+
+def enabled(*tensors: torch.Tensor):
+    """The extension if the kernels apply to these tensors (float32, CPU, eager mode, MODE "auto"
+    and built), else None."""
+    if MODE == "off" or _module is False:
+        return None
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return None
+    if torch.compiler.is_compiling():
+        return None
+    return load()
+
+
+def status() -> str:
+    """One line for benchmark reports: which path eager CPU layers take."""
+    if MODE == "off":
+        return "torch operations (MABN_CPU_KERNELS / mabn.kernels.MODE off)"
+    if _module is False:
+        return "torch operations (mabn.kernels auto, but the kernels failed to build)"
+    if _module is None:
+        return "mabn.kernels auto, not built yet in this process"
+    return "mabn's C++ kernels (mabn.kernels auto, built)"
