@@ -90,6 +90,8 @@ its own, so in-place ops may follow.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -495,33 +497,180 @@ class _NormalizeAffine(torch.autograd.Function):
         groups, n = inv_std.shape[0], x.shape[0]
         count = (n // groups) * x.shape[2] * x.shape[3]
         if ctx.centred:  # badly centred input: reduce dout * (x - shift) directly
-            centred_x = x - _per_sample(shift.to(x.dtype), groups, n)
-            s_dout, s_dout_x = _group_dot_sum(dout, centred_x, groups)
-            sum_dout = s_dout.to(a.dtype)  # (G, C)
-            sum_dout_y = inv_std * s_dout_x.to(a.dtype)
+            s_dout, s_dout_x = _group_dot_sum(dout, x - _per_sample(shift.to(x.dtype), groups, n), groups)
         else:
             s_dout, s_dout_x = _group_dot_sum(dout, x, groups)
-            sum_dout = s_dout.to(a.dtype)  # (G, C)
-            sum_dout_x = s_dout_x.to(a.dtype)
-            sum_dout_y = inv_std * (sum_dout_x if shift is None else sum_dout_x - shift * sum_dout)
-        # Backward batch statistics of every group, eq. 5 with G = a * dL/dout = weight * r * dL/dYhat.
-        psi_b = a * sum_dout_y / count
-        g_b = a * sum_dout / count if layer.form == "vanilla" else None
-        g_u, psi_u = layer._backward_statistics(g_b, psi_b, ctx.warm)
+        a_rows, b_rows, k_rows, sum_dout_y, sum_dout, g_0, psi_0 = _statistics(
+            _backward_statistics, x, s_dout, s_dout_x, inv_std, shift, a, count, n, ctx.warm, ctx.centred,
+            layer.bp_window, layer.bp_window_valid, layer.running_g, layer.running_psi,
+            layer.num_backward_tracked, layer._options())
         if layer.record_used_statistics:
-            layer.used_statistics["psi"] = psi_u[0].detach().clone()
-            if g_u is not None:
-                layer.used_statistics["g"] = g_u[0].detach().clone()
-        # Eq. 20: dL/dx = (G - g_u - Y * Psi_u) * inv_std with Y = (x - shift) * inv_std, i.e.
-        # dL/dx = dout * (a inv) + x * (-Psi_u inv^2) + (Psi_u inv^2 shift - g_u inv).
-        coef_x = -psi_u * inv_std * inv_std
-        const = None if shift is None else -coef_x * shift
-        if g_u is not None:
-            const = -g_u * inv_std if const is None else const - g_u * inv_std
-        dx = _input_gradient(dout, x, _sample_rows(a * inv_std, groups, n),
-                             _sample_rows(coef_x.expand_as(a), groups, n),
-                             None if const is None else _sample_rows(const.expand_as(a), groups, n))
+            layer.used_statistics["psi"] = psi_0
+            if g_0 is not None:
+                layer.used_statistics["g"] = g_0
+        dx = _input_gradient(dout, x, a_rows, b_rows, k_rows)
         return dx, None, None, sum_dout_y, sum_dout, None, None, None
+
+
+class _Options(NamedTuple):
+    """A layer's options as the statistics functions see them (constants to torch.compile)."""
+    vanilla: bool
+    fp_stats: str
+    bp_stats: str
+    ema_init: str
+    warmup_iters: int
+    renorm_warmup_iters: int
+    r_max: float
+    d_max: float
+    eps: float
+    alpha: float
+
+
+def _select(which, batch, sma, ema):
+    return {"batch": batch, "sma": sma, "ema": ema}[which]
+
+
+def _forward_statistics(batch, count, fp_window, fp_window_valid, running_mean, running_var,
+                        num_batches_tracked, o: _Options):
+    """One training forward's statistics from the groups' batch statistics ``batch`` (G, K, C):
+    returns ``(s0, inv_std, shift, r, d, warm)`` (the bp_stats statistic s of the first group,
+    (K, C); ``1 / sqrt(v_s + eps)`` and the shift ``mu_s`` (G, C; shift None for the modified
+    form); the renormalization r and d (G, C), None where they are 1 and 0; the warm-up flag, a
+    0-dim bool tensor or None), and updates the SMA window, the EMAs and the iteration counter in
+    place, after use (eq. 12-14, 19). A function of tensors and constants only, so that
+    torch.compile can fuse its ~50 small operations (see _statistics)."""
+    groups = batch.shape[0]
+    # The value the EMA takes in this iteration: mean over groups, unbiased variance.
+    ema_value = batch.mean(0, keepdim=True)  # (1, K, C)
+    if o.vanilla:
+        ema_value = torch.cat([ema_value[:, :1], ema_value[:, 1:] * (count / (count - 1))], 1)
+    sma = window = valid = None
+    if "sma" in (o.fp_stats, o.bp_stats):
+        sma, window, valid = _sliding_mean(fp_window, fp_window_valid, batch)
+        sma = sma.to(batch.dtype)
+    ema = (torch.stack([running_mean, running_var])[None] if o.vanilla else running_var[None, None]).to(batch.dtype)
+    first = num_batches_tracked == 0 if o.ema_init == "first" else None
+    if first is not None and "ema" in (o.fp_stats, o.bp_stats):
+        ema = torch.where(first, ema_value, ema)
+    s = _select(o.bp_stats, batch, sma, ema)
+    f = _select(o.fp_stats, batch, sma, ema)
+    # t <= limit, with t = num_batches_tracked + 1 before the update
+    warm = num_batches_tracked < o.warmup_iters if o.warmup_iters > 0 else None
+    if warm is not None:
+        s = torch.where(warm, batch, s)
+        f = torch.where(warm, batch, f)
+    s = s.expand(groups, -1, -1)
+    inv_std_s = torch.rsqrt(s[:, -1] + o.eps)  # (G, C)
+    shift = s[:, 0].contiguous() if o.vanilla else None
+    # Renormalization (eq. 14 / 19); r = 1, d = 0 when s and f are the same statistic.
+    r = d = None
+    if o.fp_stats != o.bp_stats or warm is not None:
+        inv_std_f = torch.rsqrt(f[:, -1] + o.eps)
+        r = ((s[:, -1] + o.eps).sqrt() * inv_std_f).clamp(1.0 / o.r_max, o.r_max)
+        if o.vanilla:
+            d = ((s[:, 0] - f[:, 0]) * inv_std_f).clamp(-o.d_max, o.d_max)
+        limit = max(o.warmup_iters, o.renorm_warmup_iters)
+        if limit > 0:
+            off = num_batches_tracked < limit
+            r = torch.where(off, torch.ones_like(r), r)
+            if d is not None:
+                d = torch.where(off, torch.zeros_like(d), d)
+    s0 = s[0].clone()  # (not a view of an EMA buffer updated below)
+    # SMA window and EMA updates, after use (eq. 12, 13).
+    if sma is not None:
+        fp_window.copy_(window)
+        fp_window_valid.copy_(valid)
+    if o.vanilla:
+        _ema_update(running_mean, ema_value[0, 0], o.alpha, first)
+    _ema_update(running_var, ema_value[0, -1], o.alpha, first)
+    num_batches_tracked.add_(1)
+    return s0, inv_std_s, shift, r, d, warm
+
+
+def _backward_statistics(s_dout, s_dout_x, inv_std, shift, a, count, n, warm, centred, bp_window,
+                         bp_window_valid, running_g, running_psi, num_backward_tracked, o: _Options):
+    """One backward's statistics and eq. 20's coefficients, from the groups' reductions
+    ``s_dout`` = sum(dL/dout) and ``s_dout_x`` = sum(dL/dout * x) (or * (x - shift) when
+    ``centred``), float64 (G, C): pushes the groups' g_B (vanilla) and Psi_B (eq. 5 with
+    G = a * dL/dout = weight * r * dL/dYhat) into their SMA window and EMA (after use) and returns
+    the per-sample rows (N, C) of ``dL/dx = dout * a_rows + x * b_rows + k_rows`` (k_rows None
+    when 0), the affine parameters' gradient sums ``sum(dL/dout * Y)`` and ``sum(dL/dout)``
+    (G, C), and g_u, Psi_u of the first group (g_u None for the modified form). Tensors and
+    constants only, like _forward_statistics."""
+    groups = inv_std.shape[0]
+    sum_dout = s_dout.to(a.dtype)  # (G, C)
+    if centred:
+        sum_dout_y = inv_std * s_dout_x.to(a.dtype)
+    else:
+        sum_dout_x = s_dout_x.to(a.dtype)
+        sum_dout_y = inv_std * (sum_dout_x if shift is None else sum_dout_x - shift * sum_dout)
+    psi_b = a * sum_dout_y / count
+    g_b = a * sum_dout / count if o.vanilla else None
+    # The groups' backward statistics into their SMA window and EMA; (g_u, Psi_u) by bp_stats.
+    stats = psi_b[:, None] if g_b is None else torch.stack([g_b, psi_b], 1)  # (G, K, C)
+    mean = stats.mean(0)  # (K, C)
+    first = num_backward_tracked == 0 if o.ema_init == "first" else None
+    if o.bp_stats == "batch":
+        u = stats
+    elif o.bp_stats == "sma":
+        u, window, valid = _sliding_mean(bp_window, bp_window_valid, stats)
+        bp_window.copy_(window)
+        bp_window_valid.copy_(valid)
+    else:  # EMA of the previous backwards ("after use"); the current mean on the first one
+        ema = torch.stack([running_g, running_psi])[-stats.shape[1]:]
+        u = ema[None] if first is None else torch.where(first, mean, ema)[None]
+    u = u.to(stats.dtype)
+    if warm is not None and o.bp_stats != "batch":
+        u = torch.where(warm, stats, u)
+    if g_b is not None:
+        _ema_update(running_g, mean[0], o.alpha, first)
+    _ema_update(running_psi, mean[-1], o.alpha, first)
+    num_backward_tracked.add_(1)
+    g_u, psi_u = (None if g_b is None else u[:, 0]), u[:, -1]
+    # Eq. 20: dL/dx = (G - g_u - Y * Psi_u) * inv_std with Y = (x - shift) * inv_std, i.e.
+    # dL/dx = dout * (a inv) + x * (-Psi_u inv^2) + (Psi_u inv^2 shift - g_u inv).
+    coef_x = -psi_u * inv_std * inv_std
+    const = None if shift is None else -coef_x * shift
+    if g_u is not None:
+        const = -g_u * inv_std if const is None else const - g_u * inv_std
+    return (_sample_rows(a * inv_std, groups, n), _sample_rows(coef_x.expand_as(a), groups, n),
+            None if const is None else _sample_rows(const.expand_as(a), groups, n),
+            sum_dout_y, sum_dout, None if g_u is None else g_u[0].clone(), psi_u[0].clone())
+
+
+#: Inputs of at most this many elements keep the statistics functions in eager torch (compiling
+#: costs seconds per process and option set; at small sizes it would not pay for itself).
+_COMPILE_STATISTICS_MIN = _CHUNK
+_compiled_statistics: dict = {}  # function -> its torch.compile'd version, or False after a failure
+
+
+def _statistics(fn, x, *args):
+    """``fn(*args)`` for _forward_statistics / _backward_statistics: compiled by torch.compile
+    (dynamic shapes: one graph per option set and dtype serves every layer) where mabn's CPU
+    kernels apply to ``x`` (eager float32 CPU, mabn.kernels.MODE "auto") and x has more than
+    _COMPILE_STATISTICS_MIN elements; eager torch elsewhere. Compiled, the ~50-100 small
+    operations on (group, channel) tensors become a few fused loops (at 2048 channels the eager
+    ones cost about as much as nn.BatchNorm2d's whole forward+backward at 7x7 maps). Where
+    compiling fails the eager function is used from then on, with a warning."""
+    if x.numel() <= _COMPILE_STATISTICS_MIN or kernels.enabled(x) is None:
+        return fn(*args)
+    compiled = _compiled_statistics.get(fn)
+    if compiled is False:
+        return fn(*args)
+    if compiled is None:
+        compiled = _compiled_statistics[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    try:
+        return compiled(*args)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:  # yet another option set: eager for that one
+        return fn(*args)
+    except Exception as error:  # no C++ compiler, an inductor failure: eager from now on
+        import warnings
+        _compiled_statistics[fn] = False
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        warnings.warn(f"mabn.norm: {fn.__name__} could not be compiled ({type(error).__name__}: {first}); "
+                      f"using eager torch operations (set MABN_CPU_KERNELS=off to skip the attempt)",
+                      RuntimeWarning)
+        return fn(*args)
 
 
 class BatchStatNorm2d(nn.Module):
@@ -743,47 +892,10 @@ class BatchStatNorm2d(nn.Module):
                              f"(norm_batch_size={b}, input shape {tuple(x.shape)})")
         return n // b
 
-    def _select(self, which, batch, sma, ema):
-        return {"batch": batch, "sma": sma, "ema": ema}[which]
-
-    def _ema(self):
-        if self.form == "vanilla":
-            return torch.stack([self.running_mean, self.running_var])[None]  # (1, 2, C)
-        return self.running_var[None, None]  # (1, 1, C)
-
-    def _warm(self, limit: int):
-        """0-dim bool tensor "t <= limit" for the current forward (None when limit is 0)."""
-        if limit <= 0:
-            return None
-        return self.num_batches_tracked < limit  # t = num_batches_tracked + 1 before the update
-
-    def _backward_statistics(self, g_b, psi_b, warm):
-        """Push the groups' backward statistics into their SMA window and EMA, return (g_u, Psi_u).
-
-        ``g_b`` (None for the modified form) and ``psi_b`` are (G, C); the returned statistics are
-        (G, C) or (1, C). Called once per backward of a training forward (eq. 13 and eq. 20).
-        """
-        with torch.no_grad():
-            stats = psi_b[:, None] if g_b is None else torch.stack([g_b, psi_b], 1)  # (G, K, C)
-            mean = stats.mean(0)  # (K, C)
-            first = self.num_backward_tracked == 0 if self.ema_init == "first" else None
-            if self.bp_stats == "batch":
-                u = stats
-            elif self.bp_stats == "sma":
-                u, window, valid = _sliding_mean(self.bp_window, self.bp_window_valid, stats)
-                self.bp_window.copy_(window)
-                self.bp_window_valid.copy_(valid)
-            else:  # EMA of the previous backwards ("after use"); the current mean on the first one
-                ema = torch.stack([self.running_g, self.running_psi])[-stats.shape[1]:]
-                u = ema[None] if first is None else torch.where(first, mean, ema)[None]
-            u = u.to(stats.dtype)
-            if warm is not None and self.bp_stats != "batch":
-                u = torch.where(warm, stats, u)
-            if g_b is not None:
-                _ema_update(self.running_g, mean[0], self.alpha, first)
-            _ema_update(self.running_psi, mean[-1], self.alpha, first)
-            self.num_backward_tracked.add_(1)
-            return (None if g_b is None else u[:, 0]), u[:, -1]
+    def _options(self) -> _Options:
+        return _Options(self.form == "vanilla", self.fp_stats, self.bp_stats, self.ema_init,
+                        int(self.warmup_iters), int(self.renorm_warmup_iters), float(self.r_max),
+                        float(self.d_max), float(self.eps), float(self.alpha))
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -824,40 +936,9 @@ class BatchStatNorm2d(nn.Module):
             else:
                 batch = second[:, None]
             batch = batch.to(compute_dtype)
-            # The value the EMA takes in this iteration: mean over groups, unbiased variance.
-            ema_value = batch.mean(0, keepdim=True)  # (1, K, C)
-            if vanilla:
-                ema_value = ema_value * ema_value.new_tensor([1.0, count / (count - 1)])[:, None]
-            sma = None
-            if "sma" in (self.fp_stats, self.bp_stats):
-                sma, window, valid = _sliding_mean(self.fp_window, self.fp_window_valid, batch)
-                sma = sma.to(compute_dtype)
-            ema = self._ema().to(compute_dtype)
-            first = self.num_batches_tracked == 0 if self.ema_init == "first" else None
-            if first is not None and "ema" in (self.fp_stats, self.bp_stats):
-                ema = torch.where(first, ema_value, ema)
-
-            s = self._select(self.bp_stats, batch, sma, ema)
-            f = self._select(self.fp_stats, batch, sma, ema)
-            warm = self._warm(self.warmup_iters)
-            if warm is not None:
-                s = torch.where(warm, batch, s)
-                f = torch.where(warm, batch, f)
-            s = s.expand(groups, -1, -1)
-            inv_std_s = torch.rsqrt(s[:, -1] + self.eps)  # (G, C)
-            shift = s[:, 0].contiguous() if vanilla else None
-            # Renormalization (eq. 14 / 19); r = 1, d = 0 when s and f are the same statistic.
-            r = d = None
-            if self.fp_stats != self.bp_stats or warm is not None:
-                inv_std_f = torch.rsqrt(f[:, -1] + self.eps)
-                r = ((s[:, -1] + self.eps).sqrt() * inv_std_f).clamp(1.0 / self.r_max, self.r_max)
-                if vanilla:
-                    d = ((s[:, 0] - f[:, 0]) * inv_std_f).clamp(-self.d_max, self.d_max)
-                off = self._warm(max(self.warmup_iters, self.renorm_warmup_iters))
-                if off is not None:
-                    r = torch.where(off, torch.ones_like(r), r)
-                    if d is not None:
-                        d = torch.where(off, torch.zeros_like(d), d)
+            s0, inv_std_s, shift, r, d, warm = _statistics(
+                _forward_statistics, x, batch, count, self.fp_window, self.fp_window_valid,
+                self.running_mean, self.running_var, self.num_batches_tracked, self._options())
 
         # Affine coefficients per (group, channel): out = Y * a + c, a = weight*r, c = weight*d + bias.
         weight = self.weight.to(compute_dtype)
@@ -866,19 +947,9 @@ class BatchStatNorm2d(nn.Module):
         c_ = bias.expand(groups, c) if d is None else torch.addcmul(bias, weight, d)
         out = _NormalizeAffine.apply(x, shift, inv_std_s, a, c_, self, warm, centred)
         if self.record_used_statistics:
-            used = {"mean": s[0, 0], "var": s[0, 1]} if vanilla else {"chi2": s[0, 0]}
-            used["r"] = torch.ones_like(s[0, -1]) if r is None else r[0]
+            used = {"mean": s0[0], "var": s0[1]} if vanilla else {"chi2": s0[0]}
+            used["r"] = torch.ones_like(s0[-1]) if r is None else r[0]
             self.used_statistics = {k: v.detach().clone() for k, v in used.items()}
-
-        with torch.no_grad():
-            # SMA window and EMA updates, after use (eq. 12, 13).
-            if sma is not None:
-                self.fp_window.copy_(window)
-                self.fp_window_valid.copy_(valid)
-            if vanilla:
-                _ema_update(self.running_mean, ema_value[0, 0], self.alpha, first)
-            _ema_update(self.running_var, ema_value[0, -1], self.alpha, first)
-            self.num_batches_tracked.add_(1)
         return out.to(in_dtype)
 
 

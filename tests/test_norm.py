@@ -556,6 +556,77 @@ def test_cpu_kernels_bad_setting_is_named(monkeypatch):
         _float32_layer_against_float64("MABN2d", torch.contiguous_format)
 
 
+_STATISTICS_OPTIONS = [
+    dict(form="modified", fp_stats="ema", bp_stats="sma", warmup_iters=0, renorm_warmup_iters=2),  # MABN
+    dict(form="vanilla", fp_stats="ema", bp_stats="sma", warmup_iters=1, renorm_warmup_iters=2),
+    dict(form="vanilla", fp_stats="batch", bp_stats="ema", warmup_iters=0, renorm_warmup_iters=0),
+]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("options", _STATISTICS_OPTIONS, ids=["mabn", "vanilla-sma-warm", "vanilla-bp-ema"])
+def test_compiled_statistics_match_eager(monkeypatch, cpu_kernels, options):
+    """Above mabn.norm._COMPILE_STATISTICS_MIN elements (made small here) eager float32 CPU layers
+    run their statistics functions through torch.compile. Over four iterations (warm-ups, renorm
+    switching on, SMA windows filling, EMAs starting) the compiled layer's output, input and
+    parameter gradients, buffers and recorded statistics equal those of the same layer with the
+    statistics in eager torch, to float32 rounding; the compiled functions were really called."""
+    import mabn.norm as norm_module
+    calls = []
+    real = norm_module._statistics
+
+    def counting(fn, x, *args):
+        calls.append((fn.__name__, norm_module._compiled_statistics.get(fn)))
+        return real(fn, x, *args)
+
+    monkeypatch.setattr(norm_module, "_statistics", counting)
+    shape = (4, 6, 5, 5)
+    kw = dict(norm_batch_size=2, alpha=0.8, buffer_size=3, r_max=1.2, d_max=0.3, **options)
+    layers = {}
+    for mode, minimum in (("compiled", 8), ("eager", 1 << 30)):
+        monkeypatch.setattr(norm_module, "_COMPILE_STATISTICS_MIN", minimum)
+        torch.manual_seed(0)
+        layer = BatchStatNorm2d(shape[1], **kw)
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+        layer.record_used_statistics = True
+        outs = []
+        for it in range(4):
+            x = make_input(*shape, seed=it, scale=1.0 + 0.5 * it, offset=0.3).float().requires_grad_()
+            up = make_input(*shape, seed=50 + it).float()
+            y = layer(x)
+            gx, gw, gb = torch.autograd.grad(y, (x, layer.weight, layer.bias), up)
+            outs.append([y, gx, gw, gb] + [v.clone() for v in layer.used_statistics.values()])
+        layers[mode] = (layer, outs)
+    compiled_calls = [name for name, compiled in calls if compiled not in (None, False)]
+    assert compiled_calls.count("_forward_statistics") >= 3 and compiled_calls.count("_backward_statistics") >= 3
+    (lc, oc), (le, oe) = layers["compiled"], layers["eager"]
+    for it, (a, b) in enumerate(zip(oc, oe)):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6, msg=lambda m: f"iteration {it}: {m}")
+    for (name, u), (_, v) in zip(lc.state_dict().items(), le.state_dict().items()):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_compiled_statistics_fall_back_with_a_warning(monkeypatch, cpu_kernels):
+    """Where torch.compile fails (e.g. no C++ compiler) the statistics functions warn once, run in
+    eager torch from then on, and the layer's gradient still matches the float64 layer's."""
+    import mabn.norm as norm_module
+
+    def broken(*args):
+        raise RuntimeError("inductor failed\ndetail")
+
+    monkeypatch.setattr(norm_module, "_COMPILE_STATISTICS_MIN", 8)
+    monkeypatch.setattr(norm_module, "_compiled_statistics",
+                        {norm_module._forward_statistics: broken, norm_module._backward_statistics: broken})
+    with pytest.warns(RuntimeWarning, match="could not be compiled.*inductor failed.*MABN_CPU_KERNELS=off"):
+        err = _float32_layer_against_float64("MABN2d", torch.channels_last)
+    assert norm_module._compiled_statistics == {norm_module._forward_statistics: False,
+                                                norm_module._backward_statistics: False}
+    assert err < 1e-5
+
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("preset", ["MABN2d", "BatchNorm2d"])
 def test_inplace_relu_after_the_layer(fmt, preset):
