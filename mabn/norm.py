@@ -73,19 +73,23 @@ Implementation: every per-group computation is vectorized (per-(sample, channel)
 H*W, then sums over the consecutive samples of each group; no Python loop over channels); the
 normalization and its eq. 20 backward are one autograd Function that never materialises Y: the
 forward reads x once for its statistics and once for the output ``x * scale + offset``; the
-backward reads dL/dout and x once for its two reductions and once more for dx, written in one
-pass by a kernel torch.compile generates for ``dout * a + x * b + c`` (compiled once per process;
-two multiply-adds where compiling fails or ``FUSED_INPUT_GRADIENT = "off"``). On the CPU the
-reductions read both memory formats in place: contiguous inputs as
-(1, N*C, H, W) planes, whose sum and dot product come in one pass from torch's BatchNorm backward
-reduction kernel (see _channel_sums); channels_last inputs one normalization group at a time as
-a (1, C, b*H, W) channels_last image through the same kernel, forward and backward (small
-channels_last tensors, under _CHUNK elements, by plain products). Group variances come from
-float64 combinations of float32 partial sums; when an input is so badly centred that this loses
-precision (mean^2 > 16 var), and always on CUDA, torch's centred var_mean kernel is used
-instead. Statistics are computed in float32 for half-precision inputs (autocast) and the output
-keeps the input's dtype and memory format (channels_last stays channels_last); it is a tensor of
-its own, so in-place ops may follow.
+backward reads dL/dout and x once for its two reductions and once more for dx. On the CPU in
+eager mode with float32 tensors, :mod:`mabn.kernels` (C++, built on first use) does each of these
+passes in one loop: the per-(group, channel) sums of channels_last rows, the per-plane sums of
+contiguous tensors, and eq. 20's ``dout * a + x * b + c``; the statistics between them (~100
+small operations on (group, channel) tensors: SMA windows, EMAs, renormalization, coefficients)
+are two pure functions, :func:`_forward_statistics` and :func:`_backward_statistics`, which
+torch.compile fuses for inputs above _COMPILE_STATISTICS_MIN elements. ``MABN_CPU_KERNELS=off``
+(or ``mabn.kernels.MODE = "off"``) keeps every step in torch operations, as do float64 tensors:
+contiguous inputs reduced as (1, N*C, H, W) planes by torch's BatchNorm backward reduction kernel
+(see _channel_sums), channels_last ones one normalization group at a time through the same
+kernel (small ones, under _CHUNK elements, by plain products), dx by two multiply-adds. Group
+variances come from float64 combinations of float32 partial sums; when an input is so badly
+centred that this loses precision (mean^2 > 16 var), and always on CUDA, torch's centred
+var_mean kernel is used instead. Statistics are computed in float32 for half-precision inputs
+(autocast) and the output keeps the input's dtype and memory format (channels_last stays
+channels_last); it is a tensor of its own, so in-place ops may follow. On CUDA and under
+torch.compile every step is a plain torch expression (the compiler fuses them).
 """
 
 from __future__ import annotations
@@ -378,7 +382,8 @@ def _group_dot_sum(dout, x, groups):
 
 def _affine_rows(x, scale, offset):
     """``x * scale + offset`` with per-(sample, channel) coefficients (N, C) (``offset`` may be
-    None), in x's layout, one pass, into a new tensor (not a view). channels_last inputs are
+    None), in x's layout, one pass, into a new tensor (not a view). float32 inputs on the CPU in
+    eager mode: mabn.kernels (scale_shift). Otherwise channels_last inputs are
     computed on their (N, H*W, C) view (at 7x7 maps torch's broadcast of (N, C, 1, 1)
     coefficients over a channels_last tensor is ~5x slower than this). Contiguous ones on the CPU
     by BatchNorm's inference kernel on (1, N*C, H, W) planes with weight ``scale``, bias
@@ -387,6 +392,12 @@ def _affine_rows(x, scale, offset):
     as long; scripts/bench_norm.py shows the layer's total). On CUDA and under torch.compile: one
     broadcast multiply-add."""
     rx, dim = _rows(x)
+    ext = kernels.enabled(x, scale) if rx is not None else None
+    if ext is not None:  # mabn.kernels: one pass, streaming stores for large outputs
+        offset = torch.zeros_like(scale) if offset is None else offset
+        rows = ext.scale_shift(rx, scale.to(torch.float32).contiguous(), offset.to(torch.float32).contiguous(), dim == 1)
+        n, c, h, w = x.shape
+        return rows.view(n, c, h, w) if dim == 2 else rows.view(n, h, w, c).permute(0, 3, 1, 2)
     if not _eager_cpu(x):
         dim = None
     if dim == 1:  # written through the (N, H*W, C) view of a new channels_last tensor (not a view:

@@ -437,13 +437,17 @@ class _CountingKernels:
 
 @pytest.fixture
 def cpu_kernels():
-    """The built C++ kernels (mabn.kernels); the test is skipped where they cannot be built."""
+    """The built C++ kernels (mabn.kernels). Skipped with MABN_CPU_KERNELS=off or on a machine
+    without a C++ compiler; anywhere else a failed build fails the test."""
+    import shutil
+
     from mabn import kernels
     if kernels.MODE != "auto":
         pytest.skip(f"mabn.kernels.MODE is {kernels.MODE!r}")
+    if not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        pytest.skip("no C++ compiler on this machine: mabn's kernels cannot be built")
     ext = kernels.load()
-    if ext is None:
-        pytest.skip("mabn's C++ kernels could not be built here (no C++ compiler?)")
+    assert ext is not None, "mabn's C++ kernels failed to build (see the RuntimeWarning)"
     return ext
 
 
@@ -486,16 +490,23 @@ def test_cpu_kernel_sums_match_float64(cpu_kernels, shape, groups):
 
 
 @pytest.mark.parametrize("per_column", [True, False])
-def test_cpu_kernel_multiply_adds_matches_float64(cpu_kernels, per_column):
-    """multiply_adds: d * a + x * b + k with coefficients per (sample, column) or (sample, row)."""
+@pytest.mark.parametrize("npq", [(3, 7, 19), (2, 3, 700_001)], ids=["small", "streamed"])
+def test_cpu_kernel_multiply_adds_matches_float64(cpu_kernels, per_column, npq):
+    """multiply_adds (d * a + x * b + k) and scale_shift (x * b + k) with coefficients per
+    (sample, column) or (sample, row), on rows that are not multiples of the vector width; the
+    large case (> 4 MiB) takes the streaming stores and their unaligned heads and tails."""
     g = torch.Generator().manual_seed(5)
-    n, p, q = 3, 7, 19
+    n, p, q = npq
     d, x = torch.randn(n, p, q, generator=g), torch.randn(n, p, q, generator=g)
     a, b, k = (torch.randn(n, q if per_column else p, generator=g) for _ in range(3))
-    out = cpu_kernels.multiply_adds(d, x, a, b, k, per_column)
     expand = (lambda t: t.double()[:, None, :]) if per_column else (lambda t: t.double()[:, :, None])
+    out = cpu_kernels.multiply_adds(d, x, a, b, k, per_column)
     ref = d.double() * expand(a) + x.double() * expand(b) + expand(k)
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    out = cpu_kernels.scale_shift(x, b, k, per_column)
+    torch.testing.assert_close(out.double(), x.double() * expand(b) + expand(k), rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        cpu_kernels.scale_shift(x.transpose(1, 2), b, k, per_column)
 
 
 def test_cpu_kernels_refuse_wrong_inputs_by_name(cpu_kernels):
@@ -520,7 +531,7 @@ def test_cpu_kernels_are_taken_and_match_float64(monkeypatch, cpu_kernels, fmt, 
     monkeypatch.setattr(kernels, "_module", counting)
     err_kernels = _float32_layer_against_float64(preset, fmt)
     sums = "column_dot_sums" if fmt is torch.channels_last else "row_dot_sums"
-    assert counting.calls == {sums: 6, "multiply_adds": 3}, counting.calls  # 3 forwards + 3 backwards
+    assert counting.calls == {sums: 6, "scale_shift": 3, "multiply_adds": 3}, counting.calls  # 3 fwd + 3 bwd
     monkeypatch.setattr(kernels, "MODE", "off")
     counting.calls.clear()
     err_torch = _float32_layer_against_float64(preset, fmt)
