@@ -38,7 +38,7 @@ MODES = ("auto", "off")
 MODE = os.environ.get("MABN_CPU_KERNELS", "auto")
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "norm_kernels.cpp")
-_NAME = "mabn_norm_kernels_v2"  # change with the source's interface
+_NAME = "mabn_norm_kernels_v3"  # change with the source's interface
 _module = None  # the loaded extension; False once building failed
 _lock = threading.Lock()
 
@@ -48,6 +48,19 @@ def _check_mode() -> None:
         from .norm import OptionError
         raise OptionError("mabn.kernels.MODE (environment variable MABN_CPU_KERNELS)", MODE,
                           'is "auto" or "off"')
+
+
+def _ninja_on_path() -> None:
+    """torch's extension builder runs ``ninja`` from PATH; the ninja package (a dependency of
+    mabn) installs it into the environment's bin directory, which is not on PATH when a virtual
+    environment's python is run without activating it."""
+    import shutil
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def load():
@@ -62,6 +75,7 @@ def load():
     with _lock:
         if _module is None:
             try:
+                _ninja_on_path()
                 from torch.utils import cpp_extension
                 with warnings.catch_warnings():  # "no CUDA runtime" notes of a CUDA build of torch
                     warnings.simplefilter("ignore")

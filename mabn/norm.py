@@ -395,9 +395,10 @@ def _affine_rows(x, scale, offset):
     ext = kernels.enabled(x, scale) if rx is not None else None
     if ext is not None:  # mabn.kernels: one pass, streaming stores for large outputs
         offset = torch.zeros_like(scale) if offset is None else offset
-        rows = ext.scale_shift(rx, scale.to(torch.float32).contiguous(), offset.to(torch.float32).contiguous(), dim == 1)
-        n, c, h, w = x.shape
-        return rows.view(n, c, h, w) if dim == 2 else rows.view(n, h, w, c).permute(0, 3, 1, 2)
+        out = torch.empty_like(x)  # x's layout; written through its rows view (returned: not a view,
+        ext.scale_shift(rx, scale.to(torch.float32).contiguous(),  # in-place ops may follow)
+                        offset.to(torch.float32).contiguous(), dim == 1, _rows(out)[0])
+        return out
     if not _eager_cpu(x):
         dim = None
     if dim == 1:  # written through the (N, H*W, C) view of a new channels_last tensor (not a view:
@@ -438,11 +439,9 @@ def _fused_input_gradient(dout, x, a, b, const):
     if const is None:
         const = torch.zeros_like(a)
     a, b, const = (t.to(torch.float32).contiguous() for t in (a, b, const))
-    rows = ext.multiply_adds(rd, rx, a, b, const, dim == 1)
-    n, c, h, w = x.shape
-    if dim == 2:
-        return rows.view(n, c, h, w)
-    return rows.view(n, h, w, c).permute(0, 3, 1, 2)
+    dx = torch.empty_like(x)  # x's layout, written through its rows view
+    ext.multiply_adds(rd, rx, a, b, const, dim == 1, _rows(dx)[0])
+    return dx
 
 
 def _input_gradient(dout, x, a, b, const):

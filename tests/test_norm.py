@@ -413,7 +413,7 @@ def _float32_layer_against_float64(preset, fmt, shape=(4, 8, 9, 9)):
     for it in range(3):
         x, x32 = x64.clone().requires_grad_(), x64.float().contiguous(memory_format=fmt).requires_grad_()
         (g64,) = torch.autograd.grad(ref(x * (1 + it)), x, up64)
-        y = layer(x32 * (1 + it))
+        y = layer(x32 * (1 + it)).mul_(1.0)  # an in-place op may follow (a ReLU): not a view
         (g32,) = torch.autograd.grad(y, x32, up64.float().contiguous(memory_format=fmt))
         assert g32.is_contiguous(memory_format=fmt) and g32.dtype == torch.float32
         worst = max(worst, float((g32.double() - g64).abs().max() / g64.abs().max()))
@@ -500,13 +500,15 @@ def test_cpu_kernel_multiply_adds_matches_float64(cpu_kernels, per_column, npq):
     d, x = torch.randn(n, p, q, generator=g), torch.randn(n, p, q, generator=g)
     a, b, k = (torch.randn(n, q if per_column else p, generator=g) for _ in range(3))
     expand = (lambda t: t.double()[:, None, :]) if per_column else (lambda t: t.double()[:, :, None])
-    out = cpu_kernels.multiply_adds(d, x, a, b, k, per_column)
+    out = cpu_kernels.multiply_adds(d, x, a, b, k, per_column, torch.empty_like(x))
     ref = d.double() * expand(a) + x.double() * expand(b) + expand(k)
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
-    out = cpu_kernels.scale_shift(x, b, k, per_column)
+    out = cpu_kernels.scale_shift(x, b, k, per_column, torch.empty_like(x))
     torch.testing.assert_close(out.double(), x.double() * expand(b) + expand(k), rtol=1e-6, atol=1e-6)
     with pytest.raises(RuntimeError, match="x must be contiguous"):
-        cpu_kernels.scale_shift(x.transpose(1, 2), b, k, per_column)
+        cpu_kernels.scale_shift(x.transpose(1, 2), b, k, per_column, torch.empty_like(x))
+    with pytest.raises(RuntimeError, match="out must have"):
+        cpu_kernels.scale_shift(x, b, k, per_column, torch.empty(1, 1, 1))
 
 
 def test_cpu_kernels_refuse_wrong_inputs_by_name(cpu_kernels):
@@ -516,7 +518,7 @@ def test_cpu_kernels_refuse_wrong_inputs_by_name(cpu_kernels):
     with pytest.raises(RuntimeError, match="d must be contiguous"):
         cpu_kernels.column_dot_sums(x.transpose(1, 2), x.transpose(1, 2).contiguous())
     with pytest.raises(RuntimeError, match="coefficients must be"):
-        cpu_kernels.multiply_adds(x, x, torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3), True)
+        cpu_kernels.multiply_adds(x, x, torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3), True, torch.empty_like(x))
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])

@@ -152,10 +152,9 @@ constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 // out = d * a + x * b + k (or x * b + k without d) on (N, P, Q) rows, coefficients (N, Q) if
 // per_column else (N, P).
-torch::Tensor affine_rows(const float* dp, torch::Tensor x, const torch::Tensor& a,
-                          const torch::Tensor& b, const torch::Tensor& k, bool per_column) {
+void affine_rows(const float* dp, const torch::Tensor& x, const torch::Tensor& a,
+                 const torch::Tensor& b, const torch::Tensor& k, bool per_column, torch::Tensor& out) {
   const int64_t N = x.size(0), P = x.size(1), Q = x.size(2);
-  auto out = torch::empty_like(x);
   const float* xp = x.data_ptr<float>();
   const float* ap = dp ? a.data_ptr<float>() : nullptr;
   const float* bp = b.data_ptr<float>();
@@ -179,7 +178,6 @@ torch::Tensor affine_rows(const float* dp, torch::Tensor x, const torch::Tensor&
     if (stream) __builtin_ia32_sfence();  // streaming stores visible before the tensor is used
 #endif
   });
-  return out;
 }
 
 void check_float_contiguous(const torch::Tensor& t, const char* name, int64_t dim) {
@@ -265,6 +263,13 @@ torch::Tensor row_dot_sums(torch::Tensor d, torch::Tensor x) {
   return result;
 }
 
+void check_output(const torch::Tensor& out, const torch::Tensor& x) {
+  check_float_contiguous(out, "out", 3);
+  TORCH_CHECK(out.sizes() == x.sizes(), "mabn kernels: out must have x's shape ", x.sizes(), ", got ",
+              out.sizes());
+  TORCH_CHECK(!out.is_same(x) && out.data_ptr() != x.data_ptr(), "mabn kernels: out must not be x");
+}
+
 void check_coefficients(const torch::Tensor& x, bool per_column,
                         std::initializer_list<const torch::Tensor*> coefficients) {
   const int64_t N = x.size(0), coef = per_column ? x.size(2) : x.size(1);
@@ -273,9 +278,11 @@ void check_coefficients(const torch::Tensor& x, bool per_column,
                 N, ", ", coef, "), got ", t->sizes());
 }
 
-// d, x: (N, P, Q); a, b, k: (N, Q) if per_column else (N, P). Returns d * a + x * b + k (N, P, Q).
+// d, x, out: (N, P, Q); a, b, k: (N, Q) if per_column else (N, P). Writes d * a + x * b + k
+// into out (the caller allocates it, so that the result can be a view of a tensor of its own
+// layout) and returns it.
 torch::Tensor multiply_adds(torch::Tensor d, torch::Tensor x, torch::Tensor a, torch::Tensor b,
-                            torch::Tensor k, bool per_column) {
+                            torch::Tensor k, bool per_column, torch::Tensor out) {
   check_float_contiguous(d, "d", 3);
   check_float_contiguous(x, "x", 3);
   check_float_contiguous(a, "a", 2);
@@ -283,16 +290,22 @@ torch::Tensor multiply_adds(torch::Tensor d, torch::Tensor x, torch::Tensor a, t
   check_float_contiguous(k, "k", 2);
   TORCH_CHECK(d.sizes() == x.sizes(), "mabn kernels: d and x differ in shape");
   check_coefficients(x, per_column, {&a, &b, &k});
-  return affine_rows(d.data_ptr<float>(), x, a, b, k, per_column);
+  check_output(out, x);
+  affine_rows(d.data_ptr<float>(), x, a, b, k, per_column, out);
+  return out;
 }
 
-// x: (N, P, Q); scale, offset: (N, Q) if per_column else (N, P). Returns x * scale + offset.
-torch::Tensor scale_shift(torch::Tensor x, torch::Tensor scale, torch::Tensor offset, bool per_column) {
+// x, out: (N, P, Q); scale, offset: (N, Q) if per_column else (N, P). Writes x * scale + offset
+// into out and returns it.
+torch::Tensor scale_shift(torch::Tensor x, torch::Tensor scale, torch::Tensor offset, bool per_column,
+                          torch::Tensor out) {
   check_float_contiguous(x, "x", 3);
   check_float_contiguous(scale, "scale", 2);
   check_float_contiguous(offset, "offset", 2);
   check_coefficients(x, per_column, {&scale, &offset});
-  return affine_rows(nullptr, x, scale, scale, offset, per_column);
+  check_output(out, x);
+  affine_rows(nullptr, x, scale, scale, offset, per_column, out);
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
