@@ -57,8 +57,9 @@ def test_requirements_install_the_repository_with_its_extras():
     assert lines == ["-e .[train,test]"]
 
 
-def test_wheel_holds_the_library_and_requires_only_torch(tmp_path):
-    """Build a wheel from a copy of the repository (no network: the installed setuptools)."""
+def test_wheel_holds_the_library_and_requires_only_torch_and_ninja(tmp_path):
+    """Build a wheel from a copy of the repository (no network: the installed setuptools): the
+    library with the C++ source its CPU kernels are built from, needing torch and ninja only."""
     pytest.importorskip("setuptools")
     src = tmp_path / "src"
     src.mkdir()
@@ -75,12 +76,13 @@ def test_wheel_holds_the_library_and_requires_only_torch(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("mabn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"mabn/__init__.py", "mabn/norm.py", "mabn/fold/__init__.py", "mabn/engine/trainer.py"} <= set(names)
+    assert {"mabn/__init__.py", "mabn/norm.py", "mabn/kernels.py", "mabn/csrc/norm_kernels.cpp",
+            "mabn/fold/__init__.py", "mabn/engine/trainer.py"} <= set(names)
     assert all(n.startswith(("mabn/", "mabn-")) for n in names), names  # no scripts, tests, configs
     meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
     meta = email.message_from_bytes(zipfile.ZipFile(wheel).read(meta_name))
     requires = meta.get_all("Requires-Dist")
-    assert [r for r in requires if "extra ==" not in r] == ["torch>=2.4"]
+    assert [r for r in requires if "extra ==" not in r] == ["torch>=2.4", "ninja>=1.10"]
     assert not any("==" in r.split(";")[0] for r in requires)  # ranges, never pins
     extras = {r.split(";")[0].split(">")[0].split("<")[0].strip().lower(): r.split("extra ==")[1].strip(" '\"")
               for r in requires if "extra ==" in r}
