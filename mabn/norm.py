@@ -664,6 +664,9 @@ def _statistics(fn, x, *args):
     compiling fails the eager function is used from then on, with a warning."""
     if x.numel() <= _COMPILE_STATISTICS_MIN or kernels.enabled(x) is None:
         return fn(*args)
+    # (Never pass an nn.Parameter in: torch.compile specializes on a parameter's shape, and one
+    # graph per channel count would exhaust its recompile limit in a ResNet; see
+    # tests/test_norm.py::test_compiled_statistics_one_graph_for_every_channel_count.)
     compiled = _compiled_statistics.get(fn)
     if compiled is False:
         return fn(*args)

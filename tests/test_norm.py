@@ -623,6 +623,37 @@ def test_compiled_statistics_match_eager(monkeypatch, cpu_kernels, options):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.compile
+def test_compiled_statistics_one_graph_for_every_channel_count(monkeypatch, cpu_kernels):
+    """The compiled statistics functions take sizes as symbols: layers with other channel counts,
+    batch sizes and maps reuse the graphs compiled for the first one (nothing is recompiled;
+    a graph per layer shape would run into torch.compile's recompile limit in a ResNet)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    import mabn.norm as norm_module
+    monkeypatch.setattr(norm_module, "_COMPILE_STATISTICS_MIN", 8)
+    functions = (norm_module._forward_statistics, norm_module._backward_statistics)
+
+    def graphs():  # torch.compile's cache entries of the two functions' code
+        return [len(_debug_get_cache_entry_list(fn.__code__)) for fn in functions]
+
+    def step(n, c, h):
+        layer = mabn.MABN2d(c, norm_batch_size=2, renorm_warmup_iters=0)
+        x = torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
+        layer(x).sum().backward()
+        layer = mabn.BatchNorm2d(c, norm_batch_size=2)  # r = d = None: a is a view of weight
+        x = torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
+        layer(x).sum().backward()
+
+    step(4, 6, 5)
+    step(4, 6, 5)
+    compiled = graphs()
+    assert min(compiled) >= 1
+    for n, c, h in ((4, 10, 5), (6, 7, 3), (8, 12, 4)):
+        step(n, c, h)
+    assert graphs() == compiled, "the statistics were compiled again for another shape"
+
+
 def test_compiled_statistics_fall_back_with_a_warning(monkeypatch, cpu_kernels):
     """Where torch.compile fails (e.g. no C++ compiler) the statistics functions warn once, run in
     eager torch from then on, and the layer's gradient still matches the float64 layer's."""
