@@ -38,7 +38,7 @@ MODES = ("auto", "off")
 MODE = os.environ.get("MABN_CPU_KERNELS", "auto")
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "norm_kernels.cpp")
-_NAME = "mabn_norm_kernels_v3"  # change with the source's interface
+_NAME = "mabn_norm_kernels_v4"  # change with the source's interface
 _module = None  # the loaded extension; False once building failed
 _lock = threading.Lock()
 

@@ -394,7 +394,7 @@ def _affine_rows(x, scale, offset):
     rx, dim = _rows(x)
     ext = kernels.enabled(x, scale) if rx is not None else None
     if ext is not None:  # mabn.kernels: one pass, streaming stores for large outputs
-        offset = torch.zeros_like(scale) if offset is None else offset
+        offset = scale.new_empty(0) if offset is None else offset  # (empty: the kernel reads zeros)
         out = torch.empty_like(x)  # x's layout; written through its rows view (returned: not a view,
         ext.scale_shift(rx, scale.to(torch.float32).contiguous(),  # in-place ops may follow)
                         offset.to(torch.float32).contiguous(), dim == 1, _rows(out)[0])
@@ -436,8 +436,8 @@ def _fused_input_gradient(dout, x, a, b, const):
     rx, dim_x = _rows(x)
     if rd is None or dim != dim_x:
         return None
-    if const is None:
-        const = torch.zeros_like(a)
+    if const is None:  # (an empty tensor: the kernel reads zeros)
+        const = a.new_empty(0)
     a, b, const = (t.to(torch.float32).contiguous() for t in (a, b, const))
     dx = torch.empty_like(x)  # x's layout, written through its rows view
     ext.multiply_adds(rd, rx, a, b, const, dim == 1, _rows(dx)[0])

@@ -503,8 +503,12 @@ def test_cpu_kernel_multiply_adds_matches_float64(cpu_kernels, per_column, npq):
     out = cpu_kernels.multiply_adds(d, x, a, b, k, per_column, torch.empty_like(x))
     ref = d.double() * expand(a) + x.double() * expand(b) + expand(k)
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    out = cpu_kernels.multiply_adds(d, x, a, b, torch.empty(0), per_column, torch.empty_like(x))  # k = 0
+    torch.testing.assert_close(out.double(), d.double() * expand(a) + x.double() * expand(b), rtol=1e-6, atol=1e-6)
     out = cpu_kernels.scale_shift(x, b, k, per_column, torch.empty_like(x))
     torch.testing.assert_close(out.double(), x.double() * expand(b) + expand(k), rtol=1e-6, atol=1e-6)
+    out = cpu_kernels.scale_shift(x, b, torch.empty(0), per_column, torch.empty_like(x))
+    torch.testing.assert_close(out.double(), x.double() * expand(b), rtol=1e-6, atol=1e-6)
     with pytest.raises(RuntimeError, match="x must be contiguous"):
         cpu_kernels.scale_shift(x.transpose(1, 2), b, k, per_column, torch.empty_like(x))
     with pytest.raises(RuntimeError, match="out must have"):
@@ -519,6 +523,8 @@ def test_cpu_kernels_refuse_wrong_inputs_by_name(cpu_kernels):
         cpu_kernels.column_dot_sums(x.transpose(1, 2), x.transpose(1, 2).contiguous())
     with pytest.raises(RuntimeError, match="coefficients must be"):
         cpu_kernels.multiply_adds(x, x, torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3), True, torch.empty_like(x))
+    with pytest.raises(RuntimeError, match="b must have 2 dimensions"):  # only k may be empty
+        cpu_kernels.multiply_adds(x, x, torch.ones(2, 4), torch.empty(0), torch.ones(2, 4), True, torch.empty_like(x))
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])

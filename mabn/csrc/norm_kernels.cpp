@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -158,7 +159,11 @@ void affine_rows(const float* dp, const torch::Tensor& x, const torch::Tensor& a
   const float* xp = x.data_ptr<float>();
   const float* ap = dp ? a.data_ptr<float>() : nullptr;
   const float* bp = b.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
+  // An empty k means k = 0 (eq. 20 without the constant term: the modified form), read from a
+  // row of zeros instead of a full-size tensor of them.
+  const bool zero_k = k.numel() == 0;
+  const std::vector<float> zeros(zero_k ? std::max<int64_t>(Q, 1) : 0, 0.f);
+  const float* kp = zero_k ? nullptr : k.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const bool stream = out.numel() * 4 >= kStreamBytes;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(Q, 1));
@@ -166,12 +171,13 @@ void affine_rows(const float* dp, const torch::Tensor& x, const torch::Tensor& a
     for (int64_t row = begin; row < end; ++row) {
       const int64_t c = per_column ? (row / P) * Q : row;  // offset of the row's coefficients
       const float* d = dp ? dp + row * Q : nullptr;
+      const float* kr = zero_k ? zeros.data() : kp + c;
       if (per_column) {
-        if (dp) affine_row<true, true>(d, xp + row * Q, op + row * Q, Q, ap + c, bp + c, kp + c, stream);
-        else affine_row<true, false>(d, xp + row * Q, op + row * Q, Q, ap, bp + c, kp + c, stream);
+        if (dp) affine_row<true, true>(d, xp + row * Q, op + row * Q, Q, ap + c, bp + c, kr, stream);
+        else affine_row<true, false>(d, xp + row * Q, op + row * Q, Q, ap, bp + c, kr, stream);
       } else {
-        if (dp) affine_row<false, true>(d, xp + row * Q, op + row * Q, Q, ap + c, bp + c, kp + c, stream);
-        else affine_row<false, false>(d, xp + row * Q, op + row * Q, Q, ap, bp + c, kp + c, stream);
+        if (dp) affine_row<false, true>(d, xp + row * Q, op + row * Q, Q, ap + c, bp + c, kr, stream);
+        else affine_row<false, false>(d, xp + row * Q, op + row * Q, Q, ap, bp + c, kr, stream);
       }
     }
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -180,13 +186,14 @@ void affine_rows(const float* dp, const torch::Tensor& x, const torch::Tensor& a
   });
 }
 
-void check_float_contiguous(const torch::Tensor& t, const char* name, int64_t dim) {
+void check_float_contiguous(const torch::Tensor& t, const char* name, int64_t dim,
+                            bool may_be_empty = false) {
   TORCH_CHECK(t.device().is_cpu(), "mabn kernels: ", name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == torch::kFloat, "mabn kernels: ", name, " must be float32, got ",
               t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), "mabn kernels: ", name, " must be contiguous");
-  TORCH_CHECK(t.dim() == dim, "mabn kernels: ", name, " must have ", dim, " dimensions, got ",
-              t.dim());
+  TORCH_CHECK(t.dim() == dim || (may_be_empty && t.numel() == 0), "mabn kernels: ", name,
+              " must have ", dim, " dimensions, got ", t.dim());
 }
 
 }  // namespace
@@ -274,11 +281,13 @@ void check_coefficients(const torch::Tensor& x, bool per_column,
                         std::initializer_list<const torch::Tensor*> coefficients) {
   const int64_t N = x.size(0), coef = per_column ? x.size(2) : x.size(1);
   for (const auto* t : coefficients)
-    TORCH_CHECK(t->size(0) == N && t->size(1) == coef, "mabn kernels: coefficients must be (",
+    TORCH_CHECK((t->numel() == 0 && t == *std::prev(coefficients.end())) ||  // k may be empty
+                    (t->dim() == 2 && t->size(0) == N && t->size(1) == coef),
+                "mabn kernels: coefficients must be (",
                 N, ", ", coef, "), got ", t->sizes());
 }
 
-// d, x, out: (N, P, Q); a, b, k: (N, Q) if per_column else (N, P). Writes d * a + x * b + k
+// d, x, out: (N, P, Q); a, b, k: (N, Q) if per_column else (N, P), k may be empty (= 0). Writes d * a + x * b + k
 // into out (the caller allocates it, so that the result can be a view of a tensor of its own
 // layout) and returns it.
 torch::Tensor multiply_adds(torch::Tensor d, torch::Tensor x, torch::Tensor a, torch::Tensor b,
@@ -287,7 +296,7 @@ torch::Tensor multiply_adds(torch::Tensor d, torch::Tensor x, torch::Tensor a, t
   check_float_contiguous(x, "x", 3);
   check_float_contiguous(a, "a", 2);
   check_float_contiguous(b, "b", 2);
-  check_float_contiguous(k, "k", 2);
+  check_float_contiguous(k, "k", 2, /*may_be_empty=*/true);
   TORCH_CHECK(d.sizes() == x.sizes(), "mabn kernels: d and x differ in shape");
   check_coefficients(x, per_column, {&a, &b, &k});
   check_output(out, x);
@@ -295,13 +304,13 @@ torch::Tensor multiply_adds(torch::Tensor d, torch::Tensor x, torch::Tensor a, t
   return out;
 }
 
-// x, out: (N, P, Q); scale, offset: (N, Q) if per_column else (N, P). Writes x * scale + offset
+// x, out: (N, P, Q); scale, offset: (N, Q) if per_column else (N, P), offset may be empty (= 0). Writes x * scale + offset
 // into out and returns it.
 torch::Tensor scale_shift(torch::Tensor x, torch::Tensor scale, torch::Tensor offset, bool per_column,
                           torch::Tensor out) {
   check_float_contiguous(x, "x", 3);
   check_float_contiguous(scale, "scale", 2);
-  check_float_contiguous(offset, "offset", 2);
+  check_float_contiguous(offset, "offset", 2, /*may_be_empty=*/true);
   check_coefficients(x, per_column, {&scale, &offset});
   check_output(out, x);
   affine_rows(nullptr, x, scale, scale, offset, per_column, out);
