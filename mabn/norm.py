@@ -296,12 +296,10 @@ def _plane_sums(x, with_sum: bool = True):
     return s1, (rows * rows).sum(1).double()
 
 
-def _kernel_dot_sums(dout, x, groups):
-    """Per-(group, channel) ``sum(dout)`` and ``sum(dout * x)``, float64 (G, C) each, in one pass
-    by mabn's C++ kernels (mabn.kernels), or None where they do not apply (not float32 CPU eager
-    tensors of one layout, contiguous or channels_last; kernels off or not built). channels_last
-    rows (N, H*W, C) are summed per group over the (G, b*H*W, C) view, contiguous ones per
-    (sample, channel) plane over H*W, then over each group's samples."""
+def _kernel_rows(dout, x):
+    """``(extension, dout rows, x rows, dim)`` (see _rows) where mabn's C++ kernels apply to the
+    pair: float32 CPU tensors in eager mode, both contiguous or both channels_last, kernels on
+    and built; else None."""
     ext = kernels.enabled(dout, x)
     if ext is None:
         return None
@@ -309,6 +307,19 @@ def _kernel_dot_sums(dout, x, groups):
     rx, dim_x = _rows(x)
     if rd is None or dim != dim_x:
         return None
+    return ext, rd, rx, dim
+
+
+def _kernel_dot_sums(dout, x, groups):
+    """Per-(group, channel) ``sum(dout)`` and ``sum(dout * x)``, float64 (G, C) each, in one pass
+    by mabn's C++ kernels (mabn.kernels), or None where they do not apply (not float32 CPU eager
+    tensors of one layout, contiguous or channels_last; kernels off or not built). channels_last
+    rows (N, H*W, C) are summed per group over the (G, b*H*W, C) view, contiguous ones per
+    (sample, channel) plane over H*W, then over each group's samples."""
+    found = _kernel_rows(dout, x)
+    if found is None:
+        return None
+    ext, rd, rx, dim = found
     n, c = x.shape[:2]
     if dim == 1:
         sums = ext.column_dot_sums(rd.reshape(groups, -1, c), rx.reshape(groups, -1, c))  # (2, G, C)
@@ -429,13 +440,10 @@ def _fused_input_gradient(dout, x, a, b, const):
     eager torch must write and read back), or None where it does not apply: not float32 CPU
     eager tensors, layouts that differ or are neither format, kernels off or not built.
     Computed on the (N, C, H*W) / (N, H*W, C) views of both inputs with (N, C) coefficients."""
-    ext = kernels.enabled(dout, x)
-    if ext is None:
+    found = _kernel_rows(dout, x)
+    if found is None:
         return None
-    rd, dim = _rows(dout)
-    rx, dim_x = _rows(x)
-    if rd is None or dim != dim_x:
-        return None
+    ext, rd, rx, dim = found
     if const is None:  # (an empty tensor: the kernel reads zeros)
         const = a.new_empty(0)
     a, b, const = (t.to(torch.float32).contiguous() for t in (a, b, const))
