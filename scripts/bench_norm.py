@@ -2,7 +2,8 @@
 """Forward+backward time of the mabn presets against nn.BatchNorm2d at ResNet-50 shapes.
 
 Every layer is timed on the same input and upstream gradient, round-robin (one repeat of each in
-turn, so that machine noise hits all of them alike); the table reports the median time per
+turn, so that machine noise hits all of them alike; in reverse order every other round, so that
+none always runs first); the table reports the median time per
 forward+backward and its ratio to nn.BatchNorm2d measured in the same run.
 
 With --compile every layer, nn.BatchNorm2d included, is wrapped in its own torch.compile

@@ -11,7 +11,8 @@ own model instance; "compiled" wraps it in torch.compile exactly as the trainer'
 (mabn.engine.compiling.compile_module). Every configuration first runs one step that is not
 timed: for a compiled one that step compiles, and its time is reported separately as the compile
 time. Then --warmup untimed and --iters timed rounds run round-robin (one step of every
-configuration per round, so that noise from other processes hits all alike); the table gives the
+configuration per round, so that noise from other processes hits all alike; the order is reversed
+every other round, so that BN and MABN each run first in half the rounds); the table gives the
 median step time, its spread and the ratio MABN / BN within each layout and mode.
 
     python scripts/bench_step.py --out results/speed.md            # batch 32, 224 px: the figures
@@ -92,8 +93,8 @@ def render(args, command, first, times, breaks, started, wall, load_start, devic
          f"cross-entropy + backward + SGD (momentum 0.9, weight decay 1e-4). BN = torchvision's "
          f"nn.BatchNorm2d over the whole batch (configs/norm/torch_bn.yaml); MABN = configs/norm/mabn.yaml "
          f"(MABN2d, groups of {args.norm_batch_size} images, weight-centralized convolutions).",
-         f"- Timing: {args.warmup} warm-up + {args.iters} timed round-robin rounds after one untimed "
-         f"first step per configuration; median step time; spread = (max - min) / median over the "
+         f"- Timing: {args.warmup} warm-up + {args.iters} timed round-robin rounds (order reversed in every "
+         f"other round) after one untimed first step per configuration; median step time; spread = (max - min) / median over the "
          f"timed steps. Paired = MABN's step over BN's step of the same round (the two run one after "
          f"the other, so slow phases of the machine hit both): median over rounds, and the mean with "
          f"its standard error (sample std / sqrt(rounds)). Compile = the first step of a compiled "

@@ -160,3 +160,14 @@ def test_bench_inference_machine_line_and_bad_sizes(tmp_path):
     machine = next(line for line in out.read_text().splitlines() if line.startswith("- Machine: "))
     for needle in ("CPU memory: ", "eager mabn layers on the CPU: ", "torchvision ", "Python "):
         assert needle in machine, needle
+
+
+def test_round_robin_reverses_the_order_every_other_round():
+    calls, progress = [], []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times = bench.round_robin(fns, repeats=3, warmup=1, device=torch.device("cpu"),
+                              progress=lambda r, last: progress.append((r, list(last))))
+    # warm-up round 0 in the given order, then reversed, given, reversed
+    assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
+    assert list(times) == ["a", "b", "c"] and all(len(v) == 3 and min(v) >= 0 for v in times.values())
+    assert progress == [(1, ["a", "b", "c"]), (2, ["a", "b", "c"]), (3, ["a", "b", "c"])]

@@ -57,12 +57,19 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 def round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
                 device: torch.device, progress: Callable[[int, dict], None] | None = None) -> dict[str, list[float]]:
-    """{name: [seconds per timed repeat]}: ``warmup + repeats`` rounds, each calling every fn once
-    in the order given; the first ``warmup`` rounds are not recorded. ``progress(round, last)``
-    is called after each recorded round with that round's times."""
+    """{name: [seconds per timed repeat]}: ``warmup + repeats`` rounds, each calling every fn once,
+    in the order given in even rounds (0, 2, ...) and in the reverse order in odd ones, so that
+    neither a drift of the machine's speed within a round nor what the previous call leaves in the
+    caches and the allocator favours the fns that come first (A B, B A, A B, ...: a ratio of two
+    fns is paired in both orders). The first ``warmup`` rounds are not recorded.
+    ``progress(round, last)`` is called after each recorded round with that round's times, in the
+    given order."""
     times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     for rep in range(warmup + repeats):
-        last = {name: timed(fn, device) for name, fn in fns.items()}
+        order = names if rep % 2 == 0 else names[::-1]
+        ran = {name: timed(fns[name], device) for name in order}
+        last = {name: ran[name] for name in names}
         if rep >= warmup:
             for name, t in last.items():
                 times[name].append(t)
