@@ -408,7 +408,7 @@ def _affine_rows(x, scale, offset):
         offset = scale.new_empty(0) if offset is None else offset  # (empty: the kernel reads zeros)
         out = torch.empty_like(x)  # x's layout; written through its rows view (returned: not a view,
         ext.scale_shift(rx, scale.to(torch.float32).contiguous(),  # in-place ops may follow)
-                        offset.to(torch.float32).contiguous(), dim == 1, _rows(out)[0])
+                        offset.to(torch.float32).contiguous(), dim == 1, kernels.stream(out), _rows(out)[0])
         return out
     if not _eager_cpu(x):
         dim = None
@@ -448,7 +448,7 @@ def _fused_input_gradient(dout, x, a, b, const):
         const = a.new_empty(0)
     a, b, const = (t.to(torch.float32).contiguous() for t in (a, b, const))
     dx = torch.empty_like(x)  # x's layout, written through its rows view
-    ext.multiply_adds(rd, rx, a, b, const, dim == 1, _rows(dx)[0])
+    ext.multiply_adds(rd, rx, a, b, const, dim == 1, kernels.stream(dx), _rows(dx)[0])
     return dx
 
 

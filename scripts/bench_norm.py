@@ -31,15 +31,38 @@ from mabn.engine import bench, compiling
 
 SHAPES = ["32x256x56x56", "32x512x28x28", "32x1024x14x14", "32x2048x7x7"]
 
+#: --presets choices: the mabn layers timed against nn.BatchNorm2d (which is always timed).
+PRESETS = {
+    "batchnorm": lambda c, b: (f"mabn.BatchNorm2d (b={b})", mabn.BatchNorm2d(c, norm_batch_size=b)),
+    "brn": lambda c, b: (f"BatchRenorm2d (b={b})", mabn.BatchRenorm2d(c, norm_batch_size=b, renorm_warmup_iters=0)),
+    "modified": lambda c, b: (f"ModifiedBatchNorm2d (b={b})", mabn.ModifiedBatchNorm2d(c, norm_batch_size=b)),
+    "mabn": lambda c, b: (f"MABN2d (b={b})", mabn.MABN2d(c, norm_batch_size=b, renorm_warmup_iters=0)),
+}
 
-def layers(c: int, b: int) -> dict[str, nn.Module]:
-    return {
-        "nn.BatchNorm2d": nn.BatchNorm2d(c),
-        f"mabn.BatchNorm2d (b={b})": mabn.BatchNorm2d(c, norm_batch_size=b),
-        f"BatchRenorm2d (b={b})": mabn.BatchRenorm2d(c, norm_batch_size=b, renorm_warmup_iters=0),
-        f"ModifiedBatchNorm2d (b={b})": mabn.ModifiedBatchNorm2d(c, norm_batch_size=b),
-        f"MABN2d (b={b})": mabn.MABN2d(c, norm_batch_size=b, renorm_warmup_iters=0),
-    }
+
+def layers(c: int, b: int, presets=tuple(PRESETS)) -> dict[str, nn.Module]:
+    return {"nn.BatchNorm2d": nn.BatchNorm2d(c), **dict(PRESETS[p](c, b) for p in presets)}
+
+
+def network_shapes(arch: str, batch: int, image_size: int) -> dict[str, int]:
+    """{"NxCxHxW": how many of the torchvision network's BatchNorm2d layers see that input shape}
+    in a training step at ``batch`` images of ``image_size`` px, found by running the network
+    (one image) with forward hooks on its BatchNorm2d layers."""
+    import torchvision
+    model = getattr(torchvision.models, arch)()
+    counts: dict[str, int] = {}
+
+    def hook(module, inputs):
+        _, c, h, w = inputs[0].shape
+        key = f"{batch}x{c}x{h}x{w}"
+        counts[key] = counts.get(key, 0) + 1
+
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, image_size, image_size))
+    return counts
 
 
 def fwd_bwd(mod: nn.Module, x: torch.Tensor, up: torch.Tensor):
@@ -52,7 +75,7 @@ def fwd_bwd(mod: nn.Module, x: torch.Tensor, up: torch.Tensor):
 def bench_shape(shape: str, args, device) -> tuple[dict[str, float], dict[str, float]]:
     """({layer: median seconds per forward+backward}, {layer: first-call seconds} (compile only))."""
     n, c, h, w = (int(v) for v in shape.split("x"))
-    mods = {k: m.to(device) for k, m in layers(c, args.norm_batch_size).items()}
+    mods = {k: m.to(device) for k, m in layers(c, args.norm_batch_size, args.presets).items()}
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randn(n, c, h, w, device=device).to(memory_format=fmt)
     up = torch.randn_like(x)
@@ -68,7 +91,15 @@ def bench_shape(shape: str, args, device) -> tuple[dict[str, float], dict[str, f
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (exit 2 when there is no GPU)")
-    p.add_argument("--shapes", nargs="+", default=SHAPES, help="NxCxHxW shapes")
+    p.add_argument("--shapes", nargs="+", default=None, help=f"NxCxHxW shapes (default: {' '.join(SHAPES)})")
+    p.add_argument("--network", choices=["resnet50", "resnet18"],
+                   help="time every distinct input shape of the torchvision network's BatchNorm2d layers "
+                        "(--batch images of --image-size px) instead of --shapes, and add the per-step "
+                        "total: the sum over all its normalization layers")
+    p.add_argument("--batch", type=int, default=32, help="images per step with --network")
+    p.add_argument("--image-size", type=int, default=224, help="input px with --network")
+    p.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS),
+                   help="mabn layers to time against nn.BatchNorm2d (default: all)")
     p.add_argument("--norm-batch-size", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -88,20 +119,42 @@ def main(argv=None):
         p.error(str(e))
     if args.compile and (reason := compiling.unavailable_reason(device.type)):
         p.error(f"--compile: torch.compile cannot run on this machine: {reason}")
+    if args.network and args.shapes:
+        p.error("--network and --shapes: give one of them")
+    bench.require_positive(p, args, "batch", "image_size", "norm_batch_size", "repeats")
     if args.threads:
         torch.set_num_threads(args.threads)
+    counts = network_shapes(args.network, args.batch, args.image_size) if args.network else None
+    shapes = list(counts) if counts else (args.shapes or SHAPES)
+    for shape in shapes:
+        parts = shape.split("x")
+        if len(parts) != 4 or not all(v.isdigit() and int(v) > 0 for v in parts):
+            p.error(f"--shapes {shape!r}: expected NxCxHxW with positive integers, e.g. 32x256x56x56")
+        if int(parts[0]) % args.norm_batch_size:
+            p.error(f"--shapes {shape!r}: N={parts[0]} is not divisible by --norm-batch-size={args.norm_batch_size}")
     torch.manual_seed(0)
 
-    header, rows, compile_rows = ["shape"], [], []
-    for shape in args.shapes:
+    header, rows, compile_rows = ["shape"] + (["layers"] if counts else []), [], []
+    total: dict[str, float] = {}
+    for shape in shapes:
         med, first = bench_shape(shape, args, device)
         base = med["nn.BatchNorm2d"]
-        if len(header) == 1:
-            header += [f"{k} ms (x BN)" for k in med]
-        rows.append([shape] + [f"{1e3 * t:.1f} ({t / base:.2f}x)" for t in med.values()])
+        names = list(med)
+        if len(header) <= 2:
+            header += [f"{k} ms (x BN)" for k in names]
+        rows.append([shape] + ([str(counts[shape])] if counts else [])
+                    + [f"{1e3 * t:.2f} ({t / base:.2f}x)" for t in med.values()])
         print(" | ".join(rows[-1]), flush=True)
+        if counts:
+            for k, t in med.items():
+                total[k] = total.get(k, 0.0) + counts[shape] * t
         if first:
             compile_rows.append([shape] + [f"{t:.1f}" for t in first.values()])
+    if counts:
+        base = total["nn.BatchNorm2d"]
+        rows.append([f"**per step** ({args.network}, batch {args.batch}, {args.image_size} px)",
+                     str(sum(counts.values()))] + [f"**{1e3 * t:.1f}** ({t / base:.2f}x)" for t in total.values()])
+        print(" | ".join(rows[-1]), flush=True)
 
     cmd = "python scripts/bench_norm.py " + " ".join(argv if argv is not None else sys.argv[1:])
     kind = "compiled (torch.compile, each layer separately) " if args.compile else ""
@@ -115,6 +168,10 @@ def main(argv=None):
         f"(1, 5, 15 min) at the end: {bench.load_average()}",
         f"- layout: {'channels_last' if args.channels_last else 'NCHW contiguous'}, float32",
     ]
+    if counts:
+        lines.append(f"- shapes: every distinct input of torchvision {args.network}'s BatchNorm2d layers in a "
+                     f"training step; layers = how many see it; per step = the sum over all of them "
+                     f"(count x median), i.e. the normalization layers' share of one training step")
     if args.compile and (bad := compiling.miscompiled_reason("mabn")):
         lines.append(f"- note: timing only; {bad}")
     lines += [
@@ -125,8 +182,8 @@ def main(argv=None):
     if compile_rows:
         lines += ["", "Compilation: seconds of the first forward+backward of each compiled layer (not in "
                   "the medians above).", "",
-                  "| shape | " + " | ".join(f"{k} s" for k in header[1:]).replace(" ms (x BN)", "") + " |",
-                  "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in compile_rows]
+                  "| shape | " + " | ".join(f"{k} s" for k in names) + " |",
+                  "|" + "---|" * (1 + len(names))] + ["| " + " | ".join(r) + " |" for r in compile_rows]
     bench.write_report("\n".join(lines) + "\n", args.out)
 
 

@@ -171,3 +171,32 @@ def test_round_robin_reverses_the_order_every_other_round():
     assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
     assert list(times) == ["a", "b", "c"] and all(len(v) == 3 and min(v) >= 0 for v in times.values())
     assert progress == [(1, ["a", "b", "c"]), (2, ["a", "b", "c"]), (3, ["a", "b", "c"])]
+
+
+def test_bench_norm_network_total_is_the_count_weighted_sum(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    out = tmp_path / "net.md"
+    r = run_script([PYTHON, "scripts/bench_norm.py", "--network", "resnet18", "--batch", "4", "--image-size", "32",
+                    "--presets", "mabn", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")]
+    head, body = [c.strip() for c in lines[0]], lines[1:]
+    assert head == ["shape", "layers", "nn.BatchNorm2d ms (x BN)", "MABN2d (b=2) ms (x BN)"]
+    rows, total = body[:-1], body[-1]
+    counts = {row[0].strip(): int(row[1]) for row in rows}
+    # torchvision's resnet18 at 32 px: the stem's BN at 16x16, then its four stages at 8, 4, 2, 1 px.
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in torchvision.models.resnet18().modules())
+    assert sum(counts.values()) == n_bn == int(total[1]) == 20
+    assert counts == {"4x64x16x16": 1, "4x64x8x8": 4, "4x128x4x4": 5, "4x256x2x2": 5, "4x512x1x1": 5}
+    for col in (2, 3):
+        ms = [float(row[col].split("(")[0]) for row in rows]
+        step = float(total[col].split("(")[0].strip(" *"))
+        # rows print 0.01 ms and the total 0.1 ms: the rounding bound is 20 x 0.005 + 0.05 ms
+        assert abs(step - sum(c * t for c, t in zip(counts.values(), ms))) <= 20 * 0.005 + 0.05 + 1e-9
+
+
+def test_bench_norm_refuses_bad_shapes():
+    r = run_script([PYTHON, "scripts/bench_norm.py", "--shapes", "3x8x4x4"])
+    assert r.returncode == 2 and "N=3 is not divisible by --norm-batch-size=2" in r.stderr, r.stderr[-3000:]
+    r = run_script([PYTHON, "scripts/bench_norm.py", "--shapes", "8x4x4"])
+    assert r.returncode == 2 and "--shapes '8x4x4': expected NxCxHxW" in r.stderr, r.stderr[-3000:]

@@ -424,13 +424,15 @@ class _CountingKernels:
     """Stands in for the built mabn.kernels extension and counts the calls of each kernel."""
 
     def __init__(self, ext):
-        self.ext, self.calls = ext, {}
+        self.ext, self.calls, self.streamed = ext, {}, []
 
     def __getattr__(self, name):
         fn = getattr(self.ext, name)
 
         def counted(*args):
             self.calls[name] = self.calls.get(name, 0) + 1
+            if name in ("scale_shift", "multiply_adds"):  # (out bytes, the stream flag passed)
+                self.streamed.append((args[-1].numel() * 4, args[-2]))
             return fn(*args)
         return counted
 
@@ -490,29 +492,30 @@ def test_cpu_kernel_sums_match_float64(cpu_kernels, shape, groups):
 
 
 @pytest.mark.parametrize("per_column", [True, False])
-@pytest.mark.parametrize("npq", [(3, 7, 19), (2, 3, 700_001)], ids=["small", "streamed"])
+@pytest.mark.parametrize("npq", [(3, 7, 19), (2, 3, 700_001)], ids=["small", "large"])
 def test_cpu_kernel_multiply_adds_matches_float64(cpu_kernels, per_column, npq):
     """multiply_adds (d * a + x * b + k) and scale_shift (x * b + k) with coefficients per
-    (sample, column) or (sample, row), on rows that are not multiples of the vector width; the
-    large case (> 4 MiB) takes the streaming stores and their unaligned heads and tails."""
+    (sample, column) or (sample, row), on rows that are not multiples of the vector width, with
+    ordinary and with streaming stores (whose loops have unaligned heads and tails)."""
     g = torch.Generator().manual_seed(5)
     n, p, q = npq
     d, x = torch.randn(n, p, q, generator=g), torch.randn(n, p, q, generator=g)
     a, b, k = (torch.randn(n, q if per_column else p, generator=g) for _ in range(3))
     expand = (lambda t: t.double()[:, None, :]) if per_column else (lambda t: t.double()[:, :, None])
-    out = cpu_kernels.multiply_adds(d, x, a, b, k, per_column, torch.empty_like(x))
-    ref = d.double() * expand(a) + x.double() * expand(b) + expand(k)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
-    out = cpu_kernels.multiply_adds(d, x, a, b, torch.empty(0), per_column, torch.empty_like(x))  # k = 0
-    torch.testing.assert_close(out.double(), d.double() * expand(a) + x.double() * expand(b), rtol=1e-6, atol=1e-6)
-    out = cpu_kernels.scale_shift(x, b, k, per_column, torch.empty_like(x))
-    torch.testing.assert_close(out.double(), x.double() * expand(b) + expand(k), rtol=1e-6, atol=1e-6)
-    out = cpu_kernels.scale_shift(x, b, torch.empty(0), per_column, torch.empty_like(x))
-    torch.testing.assert_close(out.double(), x.double() * expand(b), rtol=1e-6, atol=1e-6)
+    for stream in (False, True):
+        out = cpu_kernels.multiply_adds(d, x, a, b, k, per_column, stream, torch.empty_like(x))
+        ref = d.double() * expand(a) + x.double() * expand(b) + expand(k)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+        out = cpu_kernels.multiply_adds(d, x, a, b, torch.empty(0), per_column, stream, torch.empty_like(x))  # k = 0
+        torch.testing.assert_close(out.double(), d.double() * expand(a) + x.double() * expand(b), rtol=1e-6, atol=1e-6)
+        out = cpu_kernels.scale_shift(x, b, k, per_column, stream, torch.empty_like(x))
+        torch.testing.assert_close(out.double(), x.double() * expand(b) + expand(k), rtol=1e-6, atol=1e-6)
+        out = cpu_kernels.scale_shift(x, b, torch.empty(0), per_column, stream, torch.empty_like(x))
+        torch.testing.assert_close(out.double(), x.double() * expand(b), rtol=1e-6, atol=1e-6)
     with pytest.raises(RuntimeError, match="x must be contiguous"):
-        cpu_kernels.scale_shift(x.transpose(1, 2), b, k, per_column, torch.empty_like(x))
+        cpu_kernels.scale_shift(x.transpose(1, 2), b, k, per_column, False, torch.empty_like(x))
     with pytest.raises(RuntimeError, match="out must have"):
-        cpu_kernels.scale_shift(x, b, k, per_column, torch.empty(1, 1, 1))
+        cpu_kernels.scale_shift(x, b, k, per_column, False, torch.empty(1, 1, 1))
 
 
 def test_cpu_kernels_refuse_wrong_inputs_by_name(cpu_kernels):
@@ -522,9 +525,11 @@ def test_cpu_kernels_refuse_wrong_inputs_by_name(cpu_kernels):
     with pytest.raises(RuntimeError, match="d must be contiguous"):
         cpu_kernels.column_dot_sums(x.transpose(1, 2), x.transpose(1, 2).contiguous())
     with pytest.raises(RuntimeError, match="coefficients must be"):
-        cpu_kernels.multiply_adds(x, x, torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3), True, torch.empty_like(x))
+        cpu_kernels.multiply_adds(x, x, torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3), True, False,
+                                  torch.empty_like(x))
     with pytest.raises(RuntimeError, match="b must have 2 dimensions"):  # only k may be empty
-        cpu_kernels.multiply_adds(x, x, torch.ones(2, 4), torch.empty(0), torch.ones(2, 4), True, torch.empty_like(x))
+        cpu_kernels.multiply_adds(x, x, torch.ones(2, 4), torch.empty(0), torch.ones(2, 4), True, False,
+                                  torch.empty_like(x))
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
@@ -545,6 +550,33 @@ def test_cpu_kernels_are_taken_and_match_float64(monkeypatch, cpu_kernels, fmt, 
     err_torch = _float32_layer_against_float64(preset, fmt)
     assert counting.calls == {}
     assert err_kernels < 1e-5 and err_torch < 1e-5, (err_kernels, err_torch)
+
+
+def test_cpu_kernels_stream_outputs_of_at_least_stream_bytes(monkeypatch, cpu_kernels):
+    """The layer asks for streaming stores exactly for outputs of >= mabn.kernels.STREAM_BYTES
+    (4 x 8 x 9 x 9 float32 = 10368 bytes here), and the result does not depend on it."""
+    from mabn import kernels
+    counting = _CountingKernels(cpu_kernels)
+    monkeypatch.setattr(kernels, "_module", counting)
+    errors = []
+    for threshold in (10368, 10369):
+        monkeypatch.setattr(kernels, "STREAM_BYTES", threshold)
+        counting.streamed.clear()
+        errors.append(_float32_layer_against_float64("MABN2d", torch.channels_last))
+        assert counting.streamed == [(10368, threshold <= 10368)] * 6, counting.streamed  # 3 fwd + 3 bwd
+    assert max(errors) < 1e-5, errors
+
+
+def test_stream_bytes_setting(monkeypatch):
+    """MABN_STREAM_BYTES: a whole number of bytes (default 4 MiB), or an error naming it."""
+    from mabn import kernels
+    monkeypatch.delenv("MABN_STREAM_BYTES", raising=False)
+    assert kernels._stream_bytes_from_env() == 4 << 20
+    monkeypatch.setenv("MABN_STREAM_BYTES", "0")
+    assert kernels._stream_bytes_from_env() == 0
+    monkeypatch.setenv("MABN_STREAM_BYTES", "4MiB")
+    with pytest.raises(ValueError, match="MABN_STREAM_BYTES.*'4MiB'"):
+        kernels._stream_bytes_from_env()
 
 
 def test_cpu_kernels_fall_back_when_they_cannot_be_built(monkeypatch):

@@ -147,14 +147,12 @@ void affine_row(const float* d, const float* x, float* o, int64_t n, const float
   affine_row_default<V, D>(d, x, o, n, a, b, k, stream);
 }
 
-// Outputs of at least this many bytes are written with streaming stores (they do not fit in
-// the cache anyway); smaller ones stay in the cache for the next layer.
-constexpr int64_t kStreamBytes = int64_t(4) << 20;
-
 // out = d * a + x * b + k (or x * b + k without d) on (N, P, Q) rows, coefficients (N, Q) if
-// per_column else (N, P).
+// per_column else (N, P); with streaming stores if `stream` (the caller's choice: outputs too
+// large to stay in the cache for the next layer, see mabn/kernels.py STREAM_BYTES).
 void affine_rows(const float* dp, const torch::Tensor& x, const torch::Tensor& a,
-                 const torch::Tensor& b, const torch::Tensor& k, bool per_column, torch::Tensor& out) {
+                 const torch::Tensor& b, const torch::Tensor& k, bool per_column, bool stream,
+                 torch::Tensor& out) {
   const int64_t N = x.size(0), P = x.size(1), Q = x.size(2);
   const float* xp = x.data_ptr<float>();
   const float* ap = dp ? a.data_ptr<float>() : nullptr;
@@ -165,7 +163,6 @@ void affine_rows(const float* dp, const torch::Tensor& x, const torch::Tensor& a
   const std::vector<float> zeros(zero_k ? std::max<int64_t>(Q, 1) : 0, 0.f);
   const float* kp = zero_k ? nullptr : k.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const bool stream = out.numel() * 4 >= kStreamBytes;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(Q, 1));
   at::parallel_for(0, N * P, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -289,9 +286,9 @@ void check_coefficients(const torch::Tensor& x, bool per_column,
 
 // d, x, out: (N, P, Q); a, b, k: (N, Q) if per_column else (N, P), k may be empty (= 0). Writes d * a + x * b + k
 // into out (the caller allocates it, so that the result can be a view of a tensor of its own
-// layout) and returns it.
+// layout), with streaming stores if `stream`, and returns it.
 torch::Tensor multiply_adds(torch::Tensor d, torch::Tensor x, torch::Tensor a, torch::Tensor b,
-                            torch::Tensor k, bool per_column, torch::Tensor out) {
+                            torch::Tensor k, bool per_column, bool stream, torch::Tensor out) {
   check_float_contiguous(d, "d", 3);
   check_float_contiguous(x, "x", 3);
   check_float_contiguous(a, "a", 2);
@@ -300,20 +297,20 @@ torch::Tensor multiply_adds(torch::Tensor d, torch::Tensor x, torch::Tensor a, t
   TORCH_CHECK(d.sizes() == x.sizes(), "mabn kernels: d and x differ in shape");
   check_coefficients(x, per_column, {&a, &b, &k});
   check_output(out, x);
-  affine_rows(d.data_ptr<float>(), x, a, b, k, per_column, out);
+  affine_rows(d.data_ptr<float>(), x, a, b, k, per_column, stream, out);
   return out;
 }
 
 // x, out: (N, P, Q); scale, offset: (N, Q) if per_column else (N, P), offset may be empty (= 0). Writes x * scale + offset
-// into out and returns it.
+// into out (streaming stores if `stream`) and returns it.
 torch::Tensor scale_shift(torch::Tensor x, torch::Tensor scale, torch::Tensor offset, bool per_column,
-                          torch::Tensor out) {
+                          bool stream, torch::Tensor out) {
   check_float_contiguous(x, "x", 3);
   check_float_contiguous(scale, "scale", 2);
   check_float_contiguous(offset, "offset", 2, /*may_be_empty=*/true);
   check_coefficients(x, per_column, {&scale, &offset});
   check_output(out, x);
-  affine_rows(nullptr, x, scale, scale, offset, per_column, out);
+  affine_rows(nullptr, x, scale, scale, offset, per_column, stream, out);
   return out;
 }
 
