@@ -5,7 +5,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["CenConv2d"]
+__all__ = ["CenConv2d", "centralize"]
+
+
+class _Centralize(torch.autograd.Function):
+    """``W - mean(W)`` over (in, kh, kw) per output channel (eq. 18), with its exact gradient.
+
+    Centring each output channel's n weights is the orthogonal projection P = I - 1 1^T / n, and P
+    is symmetric, so dL/dW = P dL/dW_bar = g - mean(g): one mean and one subtraction in each pass,
+    in the weight's own memory format. (Autograd of the plain expression materialises the mean's
+    gradient as a separate contiguous tensor and adds it to g: for a channels_last weight, one
+    extra pass over mixed layouts per convolution and step.)
+    """
+
+    @staticmethod
+    def forward(ctx, w):
+        return w - w.mean(dim=(1, 2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g - g.mean(dim=(1, 2, 3), keepdim=True)
+
+
+def centralize(w: torch.Tensor) -> torch.Tensor:
+    """``w - w.mean(dim=(1, 2, 3), keepdim=True)`` (eq. 18) for a (out, in, kh, kw) kernel; its
+    gradient is the same centring of the incoming gradient (see _Centralize)."""
+    if w.dim() != 4:
+        raise ValueError(f"centralize: expected a 4-D (out, in, kh, kw) kernel, got shape {tuple(w.shape)}")
+    return _Centralize.apply(w)
 
 
 class CenConv2d(nn.Conv2d):
@@ -21,8 +48,7 @@ class CenConv2d(nn.Conv2d):
 
     def centered_weight(self) -> torch.Tensor:
         """The kernel actually convolved with: W minus its mean over (in, kh, kw) per output."""
-        w = self.weight
-        return w - w.mean(dim=(1, 2, 3), keepdim=True)
+        return centralize(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.centered_weight(), self.bias)

@@ -383,6 +383,25 @@ def test_cenconv_equals_conv_with_centred_weights():
     assert torch.autograd.gradcheck(lambda inp: conv(inp), (x[:1, :, :3, :3].clone().requires_grad_(),))
 
 
+def test_centralize_gradient_is_the_centred_gradient():
+    """mabn.centralize's own backward (g - mean(g)) against finite differences (gradcheck and
+    gradgradcheck, float64) and, in float32 channels_last, against autograd of the plain
+    expression; the weight's gradient keeps the weight's memory format."""
+    from mabn.conv import centralize
+    w = torch.randn(3, 2, 3, 3, dtype=D, requires_grad=True)
+    probe = torch.randn(3, 2, 3, 3, dtype=D)
+    assert torch.autograd.gradcheck(lambda t: (centralize(t) * probe).sin(), (w,))
+    assert torch.autograd.gradgradcheck(lambda t: (centralize(t) * probe).sin(), (w,))
+    w32 = torch.randn(16, 8, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(16, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    (ours,) = torch.autograd.grad(centralize(w32), w32, g)
+    (plain,) = torch.autograd.grad(w32 - w32.mean(dim=(1, 2, 3), keepdim=True), w32, g)
+    torch.testing.assert_close(ours, plain, rtol=1e-6, atol=1e-6)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"4-D .* got shape \(3, 2\)"):
+        centralize(torch.randn(3, 2))
+
+
 # --------------------------------------------------------------------------- dtypes, layouts
 def test_channels_last_and_float32_match_float64():
     x64 = make_input(8, 3, 5, 5)
