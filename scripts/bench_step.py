@@ -44,23 +44,30 @@ from torch import nn
 from mabn.engine import bench, compiling, config, models
 
 NORM_PRESETS = Path(__file__).resolve().parent.parent / "configs" / "norm"
-NETWORKS = {"BN": "torch_bn", "MABN": "mabn"}  # name in the table: norm preset (configs/norm/<preset>.yaml)
+#: name in the tables: (norm preset configs/norm/<preset>.yaml, weight_centralization override or None).
+#: BN+WC (with --bn-wc) is BN with MABN's weight-centralized convolutions: it splits MABN's step
+#: cost into the convolutions' share (BN+WC / BN) and the normalization layers' (MABN / BN+WC).
+NETWORKS = {"BN": ("torch_bn", None), "MABN": ("mabn", None), "BN+WC": ("torch_bn", True)}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 MODES = ("eager", "compiled")
 
 
-def norm_config(preset: str, norm_batch_size: int | None):
-    """The trainer's norm config of ``configs/norm/<preset>.yaml`` (MABN: with this group size)."""
+def norm_config(preset: str, norm_batch_size: int | None, weight_centralization: bool | None = None):
+    """The trainer's norm config of ``configs/norm/<preset>.yaml`` (MABN: with this group size;
+    weight_centralization overridden unless None)."""
     cfg = OmegaConf.merge(OmegaConf.structured(config.NormConfig), OmegaConf.load(NORM_PRESETS / f"{preset}.yaml"))
     if cfg.layer == "mabn":
         cfg.norm_batch_size = norm_batch_size
+    if weight_centralization is not None:
+        cfg.weight_centralization = weight_centralization
     return cfg
 
 
 def build(network: str, arch: str, norm_batch_size: int, device, layout) -> nn.Module:
     """A fresh ResNet with the normalization of ``network`` (BN or MABN), on ``device``."""
     model_cfg = OmegaConf.structured(config.ModelConfig(arch=arch, small_input=False))
-    model = models.build_model(model_cfg, norm_config(NETWORKS[network], norm_batch_size), 1000)
+    preset, weight_centralization = NETWORKS[network]
+    model = models.build_model(model_cfg, norm_config(preset, norm_batch_size, weight_centralization), 1000)
     return model.to(device).to(memory_format=layout).train()
 
 
@@ -82,7 +89,15 @@ def graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
+def paired(times, key, num, den) -> tuple[float, float, float]:
+    """(median, mean, standard error) over rounds of network ``num``'s step / ``den``'s."""
+    ratios = [a / b for a, b in zip(times[key(num)], times[key(den)])]
+    se = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
+    return statistics.median(ratios), statistics.mean(ratios), se
+
+
 def render(args, command, first, times, breaks, started, wall, load_start, device) -> str:
+    networks = networks_of(args)
     L = [f"# {args.arch} training step: MABN against nn.BatchNorm2d\n",
          f"- Command: `{command}`",
          f"- Date: {started:%Y-%m-%d %H:%M} UTC; wall time {wall / 60:.1f} min",
@@ -92,7 +107,8 @@ def render(args, command, first, times, breaks, started, wall, load_start, devic
          f"- Step: batch {args.batch}, {args.image_size}x{args.image_size} px, float32, forward + "
          f"cross-entropy + backward + SGD (momentum 0.9, weight decay 1e-4). BN = torchvision's "
          f"nn.BatchNorm2d over the whole batch (configs/norm/torch_bn.yaml); MABN = configs/norm/mabn.yaml "
-         f"(MABN2d, groups of {args.norm_batch_size} images, weight-centralized convolutions).",
+         f"(MABN2d, groups of {args.norm_batch_size} images, weight-centralized convolutions)"
+         + ("; BN+WC = BN with weight-centralized convolutions." if args.bn_wc else "."),
          f"- Timing: {args.warmup} warm-up + {args.iters} timed round-robin rounds (order reversed in every "
          f"other round) after one untimed first step per configuration; median step time; spread = (max - min) / median over the "
          f"timed steps. Paired = MABN's step over BN's step of the same round (the two run one after "
@@ -106,25 +122,41 @@ def render(args, command, first, times, breaks, started, wall, load_start, devic
     for layout in args.layouts:
         for mode in args.modes:
             key = lambda net: (layout, mode, net)  # noqa: E731
-            med = {n: statistics.median(times[key(n)]) for n in NETWORKS}
-            comp = {n: f"{first[key(n)]:.1f}" if mode == "compiled" else "-" for n in NETWORKS}
-            paired = [m / b for m, b in zip(times[key("MABN")], times[key("BN")])]
-            se = statistics.stdev(paired) / len(paired) ** 0.5 if len(paired) > 1 else float("nan")
+            med = {n: statistics.median(times[key(n)]) for n in networks}
+            comp = {n: f"{first[key(n)]:.1f}" if mode == "compiled" else "-" for n in networks}
+            p_med, p_mean, se = paired(times, key, "MABN", "BN")
             L.append(f"| {layout} | {mode} | {1e3 * med['BN']:.1f} | {1e3 * med['MABN']:.1f} | "
-                     f"{med['MABN'] / med['BN']:.3f} | {statistics.median(paired):.3f} | "
-                     f"{statistics.mean(paired):.3f} ± {se:.3f} | {bench.spread(times[key('BN')]):.0f}% | "
+                     f"{med['MABN'] / med['BN']:.3f} | {p_med:.3f} | "
+                     f"{p_mean:.3f} ± {se:.3f} | {bench.spread(times[key('BN')]):.0f}% | "
                      f"{bench.spread(times[key('MABN')]):.0f}% | {comp['BN']} | {comp['MABN']} |")
-    keys = [(layout, mode, net) for layout in args.layouts for mode in args.modes for net in NETWORKS]
+    if "BN+WC" in networks:
+        L += ["", "Split by BN+WC (BN with MABN's weight-centralized convolutions), paired by round "
+              "(median; mean ± s.e.): the convolutions' share BN+WC / BN and the normalization layers' "
+              "share MABN / BN+WC.", "",
+              "| layout | mode | BN+WC step (ms) | BN+WC / BN: median | mean ± s.e. | MABN / BN+WC: median | mean ± s.e. |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+        for layout in args.layouts:
+            for mode in args.modes:
+                key = lambda net: (layout, mode, net)  # noqa: E731
+                wc, norm = paired(times, key, "BN+WC", "BN"), paired(times, key, "MABN", "BN+WC")
+                L.append(f"| {layout} | {mode} | {1e3 * statistics.median(times[key('BN+WC')]):.1f} | "
+                         f"{wc[0]:.3f} | {wc[1]:.3f} ± {wc[2]:.3f} | {norm[0]:.3f} | {norm[1]:.3f} ± {norm[2]:.3f} |")
+    keys = [(layout, mode, net) for layout in args.layouts for mode in args.modes for net in networks]
     L += ["", "Every timed step (ms), round by round:", "",
           "| round | " + " | ".join(" ".join(k) for k in keys) + " |", "|---:|" + "---:|" * len(keys)]
     for r in range(len(times[keys[0]])):
         L.append(f"| {r + 1} | " + " | ".join(f"{1e3 * times[k][r]:.1f}" for k in keys) + " |")
     if "compiled" in args.modes:
         L += ["", "Graph breaks met by torch.compile (0 = each network compiled as whole graphs): "
-              + ", ".join(f"{layout} {net}: {breaks[(layout, net)]}" for layout in args.layouts for net in NETWORKS)]
+              + ", ".join(f"{layout} {net}: {breaks[(layout, net)]}" for layout in args.layouts for net in networks)]
         if bad := compiling.miscompiled_reason("mabn"):
             L += ["", f"Note: the compiled MABN figures are timings only: {bad}."]
     return "\n".join(L) + "\n"
+
+
+def networks_of(args) -> list[str]:
+    """The networks a run times, in round-robin order."""
+    return ["BN", "MABN"] + (["BN+WC"] if args.bn_wc else [])
 
 
 def main(argv=None):
@@ -141,6 +173,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    p.add_argument("--bn-wc", action="store_true",
+                   help="also time BN with weight-centralized convolutions (BN+WC), and split MABN's "
+                        "step cost into the convolutions' and the normalization layers' shares")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
     bench.add_allocator_argument(p)
     bench.add_kernels_argument(p)
@@ -175,7 +210,7 @@ def main(argv=None):
     for layout in args.layouts:
         x = x0.to(device).contiguous(memory_format=LAYOUTS[layout])
         for mode in args.modes:
-            for net in NETWORKS:
+            for net in networks_of(args):
                 torch.manual_seed(0)
                 model = build(net, args.arch, args.norm_batch_size, device, LAYOUTS[layout])
                 before = graph_breaks()

@@ -29,31 +29,59 @@ def test_bench_step_writes_its_report(tmp_path):
     bn, mabn_ms, ratio = float(row[3]), float(row[4]), float(row[5])
     assert bn > 0 and mabn_ms > 0 and ratio == pytest.approx(mabn_ms / bn, rel=0.01, abs=0.001)
     # The paired columns against the per-round table: round r's MABN step over its BN step.
+    low, high = paired_interval(text, "nchw eager MABN", "nchw eager BN")
+    assert within(float(row[6]), low, high)  # the median of two is their mean
+    mean, se = (float(v) for v in row[7].split("±"))
+    assert within(mean, low, high)
+    assert within(se, *half_difference_interval(text, "nchw eager MABN", "nchw eager BN"))
+
+
+def _round_ratios(text, num, den):
+    """Each round's (low, high) bounds of step ``num`` / step ``den`` from the per-round table,
+    which prints 0.1 ms: each step is known to within half a unit (0.05 ms)."""
     lines = text.splitlines()
     head = lines.index(next(line for line in lines if line.startswith("| round | ")))
     cols = [c.strip() for c in lines[head].split("|")[1:-1]]
-    rounds = [[float(c) for c in line.split("|")[1:-1]] for line in lines[head + 2:head + 4]]
-    assert [r[0] for r in rounds] == [1, 2]
-    # The per-round table prints 0.1 ms, so each round's ratio is known only to within the rounding
-    # of its two steps (half a unit, 0.05 ms, each): the printed paired figures must lie in that interval.
+    rounds = [[float(c) for c in line.split("|")[1:-1]] for line in lines[head + 2:] if line.startswith("| ")]
+    assert [r[0] for r in rounds] == list(range(1, len(rounds) + 1))
     half = 0.05
-    pairs, lows, highs = [], [], []
-    for r in rounds:
-        m, b = r[cols.index("nchw eager MABN")], r[cols.index("nchw eager BN")]
-        pairs.append(m / b)
-        lows.append((m - half) / (b + half))
-        highs.append((m + half) / (b - half))
-    printed = 0.0005  # the paired columns print three decimals
+    return [((r[cols.index(num)] - half) / (r[cols.index(den)] + half),
+             (r[cols.index(num)] + half) / (r[cols.index(den)] - half)) for r in rounds]
 
-    def within(value, low, high):
-        return low - printed <= value <= high + printed
 
-    assert within(float(row[6]), sum(lows) / 2, sum(highs) / 2)  # the median of two is their mean
-    mean, se = (float(v) for v in row[7].split("±"))
-    assert within(mean, sum(lows) / 2, sum(highs) / 2)
-    # std/sqrt(2) of two values is half their difference; its rounding interval from the extremes.
-    spread = [abs(a - b) / 2 for a in (lows[0], highs[0]) for b in (lows[1], highs[1])]
-    assert within(se, max(0.0, min(spread) if (highs[0] < lows[1] or highs[1] < lows[0]) else 0.0), max(spread))
+def paired_interval(text, num, den):
+    """Bounds of the mean over two rounds (= their median) of num / den."""
+    bounds = _round_ratios(text, num, den)
+    assert len(bounds) == 2
+    return sum(b[0] for b in bounds) / 2, sum(b[1] for b in bounds) / 2
+
+
+def half_difference_interval(text, num, den):
+    """Bounds of std / sqrt(2) of the two rounds' ratios, i.e. half their difference."""
+    (l0, h0), (l1, h1) = _round_ratios(text, num, den)
+    spread = [abs(a - b) / 2 for a in (l0, h0) for b in (l1, h1)]
+    return (min(spread) if (h0 < l1 or h1 < l0) else 0.0), max(spread)
+
+
+def within(value, low, high, printed=0.0005):
+    """value (printed to three decimals) lies in [low, high]."""
+    return low - printed <= value <= high + printed
+
+
+def test_bench_step_splits_mabn_by_bn_with_centralized_convolutions(tmp_path):
+    out = tmp_path / "speed.md"
+    r = run_script([PYTHON, "scripts/bench_step.py", "--arch", "resnet18", "--batch", "4", "--image-size", "32",
+                    "--iters", "2", "--warmup", "0", "--modes", "eager", "--layouts", "nchw", "--threads", "1",
+                    "--bn-wc", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert "BN+WC = BN with weight-centralized convolutions" in text and "nchw eager BN+WC" in text
+    row = next(line for line in text.splitlines()
+               if line.startswith("| nchw | eager |") and line.count("±") == 2).split("|")
+    for col, num, den in ((4, "nchw eager BN+WC", "nchw eager BN"), (6, "nchw eager MABN", "nchw eager BN+WC")):
+        low, high = paired_interval(text, num, den)
+        assert within(float(row[col]), low, high)
+        assert within(float(row[col + 1].split("±")[0]), low, high)
 
 
 def test_bench_step_refuses_bad_sizes():
