@@ -228,3 +228,30 @@ def test_bench_norm_refuses_bad_shapes():
     assert r.returncode == 2 and "N=3 is not divisible by --norm-batch-size=2" in r.stderr, r.stderr[-3000:]
     r = run_script([PYTHON, "scripts/bench_norm.py", "--shapes", "8x4x4"])
     assert r.returncode == 2 and "--shapes '8x4x4': expected NxCxHxW" in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("layout", [[], ["--channels-last"]], ids=["nchw", "channels_last"])
+def test_bench_kernels_table_adds_up(tmp_path, layout):
+    from mabn import kernels
+    if kernels.MODE != "auto" or kernels.load() is None:
+        pytest.skip("mabn's C++ kernels are off or cannot be built here")
+    out = tmp_path / "kernels.md"
+    r = run_script([PYTHON, "scripts/bench_kernels.py", "--shapes", "4x8x4x4", "--repeats", "1", "--warmup", "0",
+                    "--threads", "1", "--out", str(out)] + layout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert "- command: `python scripts/bench_kernels.py --shapes 4x8x4x4" in text and "- device: " in text
+    lines = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in lines[0]]
+    row = dict(zip(head, (c.strip() for c in lines[1])))
+    assert row["shape"] == "4x8x4x4"
+    ms = {k: float(v) for k, v in row.items() if k.endswith(" ms")}
+    four = ms["sums(x, x) ms"] + ms["sums(dout, x) ms"] + ms["scale_shift ms"] + ms["multiply_adds ms"]
+    assert abs(ms["mabn kernels ms"] - four) <= 5 * 0.0005 + 1e-9  # five printed values, 0.001 ms each
+    assert abs(ms["BN calls ms"] - ms["bn forward ms"] - ms["bn backward ms"]) <= 3 * 0.0005 + 1e-9
+    assert all(v > 0 for v in ms.values())
+
+
+def test_bench_kernels_refuses_bad_shapes():
+    r = run_script([PYTHON, "scripts/bench_kernels.py", "--shapes", "3x8x4x4"])
+    assert r.returncode == 2 and "N=3 is not divisible by --norm-batch-size=2" in r.stderr, r.stderr[-3000:]
