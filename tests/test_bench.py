@@ -249,7 +249,7 @@ def test_bench_kernels_table_adds_up(tmp_path, layout):
     four = ms["sums(x, x) ms"] + ms["sums(dout, x) ms"] + ms["scale_shift ms"] + ms["multiply_adds ms"]
     assert abs(ms["mabn kernels ms"] - four) <= 5 * 0.0005 + 1e-9  # five printed values, 0.001 ms each
     assert abs(ms["BN calls ms"] - ms["bn forward ms"] - ms["bn backward ms"]) <= 3 * 0.0005 + 1e-9
-    assert all(v > 0 for v in ms.values())
+    assert all(v >= 0 for v in ms.values()) and ms["BN calls ms"] > 0  # (a 512-value copy may print 0.000)
 
 
 def test_bench_kernels_refuses_bad_shapes():
