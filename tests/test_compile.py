@@ -133,3 +133,26 @@ def test_vanilla_form_compiles_without_a_graph_break():
     torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(comp.running_mean, eager.running_mean, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(compiling.unavailable_reason("cpu") is not None,
+                    reason=f"torch.compile cannot run here: {compiling.unavailable_reason('cpu')}")
+def test_centralize_traces_the_plain_expression_when_compiled(monkeypatch):
+    """Under torch.compile mabn.conv.centralize hands the compiler w - mean(w) (whose gradient
+    it fuses) instead of its eager autograd Function; the gradient is the same."""
+    from mabn import conv
+    calls = []
+    apply = conv._Centralize.apply
+    monkeypatch.setattr(conv._Centralize, "apply", lambda w: calls.append(1) or apply(w))
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+
+    def loss(t):
+        return (conv.centralize(t) * probe).square().sum()
+
+    (eager,) = torch.autograd.grad(loss(w), w)
+    assert calls == [1]
+    torch._dynamo.reset()
+    (compiled,) = torch.autograd.grad(torch.compile(loss, fullgraph=True)(w), w)
+    assert calls == [1]  # not called again: the compiled graph holds the plain expression
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
