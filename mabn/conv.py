@@ -8,6 +8,11 @@ from torch import nn
 __all__ = ["CenConv2d", "centralize"]
 
 
+def _centred(t: torch.Tensor) -> torch.Tensor:
+    """``t`` minus its mean over (in, kh, kw) per output channel."""
+    return t - t.mean(dim=(1, 2, 3), keepdim=True)
+
+
 class _Centralize(torch.autograd.Function):
     """``W - mean(W)`` over (in, kh, kw) per output channel (eq. 18), with its exact gradient.
 
@@ -20,11 +25,11 @@ class _Centralize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w):
-        return w - w.mean(dim=(1, 2, 3), keepdim=True)
+        return _centred(w)
 
     @staticmethod
     def backward(ctx, g):
-        return g - g.mean(dim=(1, 2, 3), keepdim=True)
+        return _centred(g)
 
 
 def centralize(w: torch.Tensor) -> torch.Tensor:
@@ -35,7 +40,7 @@ def centralize(w: torch.Tensor) -> torch.Tensor:
     if w.dim() != 4:
         raise ValueError(f"centralize: expected a 4-D (out, in, kh, kw) kernel, got shape {tuple(w.shape)}")
     if torch.compiler.is_compiling():
-        return w - w.mean(dim=(1, 2, 3), keepdim=True)
+        return _centred(w)
     return _Centralize.apply(w)
 
 

@@ -90,12 +90,7 @@ def main(argv=None):
     bench.require_positive(p, args, "norm_batch_size", "repeats")
     if args.warmup < 0:
         p.error(f"--warmup={args.warmup} must be >= 0")
-    for shape in args.shapes:
-        parts = shape.split("x")
-        if len(parts) != 4 or not all(v.isdigit() and int(v) > 0 for v in parts):
-            p.error(f"--shapes {shape!r}: expected NxCxHxW with positive integers, e.g. 32x256x56x56")
-        if int(parts[0]) % args.norm_batch_size:
-            p.error(f"--shapes {shape!r}: N={parts[0]} is not divisible by --norm-batch-size={args.norm_batch_size}")
+    bench.require_shapes(p, args.shapes, args.norm_batch_size)
     if kernels.MODE == "off":
         p.error("mabn.kernels.MODE is off (MABN_CPU_KERNELS=off): there are no kernels to time")
     if args.threads:

@@ -126,12 +126,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     counts = network_shapes(args.network, args.batch, args.image_size) if args.network else None
     shapes = list(counts) if counts else (args.shapes or SHAPES)
-    for shape in shapes:
-        parts = shape.split("x")
-        if len(parts) != 4 or not all(v.isdigit() and int(v) > 0 for v in parts):
-            p.error(f"--shapes {shape!r}: expected NxCxHxW with positive integers, e.g. 32x256x56x56")
-        if int(parts[0]) % args.norm_batch_size:
-            p.error(f"--shapes {shape!r}: N={parts[0]} is not divisible by --norm-batch-size={args.norm_batch_size}")
+    bench.require_shapes(p, shapes, args.norm_batch_size)
     torch.manual_seed(0)
 
     header, rows, compile_rows = ["shape"] + (["layers"] if counts else []), [], []

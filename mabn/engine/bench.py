@@ -183,6 +183,17 @@ def require_positive(parser, args, *keys: str) -> None:
             parser.error(f"--{key.replace('_', '-')}={getattr(args, key)} must be >= 1")
 
 
+def require_shapes(parser, shapes, norm_batch_size: int) -> None:
+    """``parser.error`` (exit 2) naming the first ``--shapes`` entry that is not NxCxHxW with
+    positive integers or whose N is not a multiple of ``norm_batch_size``."""
+    for shape in shapes:
+        parts = shape.split("x")
+        if len(parts) != 4 or not all(v.isdigit() and int(v) > 0 for v in parts):
+            parser.error(f"--shapes {shape!r}: expected NxCxHxW with positive integers, e.g. 32x256x56x56")
+        if int(parts[0]) % norm_batch_size:
+            parser.error(f"--shapes {shape!r}: N={parts[0]} is not divisible by --norm-batch-size={norm_batch_size}")
+
+
 def add_kernels_argument(parser) -> None:
     """``--cpu-kernels {auto,off}``: mabn.kernels.MODE, the C++ kernels of eager CPU layers."""
     parser.add_argument("--cpu-kernels", choices=("auto", "off"), default="auto",
