@@ -12,7 +12,11 @@ nn.BatchNorm2d's fused C++ kernels (``results/bench_norm.md``):
   which eager torch writes in two passes (the second reading and rewriting the first's output).
 
 ``mabn/csrc/norm_kernels.cpp`` writes each as one loop over its inputs (float32; sums
-accumulated in float32 blocks added in float64). It is compiled with torch's C++ extension
+accumulated in float32 blocks added in float64). ``mabn/csrc/norm_statistics.cpp``, in the same
+extension, computes the statistics between those passes (mabn.norm._forward_statistics and
+_backward_statistics: SMA windows, EMAs, renormalization, eq. 20's coefficients) as loops over
+(group, channel) values, where eager torch would dispatch ~100 small operations per layer and
+iteration. The extension is compiled with torch's C++ extension
 builder the first time a layer needs it (about 30-60 s on 2 cores; the build is cached under
 torch's extension directory, ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, and later
 processes load it in well under a second). Where it cannot be built (no C++ compiler or ninja)
@@ -59,8 +63,9 @@ def _stream_bytes_from_env() -> int:
 #: Outputs of at least this many bytes are written with streaming stores; see the module docstring.
 STREAM_BYTES = _stream_bytes_from_env()
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "norm_kernels.cpp")
-_NAME = "mabn_norm_kernels_v5"  # change with the source's interface
+_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", name)
+            for name in ("norm_kernels.cpp", "norm_statistics.cpp")]
+_NAME = "mabn_norm_kernels_v6"  # change with the source's interface
 _module = None  # the loaded extension; False once building failed
 _lock = threading.Lock()
 
@@ -102,7 +107,7 @@ def load():
                 with warnings.catch_warnings():  # "no CUDA runtime" notes of a CUDA build of torch
                     warnings.simplefilter("ignore")
                     _module = cpp_extension.load(
-                        name=_NAME, sources=[_SOURCE], extra_cflags=["-O3", "-fopenmp"],
+                        name=_NAME, sources=_SOURCES, extra_cflags=["-O3", "-fno-math-errno", "-fopenmp"],
                         extra_ldflags=["-fopenmp"], with_cuda=False, verbose=False)
             except Exception as error:  # no compiler, no ninja, a failed build
                 _module = False

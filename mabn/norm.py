@@ -78,8 +78,9 @@ eager mode with float32 tensors, :mod:`mabn.kernels` (C++, built on first use) d
 passes in one loop: the per-(group, channel) sums of channels_last rows, the per-plane sums of
 contiguous tensors, and eq. 20's ``dout * a + x * b + c``; the statistics between them (~100
 small operations on (group, channel) tensors: SMA windows, EMAs, renormalization, coefficients)
-are two pure functions, :func:`_forward_statistics` and :func:`_backward_statistics`, which
-torch.compile fuses for inputs above _COMPILE_STATISTICS_MIN elements. ``MABN_CPU_KERNELS=off``
+are two pure functions, :func:`_forward_statistics` and :func:`_backward_statistics`, which the
+same extension also implements as C++ loops (mabn/csrc/norm_statistics.cpp; the Python functions
+stay the reference, and the path everywhere else). ``MABN_CPU_KERNELS=off``
 (or ``mabn.kernels.MODE = "off"``) keeps every step in torch operations, as do float64 tensors:
 contiguous inputs reduced as (1, N*C, H, W) planes by torch's BatchNorm backward reduction kernel
 (see _channel_sums), channels_last ones one normalization group at a time through the same
@@ -656,42 +657,53 @@ def _backward_statistics(s_dout, s_dout_x, inv_std, shift, a, count, n, warm, ce
             sum_dout_y, sum_dout, None if g_u is None else g_u[0].clone(), psi_u[0].clone())
 
 
-#: Inputs of at most this many elements keep the statistics functions in eager torch (compiling
-#: costs seconds per process and option set; at small sizes it would not pay for itself).
-_COMPILE_STATISTICS_MIN = _CHUNK
-_compiled_statistics: dict = {}  # function -> its torch.compile'd version, or False after a failure
+def _float32_contiguous(*tensors) -> bool:
+    return all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in tensors)
+
+
+def _native_forward_statistics(ext, batch, count, fp_window, fp_window_valid, running_mean, running_var,
+                               num_batches_tracked, o: _Options):
+    """_forward_statistics by mabn's C++ loops (mabn/csrc/norm_statistics.cpp), with the same
+    arguments and results, where the float tensors are contiguous float32 ones; else the Python
+    function."""
+    if not _float32_contiguous(batch, fp_window, fp_window_valid, running_mean, running_var):
+        return _forward_statistics(batch, count, fp_window, fp_window_valid, running_mean, running_var,
+                                   num_batches_tracked, o)
+    return tuple(ext.forward_statistics(
+        batch, count, fp_window, fp_window_valid, running_mean, running_var, num_batches_tracked,
+        o.vanilla, o.fp_stats, o.bp_stats, o.ema_init == "first", o.warmup_iters, o.renorm_warmup_iters,
+        o.r_max, o.d_max, o.eps, o.alpha))
+
+
+def _native_backward_statistics(ext, s_dout, s_dout_x, inv_std, shift, a, count, n, warm, centred, bp_window,
+                                bp_window_valid, running_g, running_psi, num_backward_tracked, o: _Options):
+    """_backward_statistics by mabn's C++ loops (mabn/csrc/norm_statistics.cpp), as
+    _native_forward_statistics (s_dout and s_dout_x are float64, ``a`` may be a broadcast view)."""
+    if not (_float32_contiguous(inv_std, shift, bp_window, bp_window_valid, running_g, running_psi)
+            and a.dtype == torch.float32 and s_dout.dtype == s_dout_x.dtype == torch.float64):
+        return _backward_statistics(s_dout, s_dout_x, inv_std, shift, a, count, n, warm, centred, bp_window,
+                                    bp_window_valid, running_g, running_psi, num_backward_tracked, o)
+    return tuple(ext.backward_statistics(
+        s_dout, s_dout_x, inv_std, shift, a, count, n, warm, centred, bp_window, bp_window_valid,
+        running_g, running_psi, num_backward_tracked, o.vanilla, o.bp_stats, o.ema_init == "first", o.alpha))
+
+
+_NATIVE_STATISTICS = {_forward_statistics: _native_forward_statistics,
+                      _backward_statistics: _native_backward_statistics}
 
 
 def _statistics(fn, x, *args):
-    """``fn(*args)`` for _forward_statistics / _backward_statistics: compiled by torch.compile
-    (dynamic shapes: one graph per option set and dtype serves every layer) where mabn's CPU
-    kernels apply to ``x`` (eager float32 CPU, mabn.kernels.MODE "auto") and x has more than
-    _COMPILE_STATISTICS_MIN elements; eager torch elsewhere. Compiled, the ~50-100 small
-    operations on (group, channel) tensors become a few fused loops (at 2048 channels the eager
-    ones cost about as much as nn.BatchNorm2d's whole forward+backward at 7x7 maps). Where
-    compiling fails the eager function is used from then on, with a warning."""
-    if x.numel() <= _COMPILE_STATISTICS_MIN or kernels.enabled(x) is None:
+    """``fn(*args)`` for _forward_statistics / _backward_statistics: by mabn's C++ loops where
+    mabn's CPU kernels apply to ``x`` (eager float32 CPU, mabn.kernels.MODE "auto"; the
+    arguments contiguous float32 tensors, the layer's buffers included), eager torch elsewhere.
+    In eager torch their ~50-100 small operations on (group, channel) tensors cost about as
+    much as the layer's passes over its data at 7x7 maps (results/speed.md); in C++ they take
+    microseconds. The Python functions stay the reference, and the path on CUDA, under
+    torch.compile (which fuses them) and for float64."""
+    ext = kernels.enabled(x)
+    if ext is None:
         return fn(*args)
-    # (Never pass an nn.Parameter in: torch.compile specializes on a parameter's shape, and one
-    # graph per channel count would exhaust its recompile limit in a ResNet; see
-    # tests/test_norm.py::test_compiled_statistics_one_graph_for_every_channel_count.)
-    compiled = _compiled_statistics.get(fn)
-    if compiled is False:
-        return fn(*args)
-    if compiled is None:
-        compiled = _compiled_statistics[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-    try:
-        return compiled(*args)
-    except torch._dynamo.exc.FailOnRecompileLimitHit:  # yet another option set: eager for that one
-        return fn(*args)
-    except Exception as error:  # no C++ compiler, an inductor failure: eager from now on
-        import warnings
-        _compiled_statistics[fn] = False
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        warnings.warn(f"mabn.norm: {fn.__name__} could not be compiled ({type(error).__name__}: {first}); "
-                      f"using eager torch operations (set MABN_CPU_KERNELS=off to skip the attempt)",
-                      RuntimeWarning)
-        return fn(*args)
+    return _NATIVE_STATISTICS[fn](ext, *args)
 
 
 class BatchStatNorm2d(nn.Module):

@@ -563,7 +563,8 @@ def test_cpu_kernels_are_taken_and_match_float64(monkeypatch, cpu_kernels, fmt, 
     monkeypatch.setattr(kernels, "_module", counting)
     err_kernels = _float32_layer_against_float64(preset, fmt)
     sums = "column_dot_sums" if fmt is torch.channels_last else "row_dot_sums"
-    assert counting.calls == {sums: 6, "scale_shift": 3, "multiply_adds": 3}, counting.calls  # 3 fwd + 3 bwd
+    assert counting.calls == {sums: 6, "scale_shift": 3, "multiply_adds": 3,  # 3 fwd + 3 bwd
+                              "forward_statistics": 3, "backward_statistics": 3}, counting.calls
     monkeypatch.setattr(kernels, "MODE", "off")
     counting.calls.clear()
     err_torch = _float32_layer_against_float64(preset, fmt)
@@ -626,107 +627,127 @@ def test_cpu_kernels_bad_setting_is_named(monkeypatch):
         _float32_layer_against_float64("MABN2d", torch.contiguous_format)
 
 
-_STATISTICS_OPTIONS = [
-    dict(form="modified", fp_stats="ema", bp_stats="sma", warmup_iters=0, renorm_warmup_iters=2),  # MABN
-    dict(form="vanilla", fp_stats="ema", bp_stats="sma", warmup_iters=1, renorm_warmup_iters=2),
-    dict(form="vanilla", fp_stats="batch", bp_stats="ema", warmup_iters=0, renorm_warmup_iters=0),
-]
-
-
-@pytest.mark.compile
-@pytest.mark.parametrize("options", _STATISTICS_OPTIONS, ids=["mabn", "vanilla-sma-warm", "vanilla-bp-ema"])
-def test_compiled_statistics_match_eager(monkeypatch, cpu_kernels, options):
-    """Above mabn.norm._COMPILE_STATISTICS_MIN elements (made small here) eager float32 CPU layers
-    run their statistics functions through torch.compile. Over four iterations (warm-ups, renorm
-    switching on, SMA windows filling, EMAs starting) the compiled layer's output, input and
-    parameter gradients, buffers and recorded statistics equal those of the same layer with the
-    statistics in eager torch, to float32 rounding; the compiled functions were really called."""
+def _iterations(kw, shape, iters, statistics_in_python, monkeypatch):
+    """``iters`` training iterations of a float32 BatchStatNorm2d(**kw) (channels_last, inputs
+    growing in scale, off-centre): per iteration the output, the input and parameter gradients
+    and the recorded statistics; then the layer. ``statistics_in_python``: the layer's statistics
+    by the Python functions (mabn.norm._forward_statistics / _backward_statistics) instead of
+    mabn's C++ loops."""
     import mabn.norm as norm_module
-    calls = []
-    real = norm_module._statistics
-
-    def counting(fn, x, *args):
-        calls.append((fn.__name__, norm_module._compiled_statistics.get(fn)))
-        return real(fn, x, *args)
-
-    monkeypatch.setattr(norm_module, "_statistics", counting)
-    shape = (4, 6, 5, 5)
-    kw = dict(norm_batch_size=2, alpha=0.8, buffer_size=3, r_max=1.2, d_max=0.3, **options)
-    layers = {}
-    for mode, minimum in (("compiled", 8), ("eager", 1 << 30)):
-        monkeypatch.setattr(norm_module, "_COMPILE_STATISTICS_MIN", minimum)
-        torch.manual_seed(0)
-        layer = BatchStatNorm2d(shape[1], **kw)
-        with torch.no_grad():
-            layer.weight.uniform_(0.5, 1.5)
-            layer.bias.uniform_(-0.5, 0.5)
-        layer.record_used_statistics = True
-        outs = []
-        for it in range(4):
-            x = make_input(*shape, seed=it, scale=1.0 + 0.5 * it, offset=0.3).float().requires_grad_()
-            up = make_input(*shape, seed=50 + it).float()
-            y = layer(x)
-            gx, gw, gb = torch.autograd.grad(y, (x, layer.weight, layer.bias), up)
-            outs.append([y, gx, gw, gb] + [v.clone() for v in layer.used_statistics.values()])
-        layers[mode] = (layer, outs)
-    compiled_calls = [name for name, compiled in calls if compiled not in (None, False)]
-    assert compiled_calls.count("_forward_statistics") >= 3 and compiled_calls.count("_backward_statistics") >= 3
-    (lc, oc), (le, oe) = layers["compiled"], layers["eager"]
-    for it, (a, b) in enumerate(zip(oc, oe)):
-        assert len(a) == len(b)
-        for u, v in zip(a, b):
-            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6, msg=lambda m: f"iteration {it}: {m}")
-    for (name, u), (_, v) in zip(lc.state_dict().items(), le.state_dict().items()):
-        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    if statistics_in_python:
+        monkeypatch.setattr(norm_module, "_NATIVE_STATISTICS", {
+            norm_module._forward_statistics: lambda ext, *a: norm_module._forward_statistics(*a),
+            norm_module._backward_statistics: lambda ext, *a: norm_module._backward_statistics(*a)})
+    torch.manual_seed(0)
+    layer = BatchStatNorm2d(shape[1], **kw)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    layer.record_used_statistics = True
+    outs = []
+    for it in range(iters):
+        x = make_input(*shape, seed=it, scale=1.0 + 0.5 * it, offset=0.3).float()
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        y = layer(x)
+        grads = torch.autograd.grad(y, (x, layer.weight, layer.bias), make_input(*shape, seed=50 + it).float())
+        outs.append([y, *grads] + [v.clone() for v in layer.used_statistics.values()])
+    monkeypatch.undo()
+    return layer, outs
 
 
-@pytest.mark.compile
-def test_compiled_statistics_one_graph_for_every_channel_count(monkeypatch, cpu_kernels):
-    """The compiled statistics functions take sizes as symbols: layers with other channel counts,
-    batch sizes and maps reuse the graphs compiled for the first one (nothing is recompiled;
-    a graph per layer shape would run into torch.compile's recompile limit in a ResNet)."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-    import mabn.norm as norm_module
-    monkeypatch.setattr(norm_module, "_COMPILE_STATISTICS_MIN", 8)
-    functions = (norm_module._forward_statistics, norm_module._backward_statistics)
-
-    def graphs():  # torch.compile's cache entries of the two functions' code
-        return [len(_debug_get_cache_entry_list(fn.__code__)) for fn in functions]
-
-    def step(n, c, h):
-        layer = mabn.MABN2d(c, norm_batch_size=2, renorm_warmup_iters=0)
-        x = torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
-        layer(x).sum().backward()
-        layer = mabn.BatchNorm2d(c, norm_batch_size=2)  # r = d = None: a is a view of weight
-        x = torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
-        layer(x).sum().backward()
-
-    step(4, 6, 5)
-    step(4, 6, 5)
-    compiled = graphs()
-    assert min(compiled) >= 1
-    for n, c, h in ((4, 10, 5), (6, 7, 3), (8, 12, 4)):
-        step(n, c, h)
-    assert graphs() == compiled, "the statistics were compiled again for another shape"
+#: (batch, norm_batch_size, buffer_size): fewer groups than the SMA window's rows (the window
+#: fills over several iterations) and more (each iteration replaces it).
+_WINDOWS = [(4, 2, 5), (8, 2, 3)]
 
 
-def test_compiled_statistics_fall_back_with_a_warning(monkeypatch, cpu_kernels):
-    """Where torch.compile fails (e.g. no C++ compiler) the statistics functions warn once, run in
-    eager torch from then on, and the layer's gradient still matches the float64 layer's."""
-    import mabn.norm as norm_module
+@pytest.mark.parametrize("n,b,m", _WINDOWS, ids=["window-fills", "window-replaced"])
+@pytest.mark.parametrize("form", ["vanilla", "modified"])
+def test_native_statistics_match_the_python_functions(monkeypatch, cpu_kernels, form, n, b, m):
+    """Eager float32 CPU layers compute their statistics with mabn's C++ loops
+    (mabn/csrc/norm_statistics.cpp); the Python functions _forward_statistics and
+    _backward_statistics stay the reference. For every option set (fp_stats x bp_stats x
+    ema_init x warm-ups) over five iterations (warm-ups ending, renormalization switching on, SMA
+    windows filling, EMAs starting) the output, the input and parameter gradients, the recorded
+    statistics and every buffer agree to float32 rounding (the C++ loops sum SMA windows and
+    group means in float64, so single values move by a few float32 ulps, and more where a
+    gradient sums values of both signs); the C++ functions were really called."""
+    from mabn import kernels
+    counting = _CountingKernels(cpu_kernels)
+    shape = (n, 6, 5, 5)
+    for fp, bp, ema_init, warm, renorm_warm in itertools.product(
+            mabn.STATISTICS, mabn.STATISTICS, mabn.EMA_INITS, (0, 2), (0, 3)):
+        kw = dict(form=form, fp_stats=fp, bp_stats=bp, ema_init=ema_init, warmup_iters=warm,
+                  renorm_warmup_iters=renorm_warm, norm_batch_size=b, alpha=0.8, buffer_size=m,
+                  r_max=1.2, d_max=0.3)
+        counting.calls.clear()
+        monkeypatch.setattr(kernels, "_module", counting)
+        native, native_outs = _iterations(kw, shape, 5, False, monkeypatch)
+        assert counting.calls.get("forward_statistics") == counting.calls.get("backward_statistics") == 5, kw
+        python, python_outs = _iterations(kw, shape, 5, True, monkeypatch)
+        for it, (a, b_) in enumerate(zip(native_outs, python_outs)):
+            assert len(a) == len(b_)
+            for u, v in zip(a, b_):
+                torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5, msg=lambda msg: f"{kw}, iteration {it}: {msg}")
+        for (name, u), (_, v) in zip(native.state_dict().items(), python.state_dict().items()):
+            torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5, msg=lambda msg: f"{kw}, {name}: {msg}")
 
-    def broken(*args):
-        raise RuntimeError("inductor failed\ndetail")
 
-    monkeypatch.setattr(norm_module, "_COMPILE_STATISTICS_MIN", 8)
-    monkeypatch.setattr(norm_module, "_compiled_statistics",
-                        {norm_module._forward_statistics: broken, norm_module._backward_statistics: broken})
-    with pytest.warns(RuntimeWarning, match="could not be compiled.*inductor failed.*MABN_CPU_KERNELS=off"):
-        err = _float32_layer_against_float64("MABN2d", torch.channels_last)
-    assert norm_module._compiled_statistics == {norm_module._forward_statistics: False,
-                                                norm_module._backward_statistics: False}
-    assert err < 1e-5
+def test_native_statistics_sliding_mean_against_explicit_windows(cpu_kernels):
+    """The C++ forward statistics' SMA (eq. 13) against an explicit list of the last m pushed
+    group statistics, over iterations that fill the window (fewer valid entries than m), with
+    group 0's statistic recorded as s0: float64 sums of float32 values."""
+    C, G, m = 3, 2, 5
+    window, valid = torch.zeros(m - 1, 1, C), torch.zeros(m - 1)
+    running_mean, running_var = torch.zeros(C), torch.ones(C)
+    counter = torch.tensor(0)
+    pushed = []
+    gen = torch.Generator().manual_seed(3)
+    for it in range(4):
+        batch = torch.rand(G, 1, C, generator=gen) + 0.5
+        s0, inv_std, shift, r, d, warm = cpu_kernels.forward_statistics(
+            batch, 50, window, valid, running_mean, running_var, counter, False, "sma", "sma", True,
+            0, 0, 5.0, 5.0, 1e-5, 0.9)
+        assert shift is None and r is None and d is None and warm is None
+        for g in range(G):
+            pushed.append(batch[g, 0].double())
+            expected = torch.stack(pushed[-m:]).mean(0)
+            torch.testing.assert_close(inv_std[g].double(), (expected + 1e-5).rsqrt(), rtol=1e-6, atol=0)
+            if g == 0:
+                torch.testing.assert_close(s0[0].double(), expected, rtol=1e-6, atol=0)
+        assert int(counter) == it + 1
+        assert valid.tolist() == [0.0] * max(0, m - 1 - G * (it + 1)) + [1.0] * min(m - 1, G * (it + 1))
+
+
+def test_native_statistics_name_bad_arguments(cpu_kernels):
+    """The C++ functions check what they are given and say which argument is wrong."""
+    C = 4
+    window, valid, rm, rv = torch.zeros(2, 1, C), torch.zeros(2), torch.zeros(C), torch.ones(C)
+    args = (50, window, valid, rm, rv, torch.tensor(0), False, "ema", "sma", True, 0, 0, 5.0, 5.0, 1e-5, 0.9)
+    with pytest.raises(RuntimeError, match="batch must be a contiguous float32"):
+        cpu_kernels.forward_statistics(torch.rand(3, 1, C, dtype=D), *args)
+    with pytest.raises(RuntimeError, match="running_var must have shape"):
+        cpu_kernels.forward_statistics(torch.rand(3, 1, C), *args[:4], torch.ones(C + 1), *args[5:])
+    with pytest.raises(RuntimeError, match='fp_stats must be "batch", "ema" or "sma", got "emma"'):
+        cpu_kernels.forward_statistics(torch.rand(3, 1, C), *args[:7], "emma", *args[8:])
+
+
+def test_native_statistics_leave_other_dtypes_to_python(monkeypatch, cpu_kernels):
+    """A float64 layer given float32 inputs (float64 buffers) keeps the Python functions, and
+    its gradient is the float64 layer's."""
+    from mabn import kernels
+    counting = _CountingKernels(cpu_kernels)
+    monkeypatch.setattr(kernels, "_module", counting)
+    x, up = make_input(4, 3, 5, 5), make_input(4, 3, 5, 5, seed=9)
+    ref = mabn.MABN2d(3, norm_batch_size=2, renorm_warmup_iters=0).double()
+    layer = copy.deepcopy(ref)
+    for _ in range(2):
+        xr, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
+        (g64,) = torch.autograd.grad(ref(xr), xr, up)
+        (g32,) = torch.autograd.grad(layer(x32), x32, up)
+        torch.testing.assert_close(g32.double(), g64, rtol=1e-4, atol=1e-5)
+    assert "forward_statistics" not in counting.calls and "backward_statistics" not in counting.calls
+    assert counting.calls.get("column_dot_sums", 0) + counting.calls.get("row_dot_sums", 0) > 0
+
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("preset", ["MABN2d", "BatchNorm2d"])

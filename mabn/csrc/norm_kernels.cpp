@@ -21,6 +21,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "norm_statistics.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <iterator>
@@ -319,4 +321,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_dot_sums", &row_dot_sums, "per-row sum(d), sum(d*x) of (R, Q) rows");
   m.def("multiply_adds", &multiply_adds, "d * a + x * b + k with per-(sample, channel) coefficients");
   m.def("scale_shift", &scale_shift, "x * scale + offset with per-(sample, channel) coefficients");
+  m.def("forward_statistics", &forward_statistics, "_forward_statistics of mabn/norm.py (norm_statistics.cpp)");
+  m.def("backward_statistics", &backward_statistics, "_backward_statistics of mabn/norm.py (norm_statistics.cpp)");
 }
