@@ -15,8 +15,11 @@ nn.BatchNorm2d's fused C++ kernels (``results/bench_norm.md``):
 accumulated in float32 blocks added in float64). ``mabn/csrc/norm_statistics.cpp``, in the same
 extension, computes the statistics between those passes (mabn.norm._forward_statistics and
 _backward_statistics: SMA windows, EMAs, renormalization, eq. 20's coefficients) as loops over
-(group, channel) values, where eager torch would dispatch ~100 small operations per layer and
-iteration. The extension is compiled with torch's C++ extension
+(group, channel) values, and ``mabn/csrc/norm_layer.cpp`` strings the passes and the statistics
+together into a layer's whole training forward and backward (mabn.norm._NativeNormalize), one
+call each, where the Python path dispatches ~100 small operations and autograd nodes per layer
+and iteration (a fixed ~0.5 ms per call that, at 7x7 maps, cost as much as the passes over the
+data). The extension is compiled with torch's C++ extension
 builder the first time a layer needs it (about 30-60 s on 2 cores; the build is cached under
 torch's extension directory, ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, and later
 processes load it in well under a second). Where it cannot be built (no C++ compiler or ninja)
@@ -24,7 +27,10 @@ the layers warn once and keep their torch-operation paths, which give the same r
 
 The two writing kernels store an output of at least ``STREAM_BYTES`` (default 4 MiB; the
 environment variable ``MABN_STREAM_BYTES`` sets it at import, 0 streams every output) with
-non-temporal (streaming) stores: it goes to memory without first being read into the cache,
+non-temporal (streaming) stores where its rows are whole 64-byte cache lines (channels_last
+rows of C floats, contiguous planes of H*W floats with H*W a multiple of 16; rows sharing a line
+would mix streaming and ordinary stores in it, which was 9x slower on an AMD Zen 3 at 7x7
+maps): it goes to memory without first being read into the cache,
 which saves a third of a pass's memory traffic, but the next layer must read it back from memory
 rather than from the last-level cache. Measured on an AMD EPYC (Zen 5, 32 MiB L3): 4 MiB against
 32 MiB (the L3's size) made MABN2d 5-25% faster at 14x14 and 7x7 maps in isolation and made no
@@ -64,8 +70,8 @@ def _stream_bytes_from_env() -> int:
 STREAM_BYTES = _stream_bytes_from_env()
 
 _SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", name)
-            for name in ("norm_kernels.cpp", "norm_statistics.cpp")]
-_NAME = "mabn_norm_kernels_v6"  # change with the source's interface
+            for name in ("norm_kernels.cpp", "norm_statistics.cpp", "norm_layer.cpp")]
+_NAME = "mabn_norm_kernels_v8"  # change with the source's interface
 _module = None  # the loaded extension; False once building failed
 _lock = threading.Lock()
 

@@ -73,14 +73,16 @@ Implementation: every per-group computation is vectorized (per-(sample, channel)
 H*W, then sums over the consecutive samples of each group; no Python loop over channels); the
 normalization and its eq. 20 backward are one autograd Function that never materialises Y: the
 forward reads x once for its statistics and once for the output ``x * scale + offset``; the
-backward reads dL/dout and x once for its two reductions and once more for dx. On the CPU in
-eager mode with float32 tensors, :mod:`mabn.kernels` (C++, built on first use) does each of these
-passes in one loop: the per-(group, channel) sums of channels_last rows, the per-plane sums of
-contiguous tensors, and eq. 20's ``dout * a + x * b + c``; the statistics between them (~100
-small operations on (group, channel) tensors: SMA windows, EMAs, renormalization, coefficients)
-are two pure functions, :func:`_forward_statistics` and :func:`_backward_statistics`, which the
-same extension also implements as C++ loops (mabn/csrc/norm_statistics.cpp; the Python functions
-stay the reference, and the path everywhere else). ``MABN_CPU_KERNELS=off``
+backward reads dL/dout and x once for its two reductions and once more for dx. The statistics
+between those passes (~100 small operations on (group, channel) tensors: SMA windows, EMAs,
+renormalization, coefficients) are two pure functions, :func:`_forward_statistics` and
+:func:`_backward_statistics`. On the CPU in eager mode with float32 tensors (contiguous or
+channels_last), :mod:`mabn.kernels` (C++, built on first use) runs the whole training forward
+and its backward as one call each (:class:`_NativeNormalize`): one loop per pass (the
+per-(group, channel) sums of channels_last rows, the per-plane sums of contiguous tensors, the
+output, eq. 20's ``dout * a + x * b + c``) and the two statistics functions as C++ loops. The
+Python path (:class:`_NormalizeAffine` and the functions it calls) stays the reference, tested
+against it for every option set, and is the path everywhere else. ``MABN_CPU_KERNELS=off``
 (or ``mabn.kernels.MODE = "off"``) keeps every step in torch operations, as do float64 tensors:
 contiguous inputs reduced as (1, N*C, H, W) planes by torch's BatchNorm backward reduction kernel
 (see _channel_sums), channels_last ones one normalization group at a time through the same
@@ -519,14 +521,12 @@ class _NormalizeAffine(torch.autograd.Function):
             s_dout, s_dout_x = _group_dot_sum(dout, x - _per_sample(shift.to(x.dtype), groups, n), groups)
         else:
             s_dout, s_dout_x = _group_dot_sum(dout, x, groups)
-        a_rows, b_rows, k_rows, sum_dout_y, sum_dout, g_0, psi_0 = _statistics(
-            _backward_statistics, x, s_dout, s_dout_x, inv_std, shift, a, count, n, ctx.warm, ctx.centred,
+        a_rows, b_rows, k_rows, sum_dout_y, sum_dout, g_0, psi_0 = _backward_statistics(
+            s_dout, s_dout_x, inv_std, shift, a, count, n, ctx.warm, ctx.centred,
             layer.bp_window, layer.bp_window_valid, layer.running_g, layer.running_psi,
             layer.num_backward_tracked, layer._options())
         if layer.record_used_statistics:
-            layer.used_statistics["psi"] = psi_0
-            if g_0 is not None:
-                layer.used_statistics["g"] = g_0
+            _record_backward(layer, g_0, psi_0)
         dx = _input_gradient(dout, x, a_rows, b_rows, k_rows)
         return dx, None, None, sum_dout_y, sum_dout, None, None, None
 
@@ -658,52 +658,71 @@ def _backward_statistics(s_dout, s_dout_x, inv_std, shift, a, count, n, warm, ce
 
 
 def _float32_contiguous(*tensors) -> bool:
-    return all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in tensors)
+    return all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
-def _native_forward_statistics(ext, batch, count, fp_window, fp_window_valid, running_mean, running_var,
-                               num_batches_tracked, o: _Options):
-    """_forward_statistics by mabn's C++ loops (mabn/csrc/norm_statistics.cpp), with the same
-    arguments and results, where the float tensors are contiguous float32 ones; else the Python
-    function."""
-    if not _float32_contiguous(batch, fp_window, fp_window_valid, running_mean, running_var):
-        return _forward_statistics(batch, count, fp_window, fp_window_valid, running_mean, running_var,
-                                   num_batches_tracked, o)
-    return tuple(ext.forward_statistics(
-        batch, count, fp_window, fp_window_valid, running_mean, running_var, num_batches_tracked,
-        o.vanilla, o.fp_stats, o.bp_stats, o.ema_init == "first", o.warmup_iters, o.renorm_warmup_iters,
-        o.r_max, o.d_max, o.eps, o.alpha))
-
-
-def _native_backward_statistics(ext, s_dout, s_dout_x, inv_std, shift, a, count, n, warm, centred, bp_window,
-                                bp_window_valid, running_g, running_psi, num_backward_tracked, o: _Options):
-    """_backward_statistics by mabn's C++ loops (mabn/csrc/norm_statistics.cpp), as
-    _native_forward_statistics (s_dout and s_dout_x are float64, ``a`` may be a broadcast view)."""
-    if not (_float32_contiguous(inv_std, shift, bp_window, bp_window_valid, running_g, running_psi)
-            and a.dtype == torch.float32 and s_dout.dtype == s_dout_x.dtype == torch.float64):
-        return _backward_statistics(s_dout, s_dout_x, inv_std, shift, a, count, n, warm, centred, bp_window,
-                                    bp_window_valid, running_g, running_psi, num_backward_tracked, o)
-    return tuple(ext.backward_statistics(
-        s_dout, s_dout_x, inv_std, shift, a, count, n, warm, centred, bp_window, bp_window_valid,
-        running_g, running_psi, num_backward_tracked, o.vanilla, o.bp_stats, o.ema_init == "first", o.alpha))
-
-
-_NATIVE_STATISTICS = {_forward_statistics: _native_forward_statistics,
-                      _backward_statistics: _native_backward_statistics}
-
-
-def _statistics(fn, x, *args):
-    """``fn(*args)`` for _forward_statistics / _backward_statistics: by mabn's C++ loops where
-    mabn's CPU kernels apply to ``x`` (eager float32 CPU, mabn.kernels.MODE "auto"; the
-    arguments contiguous float32 tensors, the layer's buffers included), eager torch elsewhere.
-    In eager torch their ~50-100 small operations on (group, channel) tensors cost about as
-    much as the layer's passes over its data at 7x7 maps (results/speed.md); in C++ they take
-    microseconds. The Python functions stay the reference, and the path on CUDA, under
-    torch.compile (which fuses them) and for float64."""
+def _native_layer(layer, x):
+    """mabn's C++ extension where _NativeNormalize applies to ``layer`` and its (compute-dtype)
+    input ``x``: float32 CPU tensors in eager mode (mabn.kernels.enabled), x contiguous or
+    channels_last, the parameters and buffers contiguous float32 ones; else None."""
     ext = kernels.enabled(x)
-    if ext is None:
-        return fn(*args)
-    return _NATIVE_STATISTICS[fn](ext, *args)
+    if ext is None or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    if not _float32_contiguous(layer.weight, layer.bias, layer.running_mean, layer.running_var, layer.running_g,
+                               layer.running_psi, layer.fp_window, layer.fp_window_valid, layer.bp_window,
+                               layer.bp_window_valid):
+        return None
+    return ext
+
+
+class _NativeNormalize(torch.autograd.Function):
+    """A layer's whole training forward, and its eq. 20 backward, as one C++ call each
+    (mabn/csrc/norm_layer.cpp, with the kernels of mabn.kernels and C++ versions of
+    _forward_statistics and _backward_statistics): the path of eager float32 CPU layers. It does
+    what _forward_train's Python path and _NormalizeAffine do, step for step, without their
+    ~100 dispatched operations and autograd nodes per call; the Python path stays the reference
+    (tests/test_norm.py compares the two for every option set)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, ext, groups):
+        o = layer._options()
+        (out, inv_std, shift, r, d, warm, s0), centred = ext.train_forward(
+            x, groups, weight, bias, layer.fp_window, layer.fp_window_valid, layer.running_mean, layer.running_var,
+            layer.num_batches_tracked, o.vanilla, o.fp_stats, o.bp_stats, o.ema_init == "first", o.warmup_iters,
+            o.renorm_warmup_iters, o.r_max, o.d_max, o.eps, o.alpha, _CANCELLATION_RATIO, kernels.STREAM_BYTES)
+        ctx.save_for_backward(x, weight, inv_std, shift, r, d)
+        ctx.layer, ctx.ext, ctx.warm, ctx.centred = layer, ext, warm, centred
+        if layer.record_used_statistics:
+            _record_forward(layer, s0, r, o.vanilla)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, inv_std, shift, r, d = ctx.saved_tensors
+        layer = ctx.layer
+        o = layer._options()
+        layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+        dx, grad_weight, grad_bias, g_0, psi_0 = ctx.ext.train_backward(
+            dout.to(x.dtype).contiguous(memory_format=layout), x, weight, inv_std, shift, r, d, ctx.warm,
+            ctx.centred, layer.bp_window, layer.bp_window_valid, layer.running_g, layer.running_psi,
+            layer.num_backward_tracked, o.vanilla, o.bp_stats, o.ema_init == "first", o.alpha, kernels.STREAM_BYTES)
+        if layer.record_used_statistics:
+            _record_backward(layer, g_0, psi_0)
+        return dx, grad_weight, grad_bias, None, None, None
+
+
+def _record_forward(layer, s0, r, vanilla):
+    """``layer.used_statistics`` after a training forward (see BatchStatNorm2d.record_used_statistics)."""
+    used = {"mean": s0[0], "var": s0[1]} if vanilla else {"chi2": s0[0]}
+    used["r"] = torch.ones_like(s0[-1]) if r is None else r[0]
+    layer.used_statistics = {k: v.detach().clone() for k, v in used.items()}
+
+
+def _record_backward(layer, g_0, psi_0):
+    """... and after its backward: Psi (and g, vanilla) of the first group."""
+    layer.used_statistics["psi"] = psi_0
+    if g_0 is not None:
+        layer.used_statistics["g"] = g_0
 
 
 class BatchStatNorm2d(nn.Module):
@@ -945,6 +964,9 @@ class BatchStatNorm2d(nn.Module):
         # Statistics in at least float32 (autocast / half inputs), output in the input's dtype.
         compute_dtype = torch.promote_types(in_dtype, torch.float32)
         x = x.to(compute_dtype)
+        ext = _native_layer(self, x)
+        if ext is not None:  # mabn's C++ layer: eager float32 CPU
+            return _NativeNormalize.apply(x, self.weight, self.bias, self, ext, groups).to(in_dtype)
         count = (n // groups) * h * w
         vanilla = self.form == "vanilla"
 
@@ -969,8 +991,8 @@ class BatchStatNorm2d(nn.Module):
             else:
                 batch = second[:, None]
             batch = batch.to(compute_dtype)
-            s0, inv_std_s, shift, r, d, warm = _statistics(
-                _forward_statistics, x, batch, count, self.fp_window, self.fp_window_valid,
+            s0, inv_std_s, shift, r, d, warm = _forward_statistics(
+                batch, count, self.fp_window, self.fp_window_valid,
                 self.running_mean, self.running_var, self.num_batches_tracked, self._options())
 
         # Affine coefficients per (group, channel): out = Y * a + c, a = weight*r, c = weight*d + bias.
@@ -980,9 +1002,7 @@ class BatchStatNorm2d(nn.Module):
         c_ = bias.expand(groups, c) if d is None else torch.addcmul(bias, weight, d)
         out = _NormalizeAffine.apply(x, shift, inv_std_s, a, c_, self, warm, centred)
         if self.record_used_statistics:
-            used = {"mean": s0[0], "var": s0[1]} if vanilla else {"chi2": s0[0]}
-            used["r"] = torch.ones_like(s0[-1]) if r is None else r[0]
-            self.used_statistics = {k: v.detach().clone() for k, v in used.items()}
+            _record_forward(self, s0, r, vanilla)
         return out.to(in_dtype)
 
 

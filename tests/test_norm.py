@@ -554,36 +554,58 @@ def test_cpu_kernels_refuse_wrong_inputs_by_name(cpu_kernels):
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("preset", ["MABN2d", "BatchNorm2d", "BatchRenorm2d"])
 def test_cpu_kernels_are_taken_and_match_float64(monkeypatch, cpu_kernels, fmt, preset):
-    """Eager float32 layers on the CPU take mabn's C++ kernels (forward sums, backward reductions
-    and the one-pass input gradient) in both layouts, and their input gradient matches the float64
-    layer's (which keeps torch's operations); with mabn.kernels.MODE "off" no kernel is called
-    and the torch-operation path matches as well."""
+    """Eager float32 layers on the CPU take mabn's C++ layer (one call per forward and per
+    backward) in both layouts; the Python path takes mabn's C++ kernels (forward sums, backward
+    reductions and the one-pass input gradient); with mabn.kernels.MODE "off" no kernel is
+    called. In all three the input gradient matches the float64 layer's (which keeps torch's
+    operations)."""
+    import mabn.norm as norm_module
     from mabn import kernels
     counting = _CountingKernels(cpu_kernels)
     monkeypatch.setattr(kernels, "_module", counting)
-    err_kernels = _float32_layer_against_float64(preset, fmt)
+    err_native = _float32_layer_against_float64(preset, fmt)
+    assert counting.calls == {"train_forward": 3, "train_backward": 3}, counting.calls
+    counting.calls.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(norm_module, "_native_layer", lambda layer, x: None)
+        err_kernels = _float32_layer_against_float64(preset, fmt)
     sums = "column_dot_sums" if fmt is torch.channels_last else "row_dot_sums"
-    assert counting.calls == {sums: 6, "scale_shift": 3, "multiply_adds": 3,  # 3 fwd + 3 bwd
-                              "forward_statistics": 3, "backward_statistics": 3}, counting.calls
+    assert counting.calls == {sums: 6, "scale_shift": 3, "multiply_adds": 3}, counting.calls  # 3 fwd + 3 bwd
     monkeypatch.setattr(kernels, "MODE", "off")
     counting.calls.clear()
     err_torch = _float32_layer_against_float64(preset, fmt)
     assert counting.calls == {}
-    assert err_kernels < 1e-5 and err_torch < 1e-5, (err_kernels, err_torch)
+    assert max(err_native, err_kernels, err_torch) < 1e-5, (err_native, err_kernels, err_torch)
 
 
 def test_cpu_kernels_stream_outputs_of_at_least_stream_bytes(monkeypatch, cpu_kernels):
     """The layer asks for streaming stores exactly for outputs of >= mabn.kernels.STREAM_BYTES
-    (4 x 8 x 9 x 9 float32 = 10368 bytes here), and the result does not depend on it."""
+    (4 x 8 x 9 x 9 float32 = 10368 bytes here; the Python path's kernel calls get the flag, the
+    C++ layer gets the threshold), and the result does not depend on it."""
+    import mabn.norm as norm_module
     from mabn import kernels
     counting = _CountingKernels(cpu_kernels)
     monkeypatch.setattr(kernels, "_module", counting)
+    native = {}
+
+    def forward(*args):  # the C++ layer's last argument: the threshold
+        native.setdefault("thresholds", []).append(args[-1])
+        return cpu_kernels.train_forward(*args)
+
     errors = []
     for threshold in (10368, 10369):
         monkeypatch.setattr(kernels, "STREAM_BYTES", threshold)
         counting.streamed.clear()
-        errors.append(_float32_layer_against_float64("MABN2d", torch.channels_last))
+        with monkeypatch.context() as patch:
+            patch.setattr(norm_module, "_native_layer", lambda layer, x: None)
+            errors.append(_float32_layer_against_float64("MABN2d", torch.channels_last))
         assert counting.streamed == [(10368, threshold <= 10368)] * 6, counting.streamed  # 3 fwd + 3 bwd
+        native.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(kernels, "_module", type("Ext", (), {"train_forward": staticmethod(forward),
+                                                              "train_backward": cpu_kernels.train_backward}))
+            errors.append(_float32_layer_against_float64("MABN2d", torch.channels_last))
+        assert native["thresholds"] == [threshold] * 3
     assert max(errors) < 1e-5, errors
 
 
@@ -627,17 +649,15 @@ def test_cpu_kernels_bad_setting_is_named(monkeypatch):
         _float32_layer_against_float64("MABN2d", torch.contiguous_format)
 
 
-def _iterations(kw, shape, iters, statistics_in_python, monkeypatch):
+def _iterations(kw, shape, iters, python_path, monkeypatch):
     """``iters`` training iterations of a float32 BatchStatNorm2d(**kw) (channels_last, inputs
     growing in scale, off-centre): per iteration the output, the input and parameter gradients
-    and the recorded statistics; then the layer. ``statistics_in_python``: the layer's statistics
-    by the Python functions (mabn.norm._forward_statistics / _backward_statistics) instead of
-    mabn's C++ loops."""
+    and the recorded statistics; then the layer. ``python_path``: the layer takes its Python
+    path (_NormalizeAffine, _forward_statistics, _backward_statistics; mabn's kernels for the
+    passes over the data) instead of mabn's C++ layer (_NativeNormalize)."""
     import mabn.norm as norm_module
-    if statistics_in_python:
-        monkeypatch.setattr(norm_module, "_NATIVE_STATISTICS", {
-            norm_module._forward_statistics: lambda ext, *a: norm_module._forward_statistics(*a),
-            norm_module._backward_statistics: lambda ext, *a: norm_module._backward_statistics(*a)})
+    if python_path:
+        monkeypatch.setattr(norm_module, "_native_layer", lambda layer, x: None)
     torch.manual_seed(0)
     layer = BatchStatNorm2d(shape[1], **kw)
     with torch.no_grad():
@@ -662,15 +682,16 @@ _WINDOWS = [(4, 2, 5), (8, 2, 3)]
 
 @pytest.mark.parametrize("n,b,m", _WINDOWS, ids=["window-fills", "window-replaced"])
 @pytest.mark.parametrize("form", ["vanilla", "modified"])
-def test_native_statistics_match_the_python_functions(monkeypatch, cpu_kernels, form, n, b, m):
-    """Eager float32 CPU layers compute their statistics with mabn's C++ loops
-    (mabn/csrc/norm_statistics.cpp); the Python functions _forward_statistics and
-    _backward_statistics stay the reference. For every option set (fp_stats x bp_stats x
-    ema_init x warm-ups) over five iterations (warm-ups ending, renormalization switching on, SMA
-    windows filling, EMAs starting) the output, the input and parameter gradients, the recorded
-    statistics and every buffer agree to float32 rounding (the C++ loops sum SMA windows and
-    group means in float64, so single values move by a few float32 ulps, and more where a
-    gradient sums values of both signs); the C++ functions were really called."""
+def test_native_layer_matches_the_python_path(monkeypatch, cpu_kernels, form, n, b, m):
+    """Eager float32 CPU layers run their training forward and backward as one C++ call each
+    (mabn.norm._NativeNormalize: mabn/csrc/norm_layer.cpp and norm_statistics.cpp); the Python
+    path (_NormalizeAffine with _forward_statistics and _backward_statistics) stays the
+    reference. For every option set (fp_stats x bp_stats x ema_init x warm-ups) over five
+    iterations (warm-ups ending, renormalization switching on, SMA windows filling, EMAs
+    starting) the output, the input and parameter gradients, the recorded statistics and every
+    buffer agree to float32 rounding (the C++ loops sum SMA windows and group means in float64,
+    so single values move by a few float32 ulps, and more where a gradient sums values of both
+    signs); the C++ layer was really called."""
     from mabn import kernels
     counting = _CountingKernels(cpu_kernels)
     shape = (n, 6, 5, 5)
@@ -682,7 +703,7 @@ def test_native_statistics_match_the_python_functions(monkeypatch, cpu_kernels, 
         counting.calls.clear()
         monkeypatch.setattr(kernels, "_module", counting)
         native, native_outs = _iterations(kw, shape, 5, False, monkeypatch)
-        assert counting.calls.get("forward_statistics") == counting.calls.get("backward_statistics") == 5, kw
+        assert counting.calls == {"train_forward": 5, "train_backward": 5}, (kw, counting.calls)
         python, python_outs = _iterations(kw, shape, 5, True, monkeypatch)
         for it, (a, b_) in enumerate(zip(native_outs, python_outs)):
             assert len(a) == len(b_)
@@ -731,9 +752,10 @@ def test_native_statistics_name_bad_arguments(cpu_kernels):
         cpu_kernels.forward_statistics(torch.rand(3, 1, C), *args[:7], "emma", *args[8:])
 
 
-def test_native_statistics_leave_other_dtypes_to_python(monkeypatch, cpu_kernels):
-    """A float64 layer given float32 inputs (float64 buffers) keeps the Python functions, and
-    its gradient is the float64 layer's."""
+def test_native_layer_leaves_other_dtypes_to_python(monkeypatch, cpu_kernels):
+    """A float64 layer given float32 inputs (float64 parameters and buffers) keeps the Python
+    path (with mabn's kernels for the passes over the data), and its gradient is the float64
+    layer's."""
     from mabn import kernels
     counting = _CountingKernels(cpu_kernels)
     monkeypatch.setattr(kernels, "_module", counting)
@@ -745,7 +767,7 @@ def test_native_statistics_leave_other_dtypes_to_python(monkeypatch, cpu_kernels
         (g64,) = torch.autograd.grad(ref(xr), xr, up)
         (g32,) = torch.autograd.grad(layer(x32), x32, up)
         torch.testing.assert_close(g32.double(), g64, rtol=1e-4, atol=1e-5)
-    assert "forward_statistics" not in counting.calls and "backward_statistics" not in counting.calls
+    assert "train_forward" not in counting.calls and "train_backward" not in counting.calls
     assert counting.calls.get("column_dot_sums", 0) + counting.calls.get("row_dot_sums", 0) > 0
 
 
@@ -849,15 +871,16 @@ def test_bad_inputs():
 
 @pytest.mark.parametrize("offset", [0.0, 3.0, 100.0])  # fast one-pass path, and the centred path
 @pytest.mark.parametrize("bp", ["batch", "sma"])
-def test_float32_precision_for_badly_centred_inputs(offset, bp):
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_float32_precision_for_badly_centred_inputs(offset, bp, fmt):
     g = torch.Generator().manual_seed(0)
     x64 = torch.randn(8, 4, 6, 6, generator=g, dtype=D) + offset
     up = torch.randn(8, 4, 6, 6, generator=g, dtype=D)
     kw = dict(form="vanilla", fp_stats="batch", bp_stats=bp, norm_batch_size=2)
     l32, l64 = BatchStatNorm2d(4, **kw), BatchStatNorm2d(4, **kw).double()
     for it in range(2):
-        xa, xb = x64.float().requires_grad_(), x64.clone().requires_grad_()
+        xa, xb = x64.float().contiguous(memory_format=fmt).requires_grad_(), x64.clone().requires_grad_()
         ya, yb = l32(xa), l64(xb)
-        ya.backward(up.float()), yb.backward(up)
+        ya.backward(up.float().contiguous(memory_format=fmt)), yb.backward(up)
         torch.testing.assert_close(ya.double(), yb, rtol=0, atol=2e-5)
         torch.testing.assert_close(xa.grad.double(), xb.grad, rtol=0, atol=2e-5)
