@@ -15,7 +15,9 @@ the same tensors and a plain copy (the memory-bandwidth yardstick):
 * ``copy``: ``out.copy_(x)``.
 
 The layer's total (``bench_norm.py``) minus the four kernels is what the layer spends outside
-them: Python, the compiled statistics calls and the autograd graph.
+them: the statistics between the passes, its autograd Function and the small operations around
+the kernels (eager float32 CPU layers run all of it in one C++ call per pass direction,
+mabn.norm._NativeNormalize; the kernels are timed here as that layer calls them).
 
     python scripts/bench_kernels.py --channels-last --threads 2 --allocator keep
 """
