@@ -557,7 +557,8 @@ def _forward_statistics(batch, count, fp_window, fp_window_valid, running_mean, 
     form); the renormalization r and d (G, C), None where they are 1 and 0; the warm-up flag, a
     0-dim bool tensor or None), and updates the SMA window, the EMAs and the iteration counter in
     place, after use (eq. 12-14, 19). A function of tensors and constants only, so that
-    torch.compile can fuse its ~50 small operations (see _statistics)."""
+    torch.compile can fuse its ~50 small operations (a compiled layer); the eager float32 CPU
+    path runs its C++ version (forward_statistics in mabn/csrc/norm_statistics.cpp)."""
     groups = batch.shape[0]
     # The value the EMA takes in this iteration: mean over groups, unbiased variance.
     ema_value = batch.mean(0, keepdim=True)  # (1, K, C)
