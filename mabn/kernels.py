@@ -71,7 +71,7 @@ STREAM_BYTES = _stream_bytes_from_env()
 
 _SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", name)
             for name in ("norm_kernels.cpp", "norm_statistics.cpp", "norm_layer.cpp")]
-_NAME = "mabn_norm_kernels_v8"  # change with the source's interface
+_NAME = "mabn_norm_kernels_v9"  # change with the source's interface
 _module = None  # the loaded extension; False once building failed
 _lock = threading.Lock()
 

@@ -690,7 +690,7 @@ class _NativeNormalize(torch.autograd.Function):
         (out, inv_std, shift, r, d, warm, s0), centred = ext.train_forward(
             x, groups, weight, bias, layer.fp_window, layer.fp_window_valid, layer.running_mean, layer.running_var,
             layer.num_batches_tracked, o.vanilla, o.fp_stats, o.bp_stats, o.ema_init == "first", o.warmup_iters,
-            o.renorm_warmup_iters, o.r_max, o.d_max, o.eps, o.alpha, _CANCELLATION_RATIO, kernels.STREAM_BYTES)
+            o.renorm_warmup_iters, o.r_max, o.d_max, o.eps, o.alpha, _CANCELLATION_RATIO, kernels.stream(x))
         ctx.save_for_backward(x, weight, inv_std, shift, r, d)
         ctx.layer, ctx.ext, ctx.warm, ctx.centred = layer, ext, warm, centred
         if layer.record_used_statistics:
@@ -706,7 +706,7 @@ class _NativeNormalize(torch.autograd.Function):
         dx, grad_weight, grad_bias, g_0, psi_0 = ctx.ext.train_backward(
             dout.to(x.dtype).contiguous(memory_format=layout), x, weight, inv_std, shift, r, d, ctx.warm,
             ctx.centred, layer.bp_window, layer.bp_window_valid, layer.running_g, layer.running_psi,
-            layer.num_backward_tracked, o.vanilla, o.bp_stats, o.ema_init == "first", o.alpha, kernels.STREAM_BYTES)
+            layer.num_backward_tracked, o.vanilla, o.bp_stats, o.ema_init == "first", o.alpha, kernels.stream(x))
         if layer.record_used_statistics:
             _record_backward(layer, g_0, psi_0)
         return dx, grad_weight, grad_bias, None, None, None

@@ -580,17 +580,21 @@ def test_cpu_kernels_are_taken_and_match_float64(monkeypatch, cpu_kernels, fmt, 
 
 def test_cpu_kernels_stream_outputs_of_at_least_stream_bytes(monkeypatch, cpu_kernels):
     """The layer asks for streaming stores exactly for outputs of >= mabn.kernels.STREAM_BYTES
-    (4 x 8 x 9 x 9 float32 = 10368 bytes here; the Python path's kernel calls get the flag, the
-    C++ layer gets the threshold), and the result does not depend on it."""
+    (4 x 8 x 9 x 9 float32 = 10368 bytes here; the Python path's kernel calls and the C++ layer
+    both get the flag), and the result does not depend on it."""
     import mabn.norm as norm_module
     from mabn import kernels
     counting = _CountingKernels(cpu_kernels)
     monkeypatch.setattr(kernels, "_module", counting)
     native = {}
 
-    def forward(*args):  # the C++ layer's last argument: the threshold
-        native.setdefault("thresholds", []).append(args[-1])
+    def forward(*args):  # the C++ layer's last argument: the stream flag
+        native.setdefault("forward", []).append(args[-1])
         return cpu_kernels.train_forward(*args)
+
+    def backward(*args):
+        native.setdefault("backward", []).append(args[-1])
+        return cpu_kernels.train_backward(*args)
 
     errors = []
     for threshold in (10368, 10369):
@@ -603,9 +607,9 @@ def test_cpu_kernels_stream_outputs_of_at_least_stream_bytes(monkeypatch, cpu_ke
         native.clear()
         with monkeypatch.context() as patch:
             patch.setattr(kernels, "_module", type("Ext", (), {"train_forward": staticmethod(forward),
-                                                              "train_backward": cpu_kernels.train_backward}))
+                                                              "train_backward": staticmethod(backward)}))
             errors.append(_float32_layer_against_float64("MABN2d", torch.channels_last))
-        assert native["thresholds"] == [threshold] * 3
+        assert native == {"forward": [threshold <= 10368] * 3, "backward": [threshold <= 10368] * 3}, native
     assert max(errors) < 1e-5, errors
 
 

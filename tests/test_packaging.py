@@ -77,7 +77,8 @@ def test_wheel_holds_the_library_and_requires_only_torch_and_ninja(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("mabn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {"mabn/__init__.py", "mabn/norm.py", "mabn/kernels.py", "mabn/csrc/norm_kernels.cpp",
-            "mabn/csrc/norm_statistics.cpp", "mabn/csrc/norm_statistics.h",
+            "mabn/csrc/norm_statistics.cpp", "mabn/csrc/norm_statistics.h", "mabn/csrc/norm_layer.cpp",
+            "mabn/csrc/norm_layer.h", "mabn/csrc/norm_kernels.h", "mabn/csrc/norm_util.h",
             "mabn/fold/__init__.py", "mabn/engine/trainer.py"} <= set(names)
     assert all(n.startswith(("mabn/", "mabn-")) for n in names), names  # no scripts, tests, configs
     meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))

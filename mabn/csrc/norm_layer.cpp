@@ -20,6 +20,7 @@
 
 #include "norm_kernels.h"
 #include "norm_statistics.h"
+#include "norm_util.h"
 
 namespace {
 
@@ -48,18 +49,10 @@ std::pair<torch::Tensor, torch::Tensor> group_dot_sums(const Rows& d, const Rows
   return {s[0], s[1]};
 }
 
-void check_layer_tensor(const torch::Tensor& t, const char* name, int64_t C) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous() && t.dim() == 1 &&
-                  t.size(0) == C,
-              "mabn layer: ", name, " must be a contiguous float32 CPU tensor of ", C, " values");
-}
-
 void check_input(const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 4,
               "mabn layer: ", name, " must be a 4-D float32 CPU tensor");
 }
-
-bool defined(const std::optional<torch::Tensor>& t) { return t.has_value() && t->defined(); }
 
 }  // namespace
 
@@ -68,12 +61,12 @@ std::tuple<std::vector<torch::Tensor>, bool> train_forward(
     torch::Tensor fp_window_valid, torch::Tensor running_mean, torch::Tensor running_var,
     torch::Tensor num_batches_tracked, bool vanilla, const std::string& fp_stats, const std::string& bp_stats,
     bool ema_first, int64_t warmup_iters, int64_t renorm_warmup_iters, double r_max, double d_max, double eps,
-    double alpha, double cancellation_ratio, int64_t stream_bytes) {
+    double alpha, double cancellation_ratio, bool stream) {
   check_input(x, "x");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(groups > 0 && N % groups == 0, "mabn layer: ", N, " samples in ", groups, " groups");
-  check_layer_tensor(weight, "weight", C);
-  check_layer_tensor(bias, "bias", C);
+  check_float(weight, "weight", {C});
+  check_float(bias, "bias", {C});
   const int64_t b = N / groups, count = b * H * W;
   const Rows xr = rows_of(x);
   at::NoGradGuard no_grad;
@@ -121,14 +114,11 @@ std::tuple<std::vector<torch::Tensor>, bool> train_forward(
       sc[row + c] = s;
       of[row + c] = sh ? cc - s * sh[i] : cc;
     }
-    for (int64_t k = 1; k < b; ++k) {
-      std::copy(sc + row, sc + row + C, sc + row + k * C);
-      std::copy(of + row, of + row + C, of + row + k * C);
-    }
   }
+  repeat_group_rows({sc, of}, groups, b, C);
   auto out = torch::empty_like(x);  // x's layout
   const Rows outr = rows_of(out);
-  scale_shift(xr.rows, scale, offset, xr.per_column, out.numel() * 4 >= stream_bytes, outr.rows);
+  scale_shift(xr.rows, scale, offset, xr.per_column, stream, outr.rows);
   return {{out, inv_std, shift, r, d, st[5], st[0]}, centred};
 }
 
@@ -137,18 +127,18 @@ std::vector<torch::Tensor> train_backward(
     std::optional<torch::Tensor> shift, std::optional<torch::Tensor> r, std::optional<torch::Tensor> d,
     std::optional<torch::Tensor> warm, bool centred, torch::Tensor bp_window, torch::Tensor bp_window_valid,
     torch::Tensor running_g, torch::Tensor running_psi, torch::Tensor num_backward_tracked, bool vanilla,
-    const std::string& bp_stats, bool ema_first, double alpha, int64_t stream_bytes) {
+    const std::string& bp_stats, bool ema_first, double alpha, bool stream) {
   check_input(x, "x");
   check_input(dout, "dout");
   TORCH_CHECK(dout.sizes() == x.sizes(), "mabn layer: dout and x differ in shape");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(inv_std.dim() == 2 && inv_std.size(1) == C, "mabn layer: inv_std must be (G, C)");
   const int64_t groups = inv_std.size(0), b = N / groups, count = b * H * W;
-  check_layer_tensor(weight, "weight", C);
+  check_float(weight, "weight", {C});
   at::NoGradGuard no_grad;
   const Rows xr = rows_of(x), dr = rows_of(dout);
   TORCH_CHECK(xr.per_column == dr.per_column, "mabn layer: dout and x must have one layout");
-  const bool has_shift = defined(shift), has_r = defined(r), has_d = defined(d);
+  const bool has_shift = given(shift), has_r = given(r), has_d = given(d);
   TORCH_CHECK(!centred || has_shift, "mabn layer: the centred reduction needs the shift");
 
   // sum(dout) and sum(dout * x), or sum(dout * (x - shift)) for badly centred inputs.
@@ -168,7 +158,7 @@ std::vector<torch::Tensor> train_backward(
   auto dx = torch::empty_like(x);
   const Rows dxr = rows_of(dx);
   multiply_adds(dr.rows, xr.rows, st[0], st[1], st[2].defined() ? st[2] : torch::empty({0}, x.options()),
-                xr.per_column, dx.numel() * 4 >= stream_bytes, dxr.rows);
+                xr.per_column, stream, dxr.rows);
   // The affine parameters' gradients through a = weight * r and c = weight * d + bias.
   auto grad_weight = (has_r ? sum_dout_y * *r : sum_dout_y).sum(0);
   if (has_d) grad_weight = grad_weight + (sum_dout * *d).sum(0);

@@ -16,6 +16,8 @@
 
 #include "norm_statistics.h"
 
+#include "norm_util.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -30,13 +32,6 @@ Stat parse_stat(const std::string& name, const char* option) {
   if (name == "sma") return kSma;
   TORCH_CHECK(false, "mabn statistics: ", option, " must be \"batch\", \"ema\" or \"sma\", got \"", name, "\"");
   return kBatch;
-}
-
-void check_float(const torch::Tensor& t, const char* name, std::vector<int64_t> shape) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(),
-              "mabn statistics: ", name, " must be a contiguous float32 CPU tensor");
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "mabn statistics: ", name, " must have shape ",
-              at::IntArrayRef(shape), ", got ", t.sizes());
 }
 
 void check_counter(const torch::Tensor& t, const char* name) {
@@ -199,7 +194,7 @@ std::vector<torch::Tensor> backward_statistics(
   a = a.contiguous();
   check_float(inv_std, "inv_std", {G, C});
   check_float(a, "a", {G, C});
-  const bool has_shift = shift.has_value() && shift->defined();
+  const bool has_shift = given(shift);
   if (has_shift) check_float(*shift, "shift", {G, C});
   const int64_t W = bp_window.size(0);
   check_float(bp_window, "bp_window", {W, K, C});
@@ -207,7 +202,7 @@ std::vector<torch::Tensor> backward_statistics(
   check_float(running_g, "running_g", {C});
   check_float(running_psi, "running_psi", {C});
   check_counter(num_backward_tracked, "num_backward_tracked");
-  const bool is_warm = warm.has_value() && warm->defined() && warm->item<bool>();
+  const bool is_warm = given(warm) && warm->item<bool>();
   const bool first = ema_first && num_backward_tracked.item<int64_t>() == 0;
   const auto s_d = s_dout.contiguous(), s_dx = s_dout_x.contiguous();
   const double* sd = s_d.data_ptr<double>();
@@ -287,12 +282,8 @@ std::vector<torch::Tensor> backward_statistics(
       br[row + c] = coef_x;
       if (kr) kr[row + c] = (sh ? -coef_x * sh[i] : 0.0f) - (vanilla ? g_u[c] * inv[i] : 0.0f);
     }
-    for (int64_t s = 1; s < per_group; ++s) {
-      std::copy(ar + row, ar + row + C, ar + row + s * C);
-      std::copy(br + row, br + row + C, br + row + s * C);
-      if (kr) std::copy(kr + row, kr + row + C, kr + row + s * C);
-    }
   }
+  repeat_group_rows({ar, br, kr}, G, per_group, C);
   auto psi0 = torch::empty({C}, options);
   auto g0 = vanilla ? torch::empty({C}, options) : undefined();
   std::copy(u + (K - 1) * C, u + KC, psi0.data_ptr<float>());  // group 0's
