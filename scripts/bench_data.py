@@ -42,7 +42,8 @@ import torch
 import torchvision
 from PIL import Image, ImageDraw, ImageFilter, features
 
-from mabn.engine import bench, config, data
+from mabn.engine import config, data
+from mabn.lab import bench
 
 # ImageNet's typical sizes (most training images are 500 px on the long side, 4:3 landscape first).
 SIZES = [(500, 375)] * 10 + [(375, 500)] * 3 + [(500, 333)] * 3 + [(500, 500)] * 2 + [(640, 480), (333, 500)]

@@ -15,7 +15,7 @@ implementation: forward statistics (read x), normalization (read x, write y), ba
 two fresh full-size tensors (y and dL/dx) add 2 E x 4 bytes of first-touch page faults; the
 "floor + faults" column adds their measured cost.
 
-With ``--allocator keep`` freed memory stays in the process (mabn.engine.bench.set_allocator):
+With ``--allocator keep`` freed memory stays in the process (mabn.lab.bench.set_allocator):
 the fault cost then measures ~0, and the layers are timed without it, as a GPU's caching
 allocator runs them.
 
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import mabn
-from mabn.engine import bench
+from mabn.lab import bench
 
 SHAPES = ["32x256x56x56", "32x512x28x28", "32x1024x14x14", "32x2048x7x7"]
 #: Full-tensor passes of a fused batch-statistics layer, forward + backward (module docstring).

@@ -52,7 +52,7 @@ import torchvision
 from torch import nn
 
 from mabn import MABN2d, convert_model
-from mabn.engine import bench
+from mabn.lab import bench
 from mabn.fold import fold_model
 
 # The authors' released code reports inference iterations/s of ResNet-50 (Figure 1(a) numbers);

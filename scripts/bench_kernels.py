@@ -32,7 +32,7 @@ import sys
 import torch
 
 from mabn import kernels
-from mabn.engine import bench
+from mabn.lab import bench
 
 SHAPES = ["32x256x56x56", "32x512x28x28", "32x1024x14x14", "32x2048x7x7", "32x512x7x7"]
 

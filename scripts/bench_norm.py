@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 import mabn
-from mabn.engine import bench, compiling
+from mabn.engine import compiling
+from mabn.lab import bench
 
 SHAPES = ["32x256x56x56", "32x512x28x28", "32x1024x14x14", "32x2048x7x7"]
 

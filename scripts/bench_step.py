@@ -41,7 +41,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from mabn.engine import bench, compiling, config, models
+from mabn.engine import compiling, config, models
+from mabn.lab import bench
 
 NORM_PRESETS = Path(__file__).resolve().parent.parent / "configs" / "norm"
 #: name in the tables: (norm preset configs/norm/<preset>.yaml, weight_centralization override or None).

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Collect the runs of a study into a results table (the collector is mabn.engine.collect).
+"""Collect the runs of a study into a results table (the collector is mabn.lab.collect).
 
     python scripts/collect_results.py table2 runs/table2                 # -> results/table2.md
     python scripts/collect_results.py table2 runs/table2 --out results/table2.md \
@@ -10,7 +10,7 @@
 
 import sys
 
-from mabn.engine.collect import main
+from mabn.lab.collect import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from _train_utils import PYTHON, run_script
-from mabn.engine import bench
+from mabn.lab import bench
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -117,7 +117,7 @@ def test_machine_line_names_the_cpu_kernel_path(monkeypatch):
 
 _RSS_AFTER_FREE = """
 import sys, torch
-from mabn.engine import bench
+from mabn.lab import bench
 if sys.argv[1] == "keep":
     bench.set_allocator("keep")
 page = __import__("os").sysconf("SC_PAGE_SIZE")
@@ -145,7 +145,7 @@ def test_allocator_keep_retains_freed_memory():
 
 
 def test_allocator_rejects_unknown_names():
-    from mabn.engine import bench
+    from mabn.lab import bench
     with pytest.raises(ValueError, match="--allocator 'huge'"):
         bench.set_allocator("huge")
 

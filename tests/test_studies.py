@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from mabn.engine import collect as collect_results
+from mabn.lab import collect as collect_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -203,7 +203,7 @@ def test_collector_convergence_verdict(tmp_path):
 def test_same_as_pairs_are_the_same_configuration(tmp_path):
     """Every studies.SAME_AS pair resolves, under the reference protocol, to the same config but
     the preset's name and output folder: the collector may use one's runs for the other."""
-    from mabn.engine.studies import SAME_AS
+    from mabn.lab.studies import SAME_AS
     jobs = dry_run(tmp_path, "+study=table2", "+protocol=r8_32px", "experiment=" + ",".join(
         sorted({k for k, _ in SAME_AS} | {v for v, _ in SAME_AS.values()})), "norm.norm_batch_size=2,32")
     by_key = {(c["name"], c["norm"]["norm_batch_size"]): c for c in jobs}
@@ -249,7 +249,7 @@ def test_collector_takes_same_configuration_runs_from_another_folder_and_filters
 
 def test_claim_verdicts_against_the_t_interval():
     """claim_verdict against a hand computation of the 95% Student-t interval."""
-    from mabn.engine.collect import claim_verdict
+    from mabn.lab.collect import claim_verdict
     diffs = [8.0, 10.0, 12.0]  # mean 10, sample std 2, se 2 / sqrt(3); t(0.975, 2) = 4.303
     half = 4.303 * 2.0 / math.sqrt(3.0)  # 4.969: interval [5.03, 14.97]
     v, g, h = claim_verdict("higher", diffs)
@@ -264,7 +264,7 @@ def test_claim_verdicts_against_the_t_interval():
 
 
 def test_every_claim_names_rows_of_its_study():
-    from mabn.engine.studies import CLAIMS, STUDIES
+    from mabn.lab.studies import CLAIMS, STUDIES
     for study, claims in CLAIMS.items():
         paper = {(r.key, r.norm_batch_size): r.paper_err for r in STUDIES[study]}
         for c in claims:

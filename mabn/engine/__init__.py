@@ -9,10 +9,11 @@
 - :mod:`mabn.engine.run`          run directory: logging, TensorBoard, metrics.json, provenance
 - :mod:`mabn.engine.trainer`      the training loop itself
 - :mod:`mabn.engine.compiling`    torch.compile: availability, options, known miscompilations
-- :mod:`mabn.engine.bench`        timing and machine description of the benchmark scripts
+- :mod:`mabn.engine.machine`      the CPU model and instruction set recorded with every run and figure
 - :mod:`mabn.engine.evaluation`   evaluation of a checkpoint (eval.py)
-- :mod:`mabn.engine.studies`      the paper's tables: which presets make each, the paper's numbers
-- :mod:`mabn.engine.collect`      a study's runs -> results table (scripts/collect_results.py)
+
+The benchmarks, studies and result collection live in :mod:`mabn.lab`, which may import the
+engine; the engine never imports the lab.
 
 It needs the ``train`` extra (``pip install mabn[train]``).
 

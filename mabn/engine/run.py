@@ -30,7 +30,7 @@ import sys
 import torch
 from omegaconf import OmegaConf
 
-from .bench import cpu_capability, cpu_model
+from .machine import cpu_capability, cpu_model
 from .config import ConfigError
 
 __all__ = ["setup_logging", "start_log_file", "lock_out_dir", "OutDirInUse", "write_provenance",

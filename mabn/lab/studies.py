@@ -1,6 +1,6 @@
 """The paper's studies: which experiment presets make each table, and the paper's numbers.
 
-Used by :mod:`mabn.engine.collect` (``scripts/collect_results.py``, to lay out the tables) and by
+Used by :mod:`mabn.lab.collect` (``scripts/collect_results.py``, to lay out the tables) and by
 the tests that check that each study's Hydra multirun expands to exactly these configurations. The
 multirun itself is ``configs/study/<study>.yaml`` (``python train_imagenet.py -m +study=<study>
 ...``).

@@ -25,7 +25,7 @@ the same file.
     python scripts/collect_results.py table4 runs/table4 runs/table2 --seeds 0,1   # shared rows
 
 Several folders may be given: a row without runs of its own takes the runs of the configuration
-that ``mabn.engine.studies.SAME_AS`` names as the same (Table 4's rows 1, 4, 5, 9 are Table 2's
+that ``mabn.lab.studies.SAME_AS`` names as the same (Table 4's rows 1, 4, 5, 9 are Table 2's
 rows 8, 7, 6, 3; Figure 1(b)'s points at b = 2 are Table 2's runs, BN at b = 32 is its row 1), and
 says so in the status column. ``--seeds`` keeps only the runs of those seeds.
 """
@@ -388,7 +388,7 @@ def main(argv=None) -> int:
     p.add_argument("runs_dir", nargs="+",
                    help="folder(s) holding the study's run directories (searched recursively); give "
                         "another study's folder too to use its runs of the same configurations "
-                        "(mabn.engine.studies.SAME_AS; for Figure 1(b), Table 2's runs at b = 2)")
+                        "(mabn.lab.studies.SAME_AS; for Figure 1(b), Table 2's runs at b = 2)")
     p.add_argument("--seeds", help="comma-separated seeds: only these runs are collected")
     p.add_argument("--out", help="markdown file (default results/<study>.md)")
     p.add_argument("--title")

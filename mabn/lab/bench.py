@@ -11,12 +11,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import platform
 import statistics
 import time
 from typing import Callable
 
 import torch
+
+from mabn.engine.machine import cpu_capability, cpu_model, load_average
 
 __all__ = ["write_report", "resolve_device", "sync", "timed", "round_robin", "spread", "cpu_model", "cpu_capability", "load_average",
            "machine_description", "ALLOCATORS", "set_allocator", "add_allocator_argument", "apply_allocator", "allocator_description"]
@@ -82,38 +83,6 @@ def spread(xs: list[float]) -> float:
     """(max - min) / median, in percent."""
     m = statistics.median(xs)
     return 100.0 * (max(xs) - min(xs)) / m if m else 0.0
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_capability() -> str:
-    """The vector instruction set torch's CPU kernels dispatch to here ("AVX2", "AVX512", ...).
-
-    It moves the speed ratios between layers: torch's own kernels (convolutions through oneDNN,
-    nn.BatchNorm2d) are vectorized per instruction set, so the same code runs at a different
-    ratio to them on an AVX2 AMD EPYC and on an AVX-512 Intel Xeon."""
-    try:
-        return torch.backends.cpu.get_cpu_capability()
-    except (AttributeError, RuntimeError):
-        return "unknown"
-
-
-def load_average() -> str:
-    """The 1, 5 and 15 minute load averages (other processes on the machine), or "n/a"."""
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 #: ``--allocator`` choices of the CPU benchmarks. "default": the C library's malloc as the
