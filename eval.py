@@ -18,10 +18,14 @@ was trained with; the command line changes only what it names:
   group's file, composed as training composes it (schema defaults, the file, then the command
   line's ``group.key=value`` overrides).
 
+The model and its normalization (``model.*``, ``norm.*``) are the checkpoint's: an override that
+changes them is refused with the line training gives for a resume that does not fit (exit 2).
+
 The result is printed as JSON on stdout and written next to the checkpoint as
 ``ckpt_<iteration>.eval.json`` (``.eval-<form>.json`` for form=folded|torchvision). An invalid
-value or an unusable checkpoint exits with 2 and a message on stderr (Hydra itself exits with 1
-on an unknown key or group option, e.g. ``experiment=...``).
+value, an unusable checkpoint or one that does not fit the model exits with 2 and one line on
+stderr (Hydra itself exits with 1 on an unknown key or group option, e.g. ``experiment=...``); a
+failed write of the result (a full disk) exits with 1 and one line.
 """
 
 import json
@@ -34,7 +38,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mabn.engine import checkpoint, config
+from mabn.engine import checkpoint, config, run
 from mabn.engine.evaluation import evaluate_checkpoint
 
 ConfigStore.instance().store(name="mabn_eval_schema", node=config.EvalConfig)
@@ -83,6 +87,9 @@ def main(cfg: DictConfig) -> None:
     except (config.ConfigError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # e.g. a full disk while writing the result
+        print(f"error: {run.one_line(e)}", file=sys.stderr)
+        sys.exit(1)
     if "output" in result:
         print(json.dumps(result, indent=2))
 

@@ -14,6 +14,20 @@ configs/) and set any field documented in mabn/engine/config.py. The steps:
 3. the run directory's metrics.json says how it ended: finished, diverged or interrupted (all
    exit 0: divergence and pre-emption are results, not crashes), or failed (exit 1: a crash, a
    full disk; exit 130: a second Ctrl-C).
+
+Exit statuses (one line on stderr for each but 0; Hydra itself exits with 1 on an unknown key or
+preset):
+
+- 0: the run ended as designed (metrics.json: finished, diverged or interrupted), or it had
+  already finished;
+- 1: it failed (metrics.json: failed, with the error, once out_dir was this run's): a crash (with
+  its traceback), or a full disk or another OSError, or a checkpoint that could not be written
+  (one line);
+- 2: refused before any work, nothing written: an invalid value, a machine that cannot run it, a
+  resume that does not fit its checkpoint, unusable checkpoints;
+- 3: out_dir is in use by another run (its lock is held): nothing written; the same command works
+  once that run has ended;
+- 130: a second Ctrl-C (no checkpoint; metrics.json: failed).
 """
 
 import json
@@ -23,7 +37,10 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from mabn.engine import checkpoint, config, trainer
+from mabn.engine import checkpoint, config, run, trainer
+
+#: Exit statuses (see the module docstring).
+EXIT_FAILED, EXIT_REFUSED, EXIT_OUT_DIR_IN_USE, EXIT_SECOND_CTRL_C = 1, 2, 3, 130
 
 # The schema: every field with its type and documentation (mabn/engine/config.py).
 ConfigStore.instance().store(name="mabn_schema", node=config.Config)
@@ -36,16 +53,22 @@ def main(cfg: DictConfig) -> None:
         if cfg.dry_run:  # what this (multi)run job would train; nothing else
             print("DRY-RUN " + json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True), flush=True)
             return
-        trainer.train(cfg)      # ConfigError here: refused before training (e.g. out_dir in use)
+        trainer.train(cfg)      # ConfigError here: refused before training
     except config.ConfigError as e:
         print(f"invalid configuration: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_REFUSED)
+    except run.OutDirInUse as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_OUT_DIR_IN_USE)
     except checkpoint.CheckpointError as e:  # e.g. a full disk; metrics.json says "failed"
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
+    except OSError as e:  # a full disk, an unreadable file: the machine's, not a bug; metrics.json says "failed"
+        print(f"error: {run.one_line(e)}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
     except KeyboardInterrupt:  # a second Ctrl-C; metrics.json says "failed"
         print("stopped by a second Ctrl-C, without a checkpoint (the last one written stays)", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_SECOND_CTRL_C)
 
 
 if __name__ == "__main__":

@@ -183,7 +183,8 @@ def reduced_decode_share(paths: list[str], image_size: int, val_resize: int, dra
     return train_ok / (len(paths) * draws), val_ok / len(paths)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked: a bad value is a command-line error (exit 2)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=200, help="images per pass (default 200)")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per pipeline (median reported)")
@@ -206,25 +207,38 @@ def main(argv=None):
     if args.images_from and not any(f.lower().endswith((".jpeg", ".jpg", ".png"))
                                     for _, _, files in os.walk(args.images_from) for f in files):
         p.error(f"--images-from {args.images_from}: no .JPEG/.jpg/.png file below it (or no such folder)")
-    torch.set_num_threads(1)
+    return args
 
+
+def images_in(folder: str, args) -> tuple[list[str], str]:
+    """The images to time, put into ``folder`` (generated, or linked from --images-from), and the
+    report's description of them (source, sizes, mean file size, bits per pixel)."""
+    if args.images_from:
+        paths = link_images(args.images_from, folder, args.images)
+        source = f"{len(paths)} files from {args.images_from}"
+    else:
+        paths = make_images(folder, args.images, args.quality)
+        source = (f"{len(paths)} generated JPEGs (quality {args.quality}; sizes "
+                  f"{', '.join(sorted({f'{w}x{h}' for w, h in SIZES[:len(paths)]}))}, "
+                  f"{sum(s == (500, 375) for s in SIZES) / len(SIZES):.0%} of them 500x375)")
+    sizes = [os.path.getsize(os.path.realpath(q)) for q in paths]
+    pixels = []
+    for q in paths:
+        with Image.open(q) as im:
+            pixels.append(im.size[0] * im.size[1])
+    source += (f"; mean file {statistics.mean(sizes) / 1024:.0f} KB, "
+               f"{8 * sum(sizes) / sum(pixels):.2f} bits/pixel (ImageNet's training JPEGs: ~110 KB on average)")
+    return paths, source
+
+
+def measure(args) -> dict:
+    """Everything the report shows, measured on images in a temporary folder (removed after):
+    "source" (the images' description), "rates" ({pipeline: images/s per repeat}), "eq" (pixel
+    differences tensor - pil, :func:`equivalence`) and "share_train" / "share_val"
+    (:func:`reduced_decode_share`)."""
     tmp = tempfile.mkdtemp(prefix="bench_data_")
     try:
-        if args.images_from:
-            paths = link_images(args.images_from, tmp, args.images)
-            source = f"{len(paths)} files from {args.images_from}"
-        else:
-            paths = make_images(tmp, args.images, args.quality)
-            source = (f"{len(paths)} generated JPEGs (quality {args.quality}; sizes "
-                      f"{', '.join(sorted({f'{w}x{h}' for w, h in SIZES[:len(paths)]}))}, "
-                      f"{sum(s == (500, 375) for s in SIZES) / len(SIZES):.0%} of them 500x375)")
-        sizes = [os.path.getsize(os.path.realpath(q)) for q in paths]
-        pixels = []
-        for q in paths:
-            with Image.open(q) as im:
-                pixels.append(im.size[0] * im.size[1])
-        source += (f"; mean file {statistics.mean(sizes) / 1024:.0f} KB, "
-                   f"{8 * sum(sizes) / sum(pixels):.2f} bits/pixel (ImageNet's training JPEGs: ~110 KB on average)")
+        paths, source = images_in(tmp, args)
         sets = pipelines(tmp, args.image_size, args.val_resize)
         print(f"timing {len(paths)} images x {args.repeats} repeats (+{args.warmup} warm-up) ...", flush=True)
         rates = time_pipelines(sets, args.repeats, args.warmup)
@@ -233,16 +247,13 @@ def main(argv=None):
         share_train, share_val = reduced_decode_share(paths, args.image_size, args.val_resize)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return {"source": source, "rates": rates, "eq": eq, "share_train": share_train, "share_val": share_val}
 
-    med = {k: statistics.median(v) for k, v in rates.items()}
+
+def header_lines(args, argv, source: str) -> list[str]:
+    """The report's opening: what is timed, the command, the machine, the versions, the images."""
     cmd = "python scripts/bench_data.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    decode_params = inspect.signature(torchvision.io.decode_jpeg).parameters
-    reduced = [n for n in decode_params if n in ("scale", "size", "scale_denom", "dct_scale")]
-    what = {"train": f"train, fb at {args.image_size} px (decode, RandomResizedCrop, jitter 0.4, ToTensor, "
-                     f"lighting 0.1, normalize, flip)",
-            "val": f"val (decode, resize {args.val_resize}, centre crop {args.image_size}, ToTensor, normalize)",
-            "decode": "decode only (read + decode to RGB)"}
-    lines = [
+    return [
         "Images/s of ONE data-loading process (one thread), what a DataLoader worker does per sample;",
         f"median of {args.repeats} round-robin repeats (min-max in brackets).",
         "",
@@ -253,6 +264,17 @@ def main(argv=None):
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- images: {source}",
         "",
+    ]
+
+
+def throughput_lines(args, rates: dict[str, list[float]]) -> list[str]:
+    """The images/s table: one row per pipeline (train, val, decode), one column per variant."""
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    what = {"train": f"train, fb at {args.image_size} px (decode, RandomResizedCrop, jitter 0.4, ToTensor, "
+                     f"lighting 0.1, normalize, flip)",
+            "val": f"val (decode, resize {args.val_resize}, centre crop {args.image_size}, ToTensor, normalize)",
+            "decode": "decode only (read + decode to RGB)"}
+    lines = [
         "Columns: data.decoder=pil; data.decoder=tensor (torchvision.io decoding); data.decoder=tensor",
         "with PIL decoding (its fallback where torchvision.io cannot decode).",
         "",
@@ -264,7 +286,13 @@ def main(argv=None):
                  for v in VARIANTS]
         lines.append(f"| {what[kind]} | " + " | ".join(cells) +
                      f" | {med[f'{kind}/tensor'] / med[f'{kind}/pil']:.2f}x |")
-    lines += [
+    return lines
+
+
+def cores_lines(args, rates: dict[str, list[float]]) -> list[str]:
+    """The table of loader cores one GPU needs at each assumed GPU speed, per decoder."""
+    pil, tensor = statistics.median(rates["train/pil"]), statistics.median(rates["train/tensor"])
+    lines = [
         "",
         f"Cores (one worker process each) to feed one GPU in training = GPU images/s / per-process "
         f"images/s (train row), rounded up; the GPU speed is {GPU_ASSUMPTION}. Add the main "
@@ -274,9 +302,14 @@ def main(argv=None):
         "|---:|---:|---:|",
     ]
     for r in args.gpu_images_per_s:
-        lines.append(f"| {r:,.0f} | {math.ceil(r / med['train/pil'])} ({r / med['train/pil']:.1f}) | "
-                     f"{math.ceil(r / med['train/tensor'])} ({r / med['train/tensor']:.1f}) |")
-    lines += [
+        lines.append(f"| {r:,.0f} | {math.ceil(r / pil)} ({r / pil:.1f}) | "
+                     f"{math.ceil(r / tensor)} ({r / tensor:.1f}) |")
+    return lines
+
+
+def equivalence_lines(eq: dict) -> list[str]:
+    """The table of pixel differences between the two decoders' outputs, and what causes them."""
+    lines = [
         "",
         "Same augmentation: the two decoders draw the same random numbers in the same order (same",
         "crop boxes, flips, jitter order and factors, lighting noise). Pixel differences tensor - pil",
@@ -288,17 +321,32 @@ def main(argv=None):
     for kind in ("train", "val"):
         e = eq[kind]
         lines.append(f"| {kind} | {e['mean']:+.4f} | {e['mean_abs']:.4f} | {e['frac']:.2%} | {e['max']:.2f} |")
-    lines += [
+    return lines + [
         "",
         "Only the antialiased bilinear resizes differ (torch's uint8 kernel against PIL's, at most 1",
         "level; the colour jitter can scale a difference up to a few levels).",
         "",
-        f"Reduced-size JPEG decoding: torchvision {torchvision.__version__}'s decode_jpeg "
-        + (f"has {reduced}" if reduced else "offers none (no scale/size argument)")
-        + f"; PIL's Image.draft (DCT scaling) would keep >= the output size at 1/2 scale for "
-        f"{share_train:.1%} of the training crops and {share_val:.1%} of the validation images here, "
-        "so it is not used.",
     ]
+
+
+def reduced_decode_line(share_train: float, share_val: float) -> str:
+    """Whether reduced-size JPEG decoding is offered here and how often it could apply."""
+    decode_params = inspect.signature(torchvision.io.decode_jpeg).parameters
+    reduced = [n for n in decode_params if n in ("scale", "size", "scale_denom", "dct_scale")]
+    return (f"Reduced-size JPEG decoding: torchvision {torchvision.__version__}'s decode_jpeg "
+            + (f"has {reduced}" if reduced else "offers none (no scale/size argument)")
+            + f"; PIL's Image.draft (DCT scaling) would keep >= the output size at 1/2 scale for "
+            f"{share_train:.1%} of the training crops and {share_val:.1%} of the validation images here, "
+            "so it is not used.")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    m = measure(args)
+    lines = (header_lines(args, argv, m["source"]) + throughput_lines(args, m["rates"])
+             + cores_lines(args, m["rates"]) + equivalence_lines(m["eq"])
+             + [reduced_decode_line(m["share_train"], m["share_val"])])
     bench.write_report("\n".join(lines) + "\n", args.out)
 
 

@@ -28,9 +28,8 @@ Examples:
 
 Run time on 2 CPU cores: ResNet-50 at batch 32 takes ~4-7 s per forward and ~10 s per training
 iteration at batch 8, so the defaults (5 inference repeats, 3 training repeats of 1 warm-up + 2
-timed iterations, each in a fresh process) took 11.4 min on 2 cores shared with other jobs (the
-committed results/inference.md); expect ~6-7 min on idle cores, and about 6 min with
-``--repeats 3 --train-repeats 1`` on shared ones.
+timed iterations, each in a fresh process) take ~6-7 min on idle cores and up to ~12 min on cores
+shared with other jobs; ``--repeats 3 --train-repeats 1`` about 6 min on shared ones.
 """
 from __future__ import annotations
 
@@ -50,10 +49,11 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from mabn import MABN2d, convert_model
-from mabn.lab import bench
+from mabn import BatchStatNorm2d, MABN2d, convert_model
 from mabn.fold import fold_model
+from mabn.lab import bench
 
 # The authors' released code reports inference iterations/s of ResNet-50 (Figure 1(a) numbers);
 # Table 9 (Mask R-CNN backbone, one 224x224 image): BN 12.73, GN 6.34, MABN 12.73 iter/s.
@@ -94,8 +94,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def flops_per_image(model: nn.Module, image_size: int) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """FLOPs of one forward of one image, as FlopCounterMode counts them."""
     x = torch.randn(1, 3, image_size, image_size)
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
@@ -108,8 +107,6 @@ _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instanc
 
 def normalized_elements_per_image(model: nn.Module, image_size: int) -> int:
     """Activation elements that pass through a (non-folded) normalization layer, per image."""
-    from mabn import BatchStatNorm2d
-
     total = [0]
     hooks = [m.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + o.numel()))
              for m in model.modules() if isinstance(m, _NORM_TYPES + (BatchStatNorm2d,))]
@@ -244,28 +241,27 @@ def machine_description() -> str:
             f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
 
 
-def _spread(xs):
-    m = statistics.median(xs)
-    return 100.0 * (max(xs) - min(xs)) / m if m else 0.0
-
-
-def render(args, static, inference, training, command, started, wall) -> str:
-    L = []
-    L.append(f"# Inference and training cost of normalizations ({args.arch}, Figure 1(a) / Table 9)\n")
-    L.append(f"- Command: `{command}`")
-    L.append(f"- Date: {started:%Y-%m-%d %H:%M} (local time), wall time {wall / 60:.1f} min")
-    L.append(f"- Machine: {machine_description()}")
-    L.append(f"- Load average (1, 5, 15 min) at start: {args.load_start}; at end: {bench.load_average()} "
-             f"(other processes sharing the cores make timings noisy; see the spread columns)")
-    L.append(f"- Input {args.image_size}x{args.image_size}, float32, NCHW, `torch.inference_mode()`; "
-             f"{args.repeats} interleaved repeats per (device, batch) with the model order rotated, each "
-             f"repeat at least {args.min_time:g} s of forwards. Throughput is the best repeat (the least "
-             f"disturbed by other processes, as timeit advises) with the median beside it; spread = "
-             f"(max - min) / median over repeats; ratios use the best repeats.")
+def header_lines(args, command: str, started, wall: float) -> list[str]:
+    """The report's title and the run's description: command, date, machine, load, method."""
+    L = [f"# Inference and training cost of normalizations ({args.arch}, Figure 1(a) / Table 9)\n",
+         f"- Command: `{command}`",
+         f"- Date: {started:%Y-%m-%d %H:%M} (local time), wall time {wall / 60:.1f} min",
+         f"- Machine: {machine_description()}",
+         f"- Load average (1, 5, 15 min) at start: {args.load_start}; at end: {bench.load_average()} "
+         f"(other processes sharing the cores make timings noisy; see the spread columns)",
+         f"- Input {args.image_size}x{args.image_size}, float32, NCHW, `torch.inference_mode()`; "
+         f"{args.repeats} interleaved repeats per (device, batch) with the model order rotated, each "
+         f"repeat at least {args.min_time:g} s of forwards. Throughput is the best repeat (the least "
+         f"disturbed by other processes, as timeit advises) with the median beside it; spread = "
+         f"(max - min) / median over repeats; ratios use the best repeats."]
     if args.note:
         L.append(f"- Note: {args.note}")
-    L.append("")
+    return L + [""]
 
+
+def inference_lines(inference: dict) -> list[str]:
+    """One throughput table per (device, batch): each model's images/s and its ratio to folded BN."""
+    L = []
     for (device, batch), samples in inference.items():
         L.append(f"## Inference throughput, {device}, batch {batch} (images/s)\n")
         L.append("| model | images/s (best) | images/s (median) | spread | ratio vs folded BN | "
@@ -276,22 +272,29 @@ def render(args, static, inference, training, command, started, wall) -> str:
             med = statistics.median(xs)
             off = OFFICIAL_FIG1.get(n)
             off_s = f"{off / OFFICIAL_FIG1['BN (folded)']:.3f}" if off else "-"
-            L.append(f"| {n} | {max(xs):.2f} | {med:.2f} | {_spread(xs):.1f}% | {max(xs) / ref:.3f} | "
+            L.append(f"| {n} | {max(xs):.2f} | {med:.2f} | {bench.spread(xs):.1f}% | {max(xs) / ref:.3f} | "
                      f"{med / ref_med:.3f} | {off_s} |")
         L.append("")
+    return L
 
-    L.append("## Model cost (per image, inference model)\n")
-    L.append("| model | params, trained model (M) | params, inference model (M) | GFLOPs (FlopCounterMode) | "
-             "activation elements normalized at inference (M) |")
-    L.append("|---|---:|---:|---:|---:|")
+
+def cost_lines(costs: dict) -> list[str]:
+    """The model cost table (parameters, FLOPs, normalized elements) and the same-graph check."""
+    L = ["## Model cost (per image, inference model)\n",
+         "| model | params, trained model (M) | params, inference model (M) | GFLOPs (FlopCounterMode) | "
+         "activation elements normalized at inference (M) |",
+         "|---|---:|---:|---:|---:|"]
     for n in INFERENCE_MODELS:
-        s = static[n]
+        s = costs[n]
         L.append(f"| {n} | {s['params'] / 1e6:.3f} | {s['params_inf'] / 1e6:.3f} | {s['flops'] / 1e9:.3f} | "
                  f"{s['norm_elems'] / 1e6:.2f} |")
-    L.append("")
-    L.append(f"Folded MABN and folded BN have the same graph (module types, names and parameter shapes): "
-             f"**{'yes' if static['same_graph'] else 'NO'}**.\n")
+    return L + ["", f"Folded MABN and folded BN have the same graph (module types, names and parameter shapes): "
+                    f"**{'yes' if costs['same_graph'] else 'NO'}**.\n"]
 
+
+def training_lines(args, training: dict) -> list[str]:
+    """One training table per device: iterations/s, the ratio to BN and the peak memory."""
+    L = []
     for device, res in training.items():
         L.append(f"## Training, {device}, batch {args.train_batch_size} "
                  f"(MABN normalization groups of {args.norm_batch_size})\n")
@@ -304,18 +307,22 @@ def render(args, static, inference, training, command, started, wall) -> str:
             its = [r["its"] for r in res[n]]
             peak = max(r["cuda_peak"] if device.startswith("cuda") else r["rss_peak"] for r in res[n])
             inc = max(r["rss_peak"] - r["rss_before"] for r in res[n])
-            L.append(f"| {n} | {max(its):.3f} | {statistics.median(its):.3f} | {_spread(its):.1f}% | "
+            L.append(f"| {n} | {max(its):.3f} | {statistics.median(its):.3f} | {bench.spread(its):.1f}% | "
                      f"{max(its) / ref:.3f} | {peak / 1e9:.3f} | {inc / 1e9:.3f} |")
         L.append("")
+    return L
 
-    # Table 9 in the paper's shape.
+
+def table9_lines(args, costs: dict, inference: dict, training: dict) -> list[str]:
+    """Table 9 in the paper's shape: FLOPs, training speed and memory (first trained device),
+    inference speed at batch 1 (else the first batch measured), beside the paper's numbers."""
     dev0 = next(iter(training)) if training else None
     b1 = next(((d, b) for (d, b) in inference if b == 1), None) or next(iter(inference))
-    L.append(f"## Table 9 view ({args.arch}; paper: Mask R-CNN R-50-FPN backbone, 8 GPUs x 2 images)\n")
-    L.append(f"| | GFLOPs | training it/s ({dev0}) | training memory (GB, {dev0}) | "
-             f"inference images/s (best; {b1[0]}, batch {b1[1]}) | inference ratio vs BN | paper: FLOPs (M) | "
-             f"paper: memory (GB) | paper: training it/s | paper: inference it/s (ratio) |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    L = [f"## Table 9 view ({args.arch}; paper: Mask R-CNN R-50-FPN backbone, 8 GPUs x 2 images)\n",
+         f"| | GFLOPs | training it/s ({dev0}) | training memory (GB, {dev0}) | "
+         f"inference images/s (best; {b1[0]}, batch {b1[1]}) | inference ratio vs BN | paper: FLOPs (M) | "
+         f"paper: memory (GB) | paper: training it/s | paper: inference it/s (ratio) |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     inf = inference[b1]
     inf_ref = max(inf["BN (folded)"])
     for n in TRAIN_MODELS:
@@ -329,11 +336,14 @@ def render(args, static, inference, training, command, started, wall) -> str:
             its = mem = "-"
         p = PAPER_TABLE9[n]
         med = max(inf[inf_name])
-        L.append(f"| {n} | {static[inf_name]['flops'] / 1e9:.3f} | {its} | {mem} | {med:.2f} | "
+        L.append(f"| {n} | {costs[inf_name]['flops'] / 1e9:.3f} | {its} | {mem} | {med:.2f} | "
                  f"{med / inf_ref:.3f} | {p[0]} | {p[1]} | {p[2]} | {p[3]} ({p[3] / PAPER_TABLE9['BN'][3]:.3f}) |")
-    L.append("")
+    return L + [""]
 
-    L.append("## Headline\n")
+
+def headline_lines(inference: dict) -> list[str]:
+    """Per (device, batch): folded MABN and GN against folded BN; then the notes on the method."""
+    L = ["## Headline\n"]
     for (device, batch), samples in inference.items():
         ref = max(samples["BN (folded)"])
         r_mabn = max(samples["MABN (folded)"]) / ref
@@ -352,10 +362,19 @@ def render(args, static, inference, training, command, started, wall) -> str:
              "GroupNorm(1, C). Training memory on CPU is the peak resident set size of a fresh "
              "process (it includes the Python/torch runtime); the last column of the training table "
              "subtracts the RSS measured just before the first iteration (model and inputs built).")
+    return L
+
+
+def render(args, costs, inference, training, command, started, wall) -> str:
+    """The markdown report of one run."""
+    L = (header_lines(args, command, started, wall) + inference_lines(inference) + cost_lines(costs)
+         + training_lines(args, training) + table9_lines(args, costs, inference, training)
+         + headline_lines(inference))
     return "\n".join(L) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked: a bad size is a command-line error (exit 2)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="resnet50", help="torchvision ResNet (resnet50; resnet18 for a quick run)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
@@ -379,6 +398,33 @@ def main(argv=None):
     if args.image_size < (32 if args.no_train else 64):
         p.error(f"--image-size={args.image_size} must be >= {32 if args.no_train else 64} (the ResNet reduces it "
                 f"32-fold; training InstanceNorm/GroupNorm needs more than one value per channel)")
+    return args
+
+
+def model_costs(arch: str, image_size: int) -> dict:
+    """{model: params of the trained and the inference model, FLOPs and normalized elements per
+    image}, and "same_graph": whether folded MABN and folded BN have the same graph."""
+    costs = {}
+    for n in INFERENCE_MODELS:
+        trained = build_model(n, arch).eval()
+        inf = inference_model(n, arch)
+        costs[n] = {"params": count_params(trained), "params_inf": count_params(inf),
+                     "flops": flops_per_image(inf, image_size),
+                     "norm_elems": normalized_elements_per_image(inf, image_size)}
+    costs["same_graph"] = (graph_signature(inference_model("BN (folded)", arch))
+                            == graph_signature(inference_model("MABN (folded)", arch)))
+    return costs
+
+
+def devices_of(args) -> list[str]:
+    """The devices to measure: --device, or with "all" the CPU and, when present, CUDA."""
+    if args.device == "all":
+        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [args.device]
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._train_worker:
@@ -390,24 +436,12 @@ def main(argv=None):
     started, t0 = datetime.datetime.now(), time.perf_counter()
     args.load_start = bench.load_average()
     command = "python scripts/bench_inference.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    if args.device == "all":
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    else:
-        devices = [args.device]
+    devices = devices_of(args)
     if any(d.startswith("cuda") for d in devices):
         torch.backends.cudnn.benchmark = True
 
     log("model cost (params, FLOPs) ...")
-    static = {}
-    for n in INFERENCE_MODELS:
-        trained = build_model(n, args.arch).eval()
-        inf = inference_model(n, args.arch)
-        static[n] = {"params": count_params(trained), "params_inf": count_params(inf),
-                     "flops": flops_per_image(inf, args.image_size),
-                     "norm_elems": normalized_elements_per_image(inf, args.image_size)}
-    static["same_graph"] = (graph_signature(inference_model("BN (folded)", args.arch))
-                            == graph_signature(inference_model("MABN (folded)", args.arch)))
-
+    costs = model_costs(args.arch, args.image_size)
     inference = {}
     for device in devices:
         for batch in args.batch_sizes:
@@ -420,7 +454,7 @@ def main(argv=None):
             log(f"training {device} ...")
             training[device] = bench_training(args, device, log)
 
-    report = render(args, static, inference, training, command, started, time.perf_counter() - t0)
+    report = render(args, costs, inference, training, command, started, time.perf_counter() - t0)
     print(report)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import statistics
 import sys
 
 import torch
+import torchvision
 from torch import nn
 
 import mabn
@@ -49,7 +50,6 @@ def network_shapes(arch: str, batch: int, image_size: int) -> dict[str, int]:
     """{"NxCxHxW": how many of the torchvision network's BatchNorm2d layers see that input shape}
     in a training step at ``batch`` images of ``image_size`` px, found by running the network
     (one image) with forward hooks on its BatchNorm2d layers."""
-    import torchvision
     model = getattr(torchvision.models, arch)()
     counts: dict[str, int] = {}
 
@@ -89,7 +89,7 @@ def bench_shape(shape: str, args, device) -> tuple[dict[str, float], dict[str, f
     return {k: statistics.median(ts) for k, ts in times.items()}, first
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (exit 2 when there is no GPU)")
     p.add_argument("--shapes", nargs="+", default=None, help=f"NxCxHxW shapes (default: {' '.join(SHAPES)})")
@@ -111,6 +111,14 @@ def main(argv=None):
     p.add_argument("--out", help="also write the markdown table to this file")
     bench.add_allocator_argument(p)
     bench.add_kernels_argument(p)
+    return p
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, torch.device, dict[str, int] | None, list[str]]:
+    """The command line, checked and applied (allocator, kernels, threads): the arguments, the
+    device, with --network {shape: layers} (else None) and the shapes to time. A bad value is a
+    command-line error (exit 2)."""
+    p = build_parser()
     args = p.parse_args(argv)
     bench.apply_allocator(p, args)
     bench.apply_kernels(args)
@@ -128,8 +136,13 @@ def main(argv=None):
     counts = network_shapes(args.network, args.batch, args.image_size) if args.network else None
     shapes = list(counts) if counts else (args.shapes or SHAPES)
     bench.require_shapes(p, shapes, args.norm_batch_size)
-    torch.manual_seed(0)
+    return args, device, counts, shapes
 
+
+def time_shapes(args, device, shapes: list[str], counts: dict[str, int] | None) -> dict:
+    """Times every shape, printing each table row when it is done: "header" and "rows" of the
+    table (with --network, the per-step total last), "names" (the layers, in column order) and
+    "compile_rows" (the first-call seconds, with --compile)."""
     header, rows, compile_rows = ["shape"] + (["layers"] if counts else []), [], []
     total: dict[str, float] = {}
     for shape in shapes:
@@ -151,9 +164,14 @@ def main(argv=None):
         rows.append([f"**per step** ({args.network}, batch {args.batch}, {args.image_size} px)",
                      str(sum(counts.values()))] + [f"**{1e3 * t:.1f}** ({t / base:.2f}x)" for t in total.values()])
         print(" | ".join(rows[-1]), flush=True)
+    return {"header": header, "rows": rows, "names": names, "compile_rows": compile_rows}
 
+
+def report_lines(args, argv, device, counts: dict[str, int] | None, table: dict) -> list[str]:
+    """The markdown report: what was timed, the command and the machine, then the tables."""
     cmd = "python scripts/bench_norm.py " + " ".join(argv if argv is not None else sys.argv[1:])
     kind = "compiled (torch.compile, each layer separately) " if args.compile else ""
+    header, names = table["header"], table["names"]
     lines = [
         f"Forward+backward of {kind}layers, median of {args.repeats} round-robin repeats, ratio to "
         f"{'compiled ' if args.compile else ''}nn.BatchNorm2d in parentheses.",
@@ -174,13 +192,20 @@ def main(argv=None):
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
-    ] + ["| " + " | ".join(r) + " |" for r in rows]
-    if compile_rows:
+    ] + ["| " + " | ".join(r) + " |" for r in table["rows"]]
+    if table["compile_rows"]:
         lines += ["", "Compilation: seconds of the first forward+backward of each compiled layer (not in "
                   "the medians above).", "",
                   "| shape | " + " | ".join(f"{k} s" for k in names) + " |",
-                  "|" + "---|" * (1 + len(names))] + ["| " + " | ".join(r) + " |" for r in compile_rows]
-    bench.write_report("\n".join(lines) + "\n", args.out)
+                  "|" + "---|" * (1 + len(names))] + ["| " + " | ".join(r) + " |" for r in table["compile_rows"]]
+    return lines
+
+
+def main(argv=None):
+    args, device, counts, shapes = parse_args(argv)
+    torch.manual_seed(0)
+    table = time_shapes(args, device, shapes, counts)
+    bench.write_report("\n".join(report_lines(args, argv, device, counts, table)) + "\n", args.out)
 
 
 if __name__ == "__main__":

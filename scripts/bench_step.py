@@ -20,9 +20,9 @@ median step time, its spread and the ratio MABN / BN within each layout and mode
 
 Run time on 2 CPU cores: a ResNet-50 step at batch 32 and 224 px takes roughly 40-90 s (about
 batch x image_size^2: 2-3 s at batch 8 and 64 px), and compiling takes ~2.5-3 min for the BN
-network and ~7.5-9 min for MABN (measured on 2 cores shared with other jobs; independent of the
-input size). So the defaults (8 configurations x (1 + 1 warm-up + 3 timed) steps, 4 compilations)
-take about 1-1.5 h; ``--image-size 64 --batch 8 --iters 2 --warmup 0`` took 23 min, nearly all
+network and ~7.5-9 min for MABN (on 2 cores shared with other jobs; independent of the input
+size). So the defaults (8 configurations x (1 + 1 warm-up + 3 timed) steps, 4 compilations)
+take about 1-1.5 h; ``--image-size 64 --batch 8 --iters 2 --warmup 0`` about 23 min, nearly all
 of it compiling. On a GPU (--device cuda) the whole run takes minutes.
 """
 
@@ -54,10 +54,11 @@ MODES = ("eager", "compiled")
 
 
 def norm_config(preset: str, norm_batch_size: int | None, weight_centralization: bool | None = None):
-    """The trainer's norm config of ``configs/norm/<preset>.yaml`` (MABN: with this group size;
-    weight_centralization overridden unless None)."""
+    """The trainer's norm config of ``configs/norm/<preset>.yaml``: a preset that normalizes in
+    groups (MABN) gets groups of ``norm_batch_size`` images, one over the whole batch (BN) keeps
+    it; weight_centralization is overridden unless None."""
     cfg = OmegaConf.merge(OmegaConf.structured(config.NormConfig), OmegaConf.load(NORM_PRESETS / f"{preset}.yaml"))
-    if cfg.layer == "mabn":
+    if cfg.norm_batch_size is not None:
         cfg.norm_batch_size = norm_batch_size
     if weight_centralization is not None:
         cfg.weight_centralization = weight_centralization
@@ -97,29 +98,34 @@ def paired(times, key, num, den) -> tuple[float, float, float]:
     return statistics.median(ratios), statistics.mean(ratios), se
 
 
-def render(args, command, first, times, breaks, started, wall, load_start, device) -> str:
+def header_lines(args, command, started, wall, load_start, device) -> list[str]:
+    """The report's title and the run's description: command, date, machine, load, step, timing."""
+    return [f"# {args.arch} training step: MABN against nn.BatchNorm2d\n",
+            f"- Command: `{command}`",
+            f"- Date: {started:%Y-%m-%d %H:%M} UTC; wall time {wall / 60:.1f} min",
+            f"- Machine: {bench.machine_description(device)}",
+            f"- Load average (1, 5, 15 min) at start: {load_start}; at end: {bench.load_average()} "
+            f"(other processes on the machine slow the steps down; see the spread column)",
+            f"- Step: batch {args.batch}, {args.image_size}x{args.image_size} px, float32, forward + "
+            f"cross-entropy + backward + SGD (momentum 0.9, weight decay 1e-4). BN = torchvision's "
+            f"nn.BatchNorm2d over the whole batch (configs/norm/torch_bn.yaml); MABN = configs/norm/mabn.yaml "
+            f"(MABN2d, groups of {args.norm_batch_size} images, weight-centralized convolutions)"
+            + ("; BN+WC = BN with weight-centralized convolutions." if args.bn_wc else "."),
+            f"- Timing: {args.warmup} warm-up + {args.iters} timed round-robin rounds (order reversed in every "
+            f"other round) after one untimed first step per configuration; median step time; spread = (max - min) / median over the "
+            f"timed steps. Paired = MABN's step over BN's step of the same round (the two run one after "
+            f"the other, so slow phases of the machine hit both): median over rounds, and the mean with "
+            f"its standard error (sample std / sqrt(rounds)). Compile = the first step of a compiled "
+            f"configuration (compilation included).",
+            ""]
+
+
+def step_table_lines(args, first, times) -> list[str]:
+    """The main table: per layout and mode, BN's and MABN's step, their ratios, spreads, compile times."""
     networks = networks_of(args)
-    L = [f"# {args.arch} training step: MABN against nn.BatchNorm2d\n",
-         f"- Command: `{command}`",
-         f"- Date: {started:%Y-%m-%d %H:%M} UTC; wall time {wall / 60:.1f} min",
-         f"- Machine: {bench.machine_description(device)}",
-         f"- Load average (1, 5, 15 min) at start: {load_start}; at end: {bench.load_average()} "
-         f"(other processes on the machine slow the steps down; see the spread column)",
-         f"- Step: batch {args.batch}, {args.image_size}x{args.image_size} px, float32, forward + "
-         f"cross-entropy + backward + SGD (momentum 0.9, weight decay 1e-4). BN = torchvision's "
-         f"nn.BatchNorm2d over the whole batch (configs/norm/torch_bn.yaml); MABN = configs/norm/mabn.yaml "
-         f"(MABN2d, groups of {args.norm_batch_size} images, weight-centralized convolutions)"
-         + ("; BN+WC = BN with weight-centralized convolutions." if args.bn_wc else "."),
-         f"- Timing: {args.warmup} warm-up + {args.iters} timed round-robin rounds (order reversed in every "
-         f"other round) after one untimed first step per configuration; median step time; spread = (max - min) / median over the "
-         f"timed steps. Paired = MABN's step over BN's step of the same round (the two run one after "
-         f"the other, so slow phases of the machine hit both): median over rounds, and the mean with "
-         f"its standard error (sample std / sqrt(rounds)). Compile = the first step of a compiled "
-         f"configuration (compilation included).",
-         ""]
-    L.append("| layout | mode | BN step (ms) | MABN step (ms) | MABN / BN | paired: median | paired: mean ± s.e. | "
-             "BN spread | MABN spread | BN compile (s) | MABN compile (s) |")
-    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    L = ["| layout | mode | BN step (ms) | MABN step (ms) | MABN / BN | paired: median | paired: mean ± s.e. | "
+         "BN spread | MABN spread | BN compile (s) | MABN compile (s) |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for layout in args.layouts:
         for mode in args.modes:
             key = lambda net: (layout, mode, net)  # noqa: E731
@@ -130,21 +136,34 @@ def render(args, command, first, times, breaks, started, wall, load_start, devic
                      f"{med['MABN'] / med['BN']:.3f} | {p_med:.3f} | "
                      f"{p_mean:.3f} ± {se:.3f} | {bench.spread(times[key('BN')]):.0f}% | "
                      f"{bench.spread(times[key('MABN')]):.0f}% | {comp['BN']} | {comp['MABN']} |")
-    if "BN+WC" in networks:
-        L += ["", "Split by BN+WC (BN with MABN's weight-centralized convolutions), paired by round "
-              "(median; mean ± s.e.): the convolutions' share BN+WC / BN and the normalization layers' "
-              "share MABN / BN+WC.", "",
-              "| layout | mode | BN+WC step (ms) | BN+WC / BN: median | mean ± s.e. | MABN / BN+WC: median | mean ± s.e. |",
-              "|---|---|---:|---:|---:|---:|---:|"]
-        for layout in args.layouts:
-            for mode in args.modes:
-                key = lambda net: (layout, mode, net)  # noqa: E731
-                wc, norm = paired(times, key, "BN+WC", "BN"), paired(times, key, "MABN", "BN+WC")
-                L.append(f"| {layout} | {mode} | {1e3 * statistics.median(times[key('BN+WC')]):.1f} | "
-                         f"{wc[0]:.3f} | {wc[1]:.3f} ± {wc[2]:.3f} | {norm[0]:.3f} | {norm[1]:.3f} ± {norm[2]:.3f} |")
+    return L
+
+
+def split_table_lines(args, times) -> list[str]:
+    """With --bn-wc: MABN's step split into the convolutions' share (BN+WC / BN) and the
+    normalization layers' (MABN / BN+WC); without it, nothing."""
+    if "BN+WC" not in networks_of(args):
+        return []
+    L = ["", "Split by BN+WC (BN with MABN's weight-centralized convolutions), paired by round "
+         "(median; mean ± s.e.): the convolutions' share BN+WC / BN and the normalization layers' "
+         "share MABN / BN+WC.", "",
+         "| layout | mode | BN+WC step (ms) | BN+WC / BN: median | mean ± s.e. | MABN / BN+WC: median | mean ± s.e. |",
+         "|---|---|---:|---:|---:|---:|---:|"]
+    for layout in args.layouts:
+        for mode in args.modes:
+            key = lambda net: (layout, mode, net)  # noqa: E731
+            wc, norm = paired(times, key, "BN+WC", "BN"), paired(times, key, "MABN", "BN+WC")
+            L.append(f"| {layout} | {mode} | {1e3 * statistics.median(times[key('BN+WC')]):.1f} | "
+                     f"{wc[0]:.3f} | {wc[1]:.3f} ± {wc[2]:.3f} | {norm[0]:.3f} | {norm[1]:.3f} ± {norm[2]:.3f} |")
+    return L
+
+
+def rounds_lines(args, times, breaks) -> list[str]:
+    """Every timed step, round by round; with compiled modes, the graph breaks met."""
+    networks = networks_of(args)
     keys = [(layout, mode, net) for layout in args.layouts for mode in args.modes for net in networks]
-    L += ["", "Every timed step (ms), round by round:", "",
-          "| round | " + " | ".join(" ".join(k) for k in keys) + " |", "|---:|" + "---:|" * len(keys)]
+    L = ["", "Every timed step (ms), round by round:", "",
+         "| round | " + " | ".join(" ".join(k) for k in keys) + " |", "|---:|" + "---:|" * len(keys)]
     for r in range(len(times[keys[0]])):
         L.append(f"| {r + 1} | " + " | ".join(f"{1e3 * times[k][r]:.1f}" for k in keys) + " |")
     if "compiled" in args.modes:
@@ -152,6 +171,13 @@ def render(args, command, first, times, breaks, started, wall, load_start, devic
               + ", ".join(f"{layout} {net}: {breaks[(layout, net)]}" for layout in args.layouts for net in networks)]
         if bad := compiling.miscompiled_reason("mabn"):
             L += ["", f"Note: the compiled MABN figures are timings only: {bad}."]
+    return L
+
+
+def render(args, command, first, times, breaks, started, wall, load_start, device) -> str:
+    """The markdown report of one run."""
+    L = (header_lines(args, command, started, wall, load_start, device) + step_table_lines(args, first, times)
+         + split_table_lines(args, times) + rounds_lines(args, times, breaks))
     return "\n".join(L) + "\n"
 
 
@@ -160,7 +186,7 @@ def networks_of(args) -> list[str]:
     return ["BN", "MABN"] + (["BN+WC"] if args.bn_wc else [])
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="See the module docstring for the method and the expected run time.")
     p.add_argument("--device", default="cpu", help="cpu or cuda (exit 2 when there is no GPU)")
@@ -180,6 +206,13 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
     bench.add_allocator_argument(p)
     bench.add_kernels_argument(p)
+    return p
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, torch.device]:
+    """The command line, checked and applied (allocator, kernels, threads): the arguments and the
+    device. A bad value is a command-line error (exit 2)."""
+    p = build_parser()
     args = p.parse_args(argv)
     bench.apply_allocator(p, args)
     bench.apply_kernels(args)
@@ -198,12 +231,13 @@ def main(argv=None):
         p.error(f"--modes compiled: torch.compile cannot run on this machine: {reason}; use --modes eager")
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args, device
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
 
-    started, t_start, load_start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter(), bench.load_average()
-    command = "python scripts/bench_step.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+def first_steps(args, device, log) -> tuple[dict, dict, dict]:
+    """Builds every (layout, mode, network) and runs its first, untimed step: ({key: step
+    callable}, {key: seconds of the first step (compiled: the compilation)}, {(layout, network):
+    graph breaks of the compiled network})."""
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g)
     y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
@@ -223,6 +257,26 @@ def main(argv=None):
                 if mode == "compiled":
                     breaks[(layout, net)] = graph_breaks() - before
                 log(f"  {first[key]:.1f} s")
+    return steps, first, breaks
+
+
+def write_atomically(text: str, path: str) -> None:
+    """Write ``path`` through a temporary file renamed over it (no half-written report)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = path + ".tmp"
+    Path(tmp).write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args, device = parse_args(argv)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    started, t_start, load_start = datetime.datetime.now(datetime.timezone.utc), time.perf_counter(), bench.load_average()
+    command = "python scripts/bench_step.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    steps, first, breaks = first_steps(args, device, log)
 
     def progress(r, last):
         log(f"round {r}/{args.iters}: " + ", ".join(f"{' '.join(k)} {1e3 * t:.0f} ms" for k, t in last.items()))
@@ -231,10 +285,7 @@ def main(argv=None):
     report = render(args, command, first, times, breaks, started, time.perf_counter() - t_start, load_start, device)
     print(report)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out + ".tmp"
-        Path(tmp).write_text(report)
-        os.replace(tmp, args.out)
+        write_atomically(report, args.out)
         log(f"wrote {args.out}")
 
 

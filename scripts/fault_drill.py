@@ -1,7 +1,8 @@
-"""Fault drill of the trainer (issue 11): every failure case on short synthetic CPU runs, one line
-per case, PASS or FAIL; exit status 1 if any case fails.
+"""Fault drill of the trainer: every failure case on short synthetic CPU runs, one line per case,
+PASS or FAIL; exit status 1 if any case fails.
 
-    python scripts/fault_drill.py                 # every case (a few minutes on 2 cores)
+    python scripts/fault_drill.py                 # every case (several minutes on 2 busy cores)
+    python scripts/fault_drill.py --quick         # the cheap cases (QUICK; .ci/run runs these)
     python scripts/fault_drill.py 1 7 12          # only these cases
     python scripts/fault_drill.py --keep /tmp/d   # keep the run folders there
 
@@ -13,7 +14,6 @@ checkpoints, and that a refused run wrote nothing.
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import io
 import json
@@ -25,6 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import torch
+from PIL import Image
+
+from mabn.engine import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -47,13 +52,20 @@ def check(ok: bool, what: str) -> None:
         raise Failed(what)
 
 
-def train(out, *args, iterations=6, ckpt_every=100):
-    return cmd(["train_imagenet.py", *BASE, f"out_dir={out}", f"schedule.iterations={iterations}",
-                f"schedule.ckpt_every={ckpt_every}", *args])
+def overrides(*args) -> list[str]:
+    """BASE with ``args`` applied: a key (or group) given in ``args`` replaces BASE's."""
+    keys = {a.split("=", 1)[0] for a in args}
+    return [a for a in BASE if a.split("=", 1)[0] not in keys] + list(args)
 
 
-def cmd(args):
-    return subprocess.run([PY, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+def train(out, *args, iterations=6, ckpt_every=100, runner=("train_imagenet.py",), env=None):
+    return cmd([*runner, *overrides(f"out_dir={out}", f"schedule.iterations={iterations}",
+                                    f"schedule.ckpt_every={ckpt_every}", *args)], env)
+
+
+def cmd(args, env=None):
+    return subprocess.run([PY, *args], cwd=REPO, env=dict(ENV, **(env or {})), capture_output=True, text=True,
+                          timeout=TIMEOUT)
 
 
 def metrics(out) -> dict:
@@ -62,8 +74,28 @@ def metrics(out) -> dict:
 
 
 def ckpts(out) -> list[str]:
-    from mabn.engine import checkpoint
     return [os.path.basename(f) for f in checkpoint.list_checkpoints(os.path.join(out, "checkpoints"))]
+
+
+#: A line of torch's own C++ logging (e.g. its extension builder's warnings): not the trainer's.
+_TORCH_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
+
+
+def ours(r) -> str:
+    """What the command wrote on stderr, without torch's own log lines."""
+    return "\n".join(ln for ln in r.stderr.strip().splitlines() if not _TORCH_LOG.match(ln))
+
+
+def one_line(r) -> str:
+    """The one line a failed command wrote on stderr (Failed if it wrote more, or a traceback)."""
+    err = ours(r)
+    check(err.count("\n") == 0 and "Traceback" not in err, f"not one line on stderr: {err[-300:]}")
+    return err
+
+
+def temporaries(folder) -> list[str]:
+    """Every ``*.tmp.*`` file under ``folder``."""
+    return [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if ".tmp." in f]
 
 
 def snapshot(folder, exclude=(".lock",)) -> dict:
@@ -77,11 +109,10 @@ def snapshot(folder, exclude=(".lock",)) -> dict:
     return out
 
 
-def refused(r, key, out=None, before=None) -> None:
-    """Exit 2, one line naming ``key``, no traceback; out_dir absent or unchanged."""
-    check(r.returncode == 2, f"exit {r.returncode}, wanted 2: {r.stderr.strip()[-300:]}")
-    check(key in r.stderr and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0,
-          f"not one line naming {key!r}: {r.stderr.strip()[-300:]}")
+def refused(r, key, out=None, before=None, status=2) -> None:
+    """Exit ``status`` (2), one line naming ``key``, no traceback; out_dir absent or unchanged."""
+    check(r.returncode == status, f"exit {r.returncode}, wanted {status}: {r.stderr.strip()[-300:]}")
+    check(key in one_line(r), f"not one line naming {key!r}: {r.stderr.strip()[-300:]}")
     if out is not None:
         check(os.path.exists(out) == (before is not None), f"{out} was created")
         if before is not None:
@@ -184,7 +215,6 @@ def case_6(d):
 
 
 def _image_folder(root, train_classes, val_classes, per_class=4):
-    from PIL import Image
     for split, classes, n in (("train", train_classes, per_class), ("val", val_classes, 2)):
         for c in classes:
             os.makedirs(os.path.join(root, split, c.rstrip("/")), exist_ok=True)
@@ -209,7 +239,6 @@ def case_7(d):
         (["model.num_classes=2"], "model.num_classes=2"),
         (["stats.enabled=true", "stats.layers=[layer9.bn]"], "stats.layers"),
     ]
-    import torch
     if not torch.cuda.is_available():
         cases.append((["device=cuda"], "device=cuda"))
     for i, (args, key) in enumerate(cases):
@@ -222,45 +251,60 @@ def case_7(d):
 
 
 def case_8(d):
-    """a second run on an out_dir in use stops at once, naming the holder's pid"""
+    """a second run on an out_dir in use stops at once in its own words, naming the holder's pid,
+    exit 3 (not 2: the config is fine), nothing written"""
     out = os.path.join(d, "locked")
     first = subprocess.Popen([PY, "train_imagenet.py", *BASE, f"out_dir={out}", "schedule.iterations=100000"],
                              cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(os.path.join(out, "metrics.json"), first)
         r = train(out, "resume=auto", iterations=100000)
-        refused(r, f"pid {first.pid} on ")
+        refused(r, f"is in use by another run (pid {first.pid} on ", status=3)
+        check(ours(r).startswith("error: out_dir=") and "invalid configuration" not in r.stderr, r.stderr.strip())
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=TIMEOUT)
 
 
-_FULL_DISK = """
-import errno, os, runpy, sys
-from mabn.engine import checkpoint
-real = checkpoint._write_bytes
-def write(path, data):
-    if "ckpt_0000004" in path:
-        with open(path, "wb") as f:
-            f.write(data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-    real(path, data)
-checkpoint._write_bytes = write
+#: Runs train_imagenet.py on a simulated full disk. DISK_FAULT=enospc:<part of a path>: writing any
+#: file whose path holds it fails with ENOSPC after half its bytes (mabn.engine.files.write_bytes,
+#: which every atomic write of the trainer goes through); DISK_FAULT=full: once out_dir is locked,
+#: every write of a regular file fails (RLIMIT_FSIZE 0: EFBIG), log.txt included.
+_FAULTY_DISK = """
+import errno, os, resource, runpy, signal, sys
+from mabn.engine import files, run
+mode = os.environ["DISK_FAULT"]
+if mode.startswith("enospc:"):
+    part, real = mode.split(":", 1)[1], files.write_bytes
+    def write(path, data):
+        if part in path:
+            with open(path, "wb") as f:
+                f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, data)
+    files.write_bytes = write
+else:
+    lock = run.lock_out_dir
+    def lock_then_fill(out_dir):
+        f = lock(out_dir)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        return f
+    run.lock_out_dir = lock_then_fill
 sys.argv = ["train_imagenet.py"] + sys.argv[1:]
 runpy.run_path("train_imagenet.py", run_name="__main__")
 """
+FAULTY_DISK = ("-c", _FAULTY_DISK)
 
 
 def case_9(d):
     """disk full while writing checkpoint 4 (simulated ENOSPC): previous checkpoint untouched, no
     temporary left, status failed with the error; stale temporaries are removed at the next start"""
     out = os.path.join(d, "full")
-    r = cmd(["-c", _FULL_DISK, *BASE, f"out_dir={out}", "schedule.iterations=6", "schedule.ckpt_every=2"])
-    check(r.returncode == 1 and "No space left on device" in r.stderr and "Traceback" not in r.stderr,
-          f"exit {r.returncode}: {r.stderr.strip()[-300:]}")
+    r = train(out, iterations=6, ckpt_every=2, runner=FAULTY_DISK, env={"DISK_FAULT": "enospc:ckpt_0000004"})
+    check(r.returncode == 1 and "No space left on device" in one_line(r), f"exit {r.returncode}: {r.stderr.strip()[-300:]}")
     files = sorted(os.listdir(os.path.join(out, "checkpoints")))
     check(files == ["ckpt_0000002.pt", "ckpt_0000002.pt.sha256"], f"checkpoints: {files}")
-    from mabn.engine import checkpoint
     check(checkpoint.load(os.path.join(out, "checkpoints", files[0]))["iteration"] == 2, "previous checkpoint damaged")
     m = metrics(out)
     check(m["status"] == "failed" and m["iteration"] == 4 and "No space left" in m.get("error", ""), str(m))
@@ -288,7 +332,6 @@ def case_10(d):
     proc.communicate(timeout=TIMEOUT)
     m = metrics(tr)
     check(m["status"] == "interrupted" and ckpts(tr) == [f"ckpt_{m['iteration']:07d}.pt"], str(m))
-    from mabn.engine import checkpoint
     check(len(checkpoint.load(os.path.join(tr, "checkpoints", ckpts(tr)[0]))["ranks"]) == 2, "not both ranks")
 
 
@@ -305,7 +348,6 @@ def case_11(d):
 
 def case_12(d):
     """a checkpoint whose pickle runs code (os.system) is refused by eval.py and resume=, and runs nothing"""
-    import torch
     marker = os.path.join(d, "payload_ran")
 
     class Payload:
@@ -336,21 +378,81 @@ def case_finished(d):
     check(snapshot(out, exclude=()) == before, "the record changed")
 
 
+def case_13(d):
+    """resume=auto into a run of another experiment (seed, normalization; finished or mid-run) is
+    refused, one line naming the keys, nothing written; keys free to differ (data.workers,
+    schedule.log_every, stop_after) may; a multirun over seeds into one out_dir trains one seed
+    and stops at the second (exit 2) instead of reporting it done"""
+    done, part = os.path.join(d, "done"), os.path.join(d, "part")
+    train(done, iterations=4)
+    train(part, "stop_after=2", iterations=4)
+    for out in (done, part):
+        before = snapshot(out)
+        refused(train(out, "resume=auto", "seed=1", iterations=4), "seed=1 (the checkpoint's: 0)", out, before)
+        refused(train(out, "resume=auto", "norm=bn_small", iterations=4), "norm.form='vanilla'", out, before)
+    r = train(part, "resume=auto", "data.workers=2", "schedule.log_every=3", "stop_after=3", iterations=4)
+    check(r.returncode == 0 and metrics(part)["iteration"] == 3, f"free keys refused: {r.stderr.strip()[-300:]}")
+    multi = os.path.join(d, "multi")
+    r = cmd(["train_imagenet.py", "-m", *overrides(f"out_dir={multi}", "schedule.iterations=2", "resume=auto",
+                                                  "seed=0,1", f"hydra.sweep.dir={os.path.join(d, 'sweep')}")])
+    check(r.returncode == 2 and "seed=1 (the checkpoint's: 0)" in r.stderr, f"multirun: exit {r.returncode}: "
+                                                                             f"{r.stderr.strip()[-300:]}")
+    check(metrics(multi)["status"] == "finished" and "seed: 0" in open(os.path.join(multi, "config.yaml")).read(),
+          "the multirun's record is not seed 0's")
+
+
+def case_14(d):
+    """eval.py with a checkpoint that does not fit the model (model=resnet20 on a resnet8
+    checkpoint): exit 2, one line naming model.arch (training's message), no state_dict traceback"""
+    out = os.path.join(d, "r8")
+    train(out, "model=resnet8", iterations=1)
+    r = cmd(["eval.py", f"ckpt={out}", "model=resnet20", "device=cpu"])
+    refused(r, "model.arch='resnet20' (the checkpoint's: 'resnet8')")
+    check("does not fit this config" in r.stderr, r.stderr.strip())
+    r = train(out, "model=resnet20", "resume=auto", iterations=2)
+    refused(r, "model.arch='resnet20' (the checkpoint's: 'resnet8')")
+
+
+def case_15(d):
+    """a full disk after out_dir is locked, before the first checkpoint: ENOSPC writing env.json
+    ends in one line, exit 1, metrics.json failed with the error, no env.json.tmp.* left; a disk
+    that takes no byte (log.txt, config.yaml, metrics.json all fail) ends the same, with no
+    temporary and no metrics.json"""
+    out = os.path.join(d, "env")
+    r = train(out, runner=FAULTY_DISK, env={"DISK_FAULT": "enospc:env.json"})
+    check(r.returncode == 1 and "No space left on device" in one_line(r) and "env.json" in r.stderr,
+          f"exit {r.returncode}: {r.stderr.strip()[-300:]}")
+    m = metrics(out)
+    check(m["status"] == "failed" and "No space left on device" in m.get("error", ""), str(m))
+    check(not temporaries(out) and not os.path.exists(os.path.join(out, "env.json")), f"left: {temporaries(out)}")
+    out = os.path.join(d, "nothing")
+    r = train(out, runner=FAULTY_DISK, env={"DISK_FAULT": "full"})
+    check(r.returncode == 1 and "File too large" in one_line(r), f"exit {r.returncode}: {r.stderr.strip()[-300:]}")
+    check(not temporaries(out) and not os.path.exists(os.path.join(out, "metrics.json")),
+          f"left: {sorted(os.listdir(out))}")
+
+
 CASES = {"1": case_1, "2": case_2, "3": case_3, "4": case_4, "5": case_5, "6": case_6, "7": case_7,
-         "8": case_8, "9": case_9, "10": case_10, "11": case_11, "12": case_12, "finished": case_finished}
+         "8": case_8, "9": case_9, "10": case_10, "11": case_11, "12": case_12, "finished": case_finished,
+         "13": case_13, "14": case_14, "15": case_15}
+#: The cheap cases (--quick; .ci/run): a few short runs each, no torchrun, no long waits.
+QUICK = ("2", "6", "8", "9", "11", "12", "14", "15")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cases", nargs="*", help=f"cases to run, of {list(CASES)} (default: all)")
+    p.add_argument("--quick", action="store_true", help=f"only the cheap cases {list(QUICK)}")
     p.add_argument("--keep", help="folder for the runs (kept); default: a temporary folder, removed")
     args = p.parse_args()
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
         p.error(f"unknown cases {unknown}; the cases are {list(CASES)}")
+    if args.quick and args.cases:
+        p.error("give cases or --quick, not both")
     root = args.keep or tempfile.mkdtemp(prefix="fault_drill_")
     failed = 0
-    for name in args.cases or CASES:
+    for name in args.cases or (QUICK if args.quick else CASES):
         d = os.path.join(root, f"case_{name}")
         os.makedirs(d, exist_ok=True)
         t0 = time.time()

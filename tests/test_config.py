@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 import mabn
@@ -122,7 +123,7 @@ def test_ablation_by_override():
     (["data=imagefolder"], "data.root is required for data.name=imagefolder"),
     (["data=imagefolder", "data.root=/nonexistent/x"], "data.root=/nonexistent/x: data.train_dir folder"),
     (["schedule.milestones=[10,5]"], "schedule.milestones=[10, 5] must be increasing"),
-    (["norm=torch_bn", "norm.norm_batch_size=2"], "norm.norm_batch_size=2 needs norm.layer=mabn"),
+    (["norm=torch_bn", "norm.norm_batch_size=2"], "norm.norm_batch_size=2 needs norm.layer=batchstat"),
     (["norm.bogus=1"], "bogus"),
     (["data.batch_size=abc"], "data.batch_size"),
 ])
@@ -140,3 +141,48 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path):
     assert not out.exists()
     r = run_script([PYTHON, "train_imagenet.py", "norm=nosuchpreset", f"out_dir={out}"])
     assert r.returncode != 0 and "nosuchpreset" in r.stderr and not out.exists()
+
+
+def test_syncbn_needs_a_cuda_device_checked_once_where_the_run_starts(tmp_path):
+    """The SyncBN rule is a machine check (config.check_machine), the only place it is made: a
+    config with norm=syncbn composes and validates anywhere (dry runs), the run is refused."""
+    from _train_utils import tiny, train_in_process
+    cfg = load_cfg(["norm=syncbn", "device=cpu"])
+    with pytest.raises(config.ConfigError, match="norm.layer=syncbn needs device=cuda"):
+        config.check_machine(cfg)
+    if not torch.cuda.is_available():
+        with pytest.raises(config.ConfigError, match="norm.layer=syncbn needs device=cuda"):
+            train_in_process(tiny(tmp_path / "run", norm="syncbn", **{"norm.norm_batch_size": "null"}))
+        assert not (tmp_path / "run").exists()
+
+
+def test_the_family_layer_is_named_batchstat_and_the_old_name_still_loads():
+    cfg = load_cfg(["norm=bn"])
+    assert cfg.norm.layer == "batchstat" and config.norm_options(cfg.norm)["layer"] == "mabn"
+    assert load_cfg(["norm.layer=mabn"]).norm.layer == "batchstat"
+    saved = config.upgrade_saved_config({"norm": {"layer": "mabn", "momentum": 0.9}})
+    assert saved.norm.layer == "batchstat" and saved.norm.alpha == 0.9 and "momentum" not in saved.norm
+
+
+def test_config_and_models_import_no_circle():
+    """mabn.engine.config reads the architectures and layers from mabn.engine.registry and never
+    imports the model builders (which import config); no engine module imports inside a function
+    to dodge a circle."""
+    code = ("import sys, mabn.engine.config; "
+            "assert 'mabn.engine.models' not in sys.modules, 'config imports models'")
+    r = run_script([PYTHON, "-c", code])
+    assert r.returncode == 0, r.stderr[-3000:]
+    import ast
+    engine = os.path.join(os.path.dirname(config.__file__))
+    for name in ("config.py", "models.py", "registry.py", "trainer.py", "run.py", "checkpoint.py", "files.py"):
+        tree = ast.parse(open(os.path.join(engine, name)).read())
+        local = [n.lineno for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)
+                 if (isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("mabn")))
+                 or (isinstance(n, ast.Import) and any(a.name.startswith("mabn") for a in n.names))]
+        assert not local, f"{name}: imports inside functions at lines {local}"
+
+
+def test_resume_free_keys_are_real_keys_with_reasons():
+    keys = {k for k, _ in config._flat(OmegaConf.to_container(OmegaConf.structured(config.Config)))}
+    for key, reason in config.RESUME_FREE_KEYS:
+        assert reason and (key in keys or (key.endswith(".") and any(k.startswith(key) for k in keys))), key

@@ -114,3 +114,29 @@ def test_eval_command_line_errors(tmp_path):
     assert r.returncode == 2 and "eval.py takes group=option and key=value overrides" in r.stderr
     r = run_script([PYTHON, "eval.py", f"ckpt={tmp_path}", "form=fused"])
     assert r.returncode == 2 and "no usable checkpoint" in r.stderr
+
+
+def test_eval_refuses_a_checkpoint_of_another_model_in_one_line(tmp_path):
+    """model=resnet20 on a resnet8 checkpoint: exit 2 and the one line training gives for the same
+    mismatch (naming model.arch), not a state_dict traceback."""
+    out = tmp_path / "r8"
+    train_in_process(tiny(out, iterations=1, model="resnet8"))
+    r = run_script([PYTHON, "eval.py", f"ckpt={out}", "model=resnet20", "device=cpu"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ckpt: the checkpoint ") and "does not fit this config" in line
+    assert "model.arch='resnet20' (the checkpoint's: 'resnet8')" in line
+    t = run_script([PYTHON, "train_imagenet.py", *tiny(out, iterations=2, model="resnet20", resume="auto")])
+    assert t.returncode == 2 and "model.arch='resnet20' (the checkpoint's: 'resnet8')" in t.stderr, t.stderr[-3000:]
+    # A state dict that does not fit (the same config, other weights) says so in one line too.
+    import torch
+    from mabn.engine import checkpoint
+    path = checkpoint.list_checkpoints(str(out / "checkpoints"))[0]
+    state = checkpoint.load(path)
+    state["model"].pop("fc.weight")
+    bad = tmp_path / "bad" / "ckpt_0000001.pt"
+    bad.parent.mkdir()
+    torch.save(state, bad)
+    r = run_script([PYTHON, "eval.py", f"ckpt={bad}", "device=cpu"])
+    assert r.returncode == 2 and "does not fit the model of this config" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr

@@ -1,5 +1,5 @@
-"""Failure behaviour of the trainer (issue 11, "Fault drills"): no run loses work, lies about its
-state, or runs code it was handed. One test (or more) per item of the issue."""
+"""Failure behaviour of the trainer: no run loses work, lies about its state, or runs code it was
+handed. One test (or more) per case of scripts/fault_drill.py, numbered as there."""
 
 import errno
 import hashlib
@@ -7,7 +7,9 @@ import io
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ import time
 import pytest
 import torch
 
-from mabn.engine import checkpoint, run, trainer
+from mabn.engine import checkpoint, files, run, trainer
 from mabn.engine.config import ConfigError
 
 from _train_utils import (PYTHON, REPO, load_cfg, make_image_folder, metrics, read_log, run_script, snapshot,
@@ -244,7 +246,7 @@ def test_eval_on_cuda_without_gpu_is_one_line(tmp_path):
     assert r.returncode == 2 and "device=cuda" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
 
 
-# 8. Two runs, one out_dir: the second stops at once naming the holder.
+# 8. Two runs, one out_dir: the second stops at once in its own words (exit 3), naming the holder.
 
 def test_second_run_on_a_locked_out_dir_is_refused(tmp_path):
     out = tmp_path / "locked"
@@ -253,8 +255,14 @@ def test_second_run_on_a_locked_out_dir_is_refused(tmp_path):
                               cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ConfigError, match=f"in use by another run \\(pid {holder.pid} on "):
+        with pytest.raises(run.OutDirInUse, match=f"in use by another run \\(pid {holder.pid} on "):
             train_in_process(tiny(out, iterations=2))
+        assert not (out / "metrics.json").exists() and not (out / "config.yaml").exists()
+        # Its own words and exit status: not "invalid configuration", not 2.
+        r = run_script([PYTHON, "train_imagenet.py", *tiny(out, iterations=2)])
+        assert r.returncode == 3, r.stderr[-3000:]
+        assert r.stderr.strip() == (f"error: out_dir={out} is in use by another run (pid {holder.pid} on "
+                                    f"{socket.gethostname()}); wait for it to end or choose another out_dir")
         assert not (out / "metrics.json").exists() and not (out / "config.yaml").exists()
     finally:
         holder.kill()
@@ -267,7 +275,7 @@ def test_second_run_on_a_locked_out_dir_is_refused(tmp_path):
 def test_full_disk_during_a_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "full"
     writes = []
-    real = checkpoint._write_bytes
+    real = files.write_bytes
 
     def write(path, data):
         writes.append(path)
@@ -277,7 +285,7 @@ def test_full_disk_during_a_checkpoint(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         real(path, data)
 
-    monkeypatch.setattr(checkpoint, "_write_bytes", write)
+    monkeypatch.setattr(files, "write_bytes", write)
     first = {}
 
     def remember_first(*a, **k):  # the files of the first checkpoint, as written
@@ -368,7 +376,7 @@ def test_rng_states_round_trip_as_data(tmp_path):
     assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
 
 
-# The lead's addition: resume=auto on a finished record whose checkpoints did not survive.
+# "finished": resume=auto on a finished record whose checkpoints did not survive.
 
 def test_resume_auto_on_a_finished_record_without_checkpoints_does_nothing(tmp_path, caplog):
     out = tmp_path / "done"
@@ -390,3 +398,162 @@ def test_resume_auto_on_a_finished_record_without_checkpoints_does_nothing(tmp_p
     with pytest.raises(ConfigError, match="no usable checkpoint"):
         train_in_process(tiny(out, iterations=2, resume="auto"))
     assert snapshot(out, exclude={".lock"}) == {k: v for k, v in before.items() if k != ".lock"}
+
+
+# 13. A resume is the run it claims to be: another experiment in the same out_dir is refused.
+
+def _source_runs(base):
+    """One finished and one interrupted (stop_after=2) 4-iteration run, made once per session."""
+    done, part = base / "done", base / "part"
+    if not (done / "checkpoints").exists():
+        train_in_process(tiny(done, iterations=4))
+        train_in_process(tiny(part, iterations=4, stop_after=2))
+    return {"finished": done, "mid-run": part}
+
+
+@pytest.mark.parametrize("which", ["finished", "mid-run"])
+@pytest.mark.parametrize("change, shown", [
+    ({"seed": 1}, "seed=1 (the checkpoint's: 0)"),
+    ({"norm": "bn_small"}, "norm.form='vanilla' (the checkpoint's: 'modified')"),
+    ({"optim.lr": 0.05}, "optim.lr=0.05 (the checkpoint's: 0.02)"),
+    ({"data.decoder": "pil"}, "data.decoder='pil' (the checkpoint's: 'tensor')"),
+])
+def test_resume_into_another_experiment_is_refused(tmp_path_factory, which, change, shown):
+    out = _source_runs(tmp_path_factory.getbasetemp() / "sources")[which]
+    before = snapshot(out, exclude={".lock"})
+    with pytest.raises(ConfigError, match=r"does not fit this config: .*" + re.escape(shown)):
+        train_in_process(tiny(out, iterations=4, resume="auto", **change))
+    assert snapshot(out, exclude={".lock"}) == before
+
+
+def test_resume_refusal_is_one_line_listing_every_key(tmp_path_factory):
+    out = _source_runs(tmp_path_factory.getbasetemp() / "sources")["mid-run"]
+    r = run_script([PYTHON, "train_imagenet.py", *tiny(out, iterations=4, resume="auto", seed=3,
+                                                       **{"norm.alpha": 0.5})])
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert r.stderr.count("Traceback") == 0 and line.startswith("invalid configuration: resume: the checkpoint ")
+    assert "norm.alpha=0.5 (the checkpoint's: 0.98)" in line and "seed=3 (the checkpoint's: 0)" in line
+
+
+def test_finished_record_without_checkpoints_of_another_experiment_is_refused(tmp_path):
+    out = tmp_path / "done"
+    train_in_process(tiny(out, iterations=2))
+    for f in os.listdir(out / "checkpoints"):
+        os.remove(out / "checkpoints" / f)
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match=re.escape("seed=1 (the checkpoint's: 0)")):
+        train_in_process(tiny(out, iterations=2, resume="auto", seed=1))
+    assert snapshot(out) == before
+
+
+def test_keys_free_to_differ_change_nothing(tmp_path):
+    """A resume that changes only keys of RESUME_FREE_KEYS (cadences, workers, the eval batch,
+    statistics recording, the name, ...) ends with the uninterrupted run's weights and buffers,
+    bit for bit: those keys are free because they cannot change the result."""
+    from mabn.engine.config import RESUME_FREE_KEYS
+    a, b = tmp_path / "straight", tmp_path / "split"
+    train_in_process(tiny(a, iterations=6))
+    train_in_process(tiny(b, iterations=6, stop_after=3))
+    free = {"data.workers": 1, "schedule.log_every": 2, "schedule.eval_every": 2, "schedule.ckpt_every": 1,
+            "keep_checkpoints": 1, "data.eval_batch_size": 5, "name": "renamed", "stats.enabled": "true",
+            "debug.fail_at": 9, "data.pin_memory": "false"}
+    assert all(any(k == f or (f.endswith(".") and k.startswith(f)) for f, _ in RESUME_FREE_KEYS) for k in free)
+    assert train_in_process(tiny(b, iterations=6, resume="auto", **free))["status"] == "finished"
+    sa, sb = (checkpoint.load(checkpoint.list_checkpoints(str(o / "checkpoints"))[0]) for o in (a, b))
+    assert sa["iteration"] == sb["iteration"] == 6
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+    for k, v in sa["ranks"][0]["buffers"].items():
+        assert torch.equal(v, sb["ranks"][0]["buffers"][k]), k
+
+
+def test_schedule_may_grow_only_where_the_lr_of_the_done_iterations_stays(tmp_path):
+    step, cosine = tmp_path / "step", tmp_path / "cosine"
+    train_in_process(tiny(step, iterations=2))
+    assert train_in_process(tiny(step, iterations=3, resume="auto"))["iteration"] == 3
+    train_in_process(tiny(cosine, iterations=2, **{"schedule.policy": "cosine"}))
+    with pytest.raises(ConfigError, match=r"schedule\.iterations=3 \(the checkpoint's: 2\): with schedule\.policy=cosine"):
+        train_in_process(tiny(cosine, iterations=3, resume="auto", **{"schedule.policy": "cosine"}))
+
+
+def test_multirun_over_seeds_into_one_out_dir_stops_at_the_second(tmp_path):
+    """-m seed=0,1 out_dir=X resume=auto: seed 0 trains, seed 1 is refused (exit 2) instead of
+    being reported as done."""
+    out = tmp_path / "multi"
+    r = run_script([PYTHON, "train_imagenet.py", "-m", *tiny(out, iterations=2, resume="auto", seed="0,1"),
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert r.returncode == 2 and "seed=1 (the checkpoint's: 0)" in r.stderr, r.stderr[-3000:]
+    assert "already finished" not in r.stdout
+    assert metrics(out)["status"] == "finished" and "seed: 0\n" in (out / "config.yaml").read_text()
+
+
+# 15. A full disk once out_dir is locked, before the first checkpoint: status failed, no temporaries.
+
+def _enospc_for(part, monkeypatch):
+    real = files.write_bytes
+
+    def write(path, data):
+        if part in path:
+            with open(path, "wb") as f:
+                f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, data)
+
+    monkeypatch.setattr(files, "write_bytes", write)
+
+
+def _temporaries(folder):
+    return [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if ".tmp." in f]
+
+
+@pytest.mark.parametrize("part", ["env.json", "config.yaml", "metrics.json"])
+def test_full_disk_before_the_first_checkpoint_is_recorded(tmp_path, monkeypatch, part):
+    out = tmp_path / "run"
+    _enospc_for(part, monkeypatch)
+    with pytest.raises(OSError, match=f"No space left on device \\(writing .*{re.escape(part)}\\)"):
+        train_in_process(tiny(out, iterations=2))
+    assert not _temporaries(out), _temporaries(out)
+    if part != "metrics.json":  # the disk still takes metrics.json: the failure is recorded
+        m = metrics(out)
+        assert m["status"] == "failed" and m["iteration"] == 0 and part in m["error"], m
+    else:
+        assert not (out / "metrics.json").exists()
+
+
+def _fault_drill():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fault_drill", os.path.join(REPO, "scripts", "fault_drill.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("fault", ["enospc:env.json", "full"])
+def test_full_disk_on_the_command_line_is_one_line(tmp_path, fault):
+    """The command line: one line on stderr (no Hydra traceback), exit 1, no temporary file; with
+    a disk that takes no byte at all (log.txt included), nothing but the lock and an empty log."""
+    drill = _fault_drill()
+    out = tmp_path / "run"
+    r = run_script([PYTHON, "-c", drill._FAULTY_DISK, *tiny(out, iterations=2)], env={"DISK_FAULT": fault})
+    assert r.returncode == 1, r.stderr[-3000:]
+    err = drill.ours(r)
+    assert err.count("\n") == 0 and err.startswith("error: OSError: [Errno ") and "Traceback" not in r.stderr, err
+    assert not _temporaries(out), _temporaries(out)
+    if fault == "full":
+        assert sorted(os.listdir(out)) == [".lock", "log.txt"] and (out / "log.txt").stat().st_size == 0
+    else:
+        assert metrics(out)["status"] == "failed"
+
+
+def test_every_atomic_write_removes_its_temporary_on_failure(tmp_path, monkeypatch):
+    _enospc_for("b.txt", monkeypatch)
+    target = {str(tmp_path / "a.txt"): "a", str(tmp_path / "b.txt"): b"b" * 100}
+    with pytest.raises(OSError, match="b.txt"):
+        files.atomic_write(target)
+    assert os.listdir(tmp_path) == []  # neither file, no temporary
+    (tmp_path / "m.json").write_text("{}")
+    _enospc_for("m.json", monkeypatch)
+    with pytest.raises(OSError):
+        run.write_json(str(tmp_path / "m.json"), {"x": 1})
+    assert sorted(os.listdir(tmp_path)) == ["m.json"] and (tmp_path / "m.json").read_text() == "{}"

@@ -35,7 +35,7 @@ def test_cifar_resnet_shape_names_and_parameter_count():
 
 
 def test_every_normalization_sees_at_least_64_values_per_channel_at_b2():
-    """The issue's condition: n = b * H * W >= 64 for every normalized layer, groups of b = 2,
+    """The protocol's condition: n = b * H * W >= 64 for every normalized layer, groups of b = 2,
     32 px inputs (the last stage: 2 * 8 * 8 = 128)."""
     cfg = config.load({"model": {"arch": "resnet20"}, "norm": {"norm_batch_size": 2}})
     m = models.build_model(cfg.model, cfg.norm, 10)

@@ -63,7 +63,7 @@ def test_table_studies_expand_to_exactly_their_rows(tmp_path, study, expected):
     assert sorted(c["name"] for c in jobs) == sorted(expected)
     for cfg in jobs:
         assert settings(cfg) == expected[cfg["name"]], cfg["name"]
-        assert cfg["norm"]["layer"] == "mabn"
+        assert cfg["norm"]["layer"] == "batchstat"
         if "sma" in (cfg["norm"]["fp_stats"], cfg["norm"]["bp_stats"]):
             assert cfg["norm"]["buffer_size"] == 16
         # The paper's setting (appendix B.2).
@@ -266,7 +266,7 @@ def test_claim_verdicts_against_the_t_interval():
 def test_every_claim_names_rows_of_its_study():
     from mabn.lab.studies import CLAIMS, STUDIES
     for study, claims in CLAIMS.items():
-        paper = {(r.key, r.norm_batch_size): r.paper_err for r in STUDIES[study]}
+        paper = {(r.key, r.swept_value): r.paper_err for r in STUDIES[study]}
         for c in claims:
             assert c.a in paper and (c.b is None or c.b in paper), (study, c)
             assert c.kind in ("higher", "lower", "equal", "diverges")

@@ -1,12 +1,14 @@
 """The ImageNet training engine of mabn (pycls-style: one concern per module).
 
-- :mod:`mabn.engine.config`       structured config (dataclasses) and its validation
+- :mod:`mabn.engine.config`       structured config (dataclasses), its validation, what a resume must repeat
+- :mod:`mabn.engine.registry`     the architectures and normalization layers a config may name
 - :mod:`mabn.engine.distributed`  torchrun / single-process set-up and collectives
 - :mod:`mabn.engine.data`         datasets, augmentation, resumable samplers, loaders
 - :mod:`mabn.engine.models`       ResNet builders, initialization, normalization conversion
 - :mod:`mabn.engine.meters`       top-k error, timers, the evaluation loop
 - :mod:`mabn.engine.checkpoint`   atomic checkpoints, keep-last-K, corruption fallback
-- :mod:`mabn.engine.run`          run directory: logging, TensorBoard, metrics.json, provenance
+- :mod:`mabn.engine.run`          run directory: logging, lock, metrics.json, provenance
+- :mod:`mabn.engine.files`        atomic writes (temporary file + rename, no temporary left on failure)
 - :mod:`mabn.engine.trainer`      the training loop itself
 - :mod:`mabn.engine.compiling`    torch.compile: availability, options, known miscompilations
 - :mod:`mabn.engine.machine`      the CPU model and instruction set recorded with every run and figure

@@ -3,8 +3,9 @@
 A checkpoint is ``<dir>/ckpt_<iteration:07d>.pt`` (a ``torch.save`` dict of tensors and plain
 containers: dicts, lists, strings, numbers) plus ``<file>.sha256`` holding its digest. Both are
 written to temporary files in the same folder and moved into place with ``os.replace`` only once
-both are complete, so a crash or a full disk never leaves a half-written file under a final name
-and never touches the previous checkpoints.
+both are complete (:func:`mabn.engine.files.atomic_write`), so a crash or a full disk never leaves
+a half-written file under a final name, nor a temporary, and never touches the previous
+checkpoints.
 
 Loading is data only (``torch.load(..., weights_only=True)``): a file whose pickle asks for any
 Python object other than tensors and plain containers is refused without running anything. A
@@ -23,6 +24,8 @@ import pickle
 import re
 
 import torch
+
+from . import files
 
 __all__ = ["CheckpointError", "checkpoint_path", "list_checkpoints", "save", "load", "load_latest",
            "find_latest", "remove_stale_temporaries"]
@@ -44,37 +47,13 @@ def checkpoint_path(ckpt_dir: str, iteration: int) -> str:
 
 def list_checkpoints(ckpt_dir: str) -> list[str]:
     """Checkpoint files in ``ckpt_dir``, newest (highest iteration) first."""
-    files = [f for f in glob.glob(os.path.join(ckpt_dir, "ckpt_*.pt")) if _NAME.search(f)]
-    return sorted(files, key=lambda f: int(_NAME.search(f).group(1)), reverse=True)
+    found = [f for f in glob.glob(os.path.join(ckpt_dir, "ckpt_*.pt")) if _NAME.search(f)]
+    return sorted(found, key=lambda f: int(_NAME.search(f).group(1)), reverse=True)
 
 
-def _by_write_order(files: list[str]) -> list[str]:
+def _by_write_order(paths: list[str]) -> list[str]:
     """Newest written first (modification time, then iteration)."""
-    return sorted(files, key=lambda f: (os.stat(f).st_mtime_ns, int(_NAME.search(f).group(1))), reverse=True)
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to a new file ``path`` and flush it to the disk."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _atomic_write_all(files: dict[str, bytes]) -> None:
-    """Write every ``{path: data}`` to a temporary file first; only when all are complete are they
-    renamed into place. On failure the temporaries are removed and nothing else has changed."""
-    tmps = {path: f"{path}.tmp.{os.getpid()}" for path in files}
-    try:
-        for path, data in files.items():
-            _write_bytes(tmps[path], data)
-    except BaseException:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
-    for path, tmp in tmps.items():
-        os.replace(tmp, path)
+    return sorted(paths, key=lambda f: (os.stat(f).st_mtime_ns, int(_NAME.search(f).group(1))), reverse=True)
 
 
 def save(state: dict, ckpt_dir: str, keep: int) -> str:
@@ -88,9 +67,10 @@ def save(state: dict, ckpt_dir: str, keep: int) -> str:
     torch.save(state, buf)
     data = buf.getvalue()
     try:
-        _atomic_write_all({path: data, path + ".sha256": hashlib.sha256(data).hexdigest().encode() + b"\n"})
+        files.atomic_write({path: data, path + ".sha256": hashlib.sha256(data).hexdigest() + "\n"})
     except OSError as e:
-        raise CheckpointError(f"writing checkpoint {path} failed ({e.strerror or e}); the previous "
+        cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
+        raise CheckpointError(f"writing checkpoint {path} failed ({cause.strerror or cause}); the previous "
                               f"checkpoints are untouched") from e
     for old in _by_write_order(list_checkpoints(ckpt_dir))[keep:]:
         if old == path:  # pragma: no cover  (the file just written is the newest)

@@ -1,9 +1,15 @@
-"""Structured configuration of a training run, and its validation.
+"""Structured configuration of a training run, its validation, and what a resume must repeat.
 
 Every field is documented where it is defined (the string under it). The Hydra YAML files under
 ``configs/`` fill these dataclasses; :func:`load` merges any OmegaConf/dict config onto the schema
-(unknown keys and wrong types are rejected by OmegaConf) and :func:`validate` checks the values, so
-that a bad run stops before any work with a message naming the key.
+(unknown keys and wrong types are rejected by OmegaConf) and :func:`validate` checks the values,
+one function per config group (``validate_norm``, ``validate_data``, ...), each rule once, so that
+a bad run stops before any work with a message naming the key. What depends on the machine
+(a GPU, torch.compile) is checked by :func:`check_machine` where the run starts.
+
+A checkpoint may only be continued (or evaluated) under the settings it was trained with:
+:func:`check_checkpoint_fits` compares the checkpoint's saved config with the new one, key by
+key; :data:`RESUME_FREE_KEYS` lists, each with its reason, the keys a resume may change.
 
 The paper's setting (appendix B.2): ResNet-50, 8 GPUs x 32 images, normalization groups of
 ``norm.norm_batch_size`` images, SGD momentum 0.9, weight decay 1e-4 on every parameter,
@@ -16,14 +22,21 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from mabn import LAYER_OPTIONS, LAYERS
-from mabn.norm import OptionError, check_options
+from mabn import LAYER_OPTIONS, OptionError, check_options
+
+from .compiling import miscompiled_reason, unavailable_reason
+from .distributed import device_type
+from .registry import ARCHS, LEGACY_NORM_LAYERS, NORM_LAYERS, channel_widths, norm_options
 
 __all__ = ["NormConfig", "ModelConfig", "DataConfig", "ScheduleConfig", "OptimConfig",
            "StatsConfig", "DebugConfig", "Config", "EvalConfig", "ConfigError", "load", "validate",
-           "check_machine", "norm_options"]
+           "validate_norm", "validate_model", "validate_data", "validate_schedule", "validate_optim",
+           "validate_stats", "validate_debug", "validate_run", "check_machine", "check_num_classes",
+           "norm_options", "RESUME_FREE_KEYS", "RENAMED_KEYS", "upgrade_saved_config",
+           "config_changes", "check_checkpoint_fits"]
 
 
 class ConfigError(ValueError):
@@ -34,10 +47,12 @@ class ConfigError(ValueError):
 class NormConfig:
     """Normalization layers: the option names of ``mabn.build_norm`` plus weight centralization."""
 
-    layer: str = "mabn"
-    """Implementation: "mabn" (the configurable family mabn.BatchStatNorm2d: BN, BRN, modified,
-    MABN and every ablation), "bn" (torch nn.BatchNorm2d, the regular-batch reference), "syncbn"
-    (nn.SyncBatchNorm over all ranks), "gn" (nn.GroupNorm)."""
+    layer: str = "batchstat"
+    """Which layer: "batchstat" (the configurable family mabn.BatchStatNorm2d, whose form,
+    fp_stats, bp_stats and the other options below make it BN, BRN, the modified normalization,
+    MABN or any ablation of the paper), "bn" (torch's nn.BatchNorm2d, the regular-batch
+    reference), "syncbn" (nn.SyncBatchNorm over all ranks; CUDA only), "gn" (nn.GroupNorm). The
+    old name of "batchstat", "mabn", is still accepted (and saved as "batchstat")."""
     form: str = "vanilla"
     """"vanilla" (centre by the mean, scale by the std; eq. 1) or "modified" (scale by
     sqrt(E[x^2]), no centring; eq. 15, the "w/o centralizing feature maps" column of Table 4)."""
@@ -48,7 +63,7 @@ class NormConfig:
     norm_batch_size: Optional[int] = None
     """Images per normalization group (the paper's |B|); the per-GPU batch is split into
     data.batch_size / norm_batch_size groups (appendix B.2). null = the whole per-GPU batch
-    ("regular": 32 in the paper). Only for layer=mabn."""
+    ("regular": 32 in the paper). Only for layer=batchstat."""
     alpha: float = 0.9
     """The paper's alpha (eq. 12): the weight of the OLD value in the exponential moving averages,
     ema <- alpha * ema + (1 - alpha) * batch statistic, in [0, 1). NOT torch's BatchNorm momentum,
@@ -135,19 +150,12 @@ class DataConfig:
     """Per-channel std divided by after ToTensor (RGB)."""
     decoder: str = "tensor"
     """How ImageFolder images are decoded and augmented: "tensor" (torchvision.io.decode_image to a
-    uint8 tensor, then torchvision.transforms.v2 and mabn.engine.data.PILColorJitter on tensors) or
-    "pil" (PIL images and torchvision.transforms, the only pipeline before this option). Both draw
-    the same random numbers in the same order, so every sample gets the same crop box, flip,
-    jitter order and factors and lighting noise; decoding, colour jitter, ToTensor, lighting and
-    normalization give the same values, and only the antialiased bilinear resizes round
-    differently (torch's uint8 kernel against PIL's: at most 1 level of 255, on ~2-3% of the
-    values of a 224 px training crop, mean difference ~0; the jitter can scale such a difference
-    to a few levels). tests/test_data_pipeline.py checks all of this. "tensor" is the faster:
-    one loader process on the project's (busy, shared) 2-core AMD EPYC box, 500x375 JPEGs,
-    ~1.2x PIL's training images/s and ~1.4x its validation images/s (scripts/bench_data.py;
-    quiet-machine figures and cores per GPU in results/speed.md). torchvision.io's image decoding
-    is deprecated since torchvision 0.29; where it is missing or cannot read a file, "tensor"
-    decodes with PIL (same pixels) and keeps the tensor transforms. Synthetic data ignores it."""
+    uint8 tensor, then torchvision.transforms.v2 and mabn.engine.data.PILColorJitter on tensors;
+    PIL decodes where torchvision.io cannot) or "pil" (PIL images and torchvision.transforms).
+    Both draw the same random numbers, so every sample gets the same crop, flip, jitter and
+    lighting; only the antialiased resizes round differently (at most 1 level of 255). "tensor"
+    is the faster. What differs and by how much, with the measurements: results/data_decoder.md.
+    Synthetic data ignores it."""
     workers: int = 4
     """DataLoader worker processes per rank (0 = load in the main process)."""
     cache_images: bool = False
@@ -287,8 +295,9 @@ class Config:
     """"none": start fresh (refused if out_dir already holds checkpoints); "auto": continue from
     the newest valid checkpoint in out_dir, or start fresh if there is none (refused when
     checkpoints exist but none is valid; nothing to do when metrics.json records the run as
-    finished); or a checkpoint path. A resume whose model, normalization or data differ from the
-    checkpoint's, or whose schedule.iterations is below its iteration, is refused."""
+    finished); or a checkpoint path. A resume is refused (exit 2, naming the keys) unless every
+    setting that changes the result is the checkpoint's: every key but :data:`RESUME_FREE_KEYS`
+    (schedule.iterations may grow under schedule.policy=step, never go below the checkpoint)."""
     stop_after: Optional[int] = None
     """End this invocation after this iteration with a checkpoint (status "interrupted"), e.g. to
     fit a job's time slice; resume=auto continues. null = run to schedule.iterations."""
@@ -316,21 +325,8 @@ class EvalConfig(Config):
     torchvision/CIFAR ResNet, mabn.fold.export_torchvision_state_dict); all give the same error."""
 
 
-def norm_options(norm: NormConfig | DictConfig) -> dict:
-    """The ``mabn.build_norm`` keyword arguments of a norm config (those its layer accepts)."""
-    return {"layer": norm.layer, **{k: getattr(norm, k) for k in LAYER_OPTIONS[norm.layer]}}
-
-
-def check_machine(cfg: DictConfig) -> None:
-    """The checks that depend on the machine (done where the run or evaluation starts, not in
-    :func:`validate`, so that a config can be composed and dry-run elsewhere): device=cuda needs a
-    GPU, amp=fp16 needs one too (on the CPU it runs ~90x slower)."""
-    import torch
-    cuda = torch.cuda.is_available()
-    _check(cfg.device != "cuda" or cuda, "device=cuda but no CUDA GPU is available; use device=cpu (or auto)")
-    _check(cfg.amp != "fp16" or (cfg.device != "cpu" and cuda),
-           "amp=fp16 needs a CUDA GPU (on the CPU it runs ~90x slower); use amp=bf16 or amp=none")
-
+# ------------------------------------------------------------------------------------------------
+# Loading and validation
 
 def load(cfg: Any = None) -> DictConfig:
     """Merge ``cfg`` (DictConfig, dict or None) onto the schema and validate it.
@@ -343,6 +339,7 @@ def load(cfg: Any = None) -> DictConfig:
         OmegaConf.resolve(merged)
     except Exception as e:  # omegaconf's ValidationError / ConfigKeyError name the key
         raise ConfigError(str(e).split("\n    full_key")[0] + _full_key(e)) from None
+    merged.norm.layer = LEGACY_NORM_LAYERS.get(merged.norm.layer, merged.norm.layer)
     validate(merged)
     OmegaConf.set_readonly(merged, True)
     return merged
@@ -362,118 +359,299 @@ def _one_of(key: str, value, choices) -> None:
     _check(value in choices, f"{key}={value!r} is not one of {list(choices)}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check every value that could make the run fail or be meaningless later; no side effects
-    beyond reading whether the data roots and out_dir exist. (What depends on the machine that
-    runs it is checked by :func:`check_machine`.)"""
-    n, d, m, s, o = cfg.norm, cfg.data, cfg.model, cfg.schedule, cfg.optim
+def _at_least(key: str, value, minimum) -> None:
+    _check(value >= minimum, f"{key}={value} must be >= {minimum}")
 
-    # norm: the value ranges are the layer's own (mabn.norm.check_options), named as config keys
-    _one_of("norm.layer", n.layer, LAYERS)
+
+def validate(cfg: DictConfig) -> None:
+    """Check every value that could make the run fail or be meaningless later, one config group
+    at a time; no side effects beyond reading whether the data roots and out_dir exist. (What
+    depends on the machine that runs it is checked by :func:`check_machine`.)"""
+    validate_norm(cfg.norm, cfg.model, cfg.data)
+    validate_model(cfg.model)
+    validate_data(cfg.data)
+    validate_schedule(cfg.schedule)
+    validate_optim(cfg.optim)
+    validate_stats(cfg.stats, cfg.compile)
+    validate_debug(cfg.debug)
+    validate_run(cfg)
+
+
+def validate_norm(n, model, data) -> None:
+    """norm: the value ranges are the layer's own (mabn.check_options), named as config keys;
+    then what the layer needs of the model (GroupNorm's groups) and of the batch (whole groups)."""
+    _one_of("norm.layer", n.layer, NORM_LAYERS)
     try:
-        check_options(**{k: n[k] for k in LAYER_OPTIONS["mabn"]})
+        check_options(**{k: n[k] for k in LAYER_OPTIONS[NORM_LAYERS["batchstat"]]})
     except OptionError as e:
         raise ConfigError(f"norm.{e}") from None
-    _check(n.num_groups >= 1, f"norm.num_groups={n.num_groups} must be >= 1")
-    from .models import ARCHS, channel_widths  # here: models imports this module
-    if n.layer == "gn" and cfg.model.arch in ARCHS:
-        bad = [c for c in channel_widths(cfg.model.arch) if c % n.num_groups]
+    _at_least("norm.num_groups", n.num_groups, 1)
+    if n.layer == "gn" and model.arch in ARCHS:
+        widths = channel_widths(model.arch)
+        bad = [c for c in widths if c % n.num_groups]
         _check(not bad, f"norm.num_groups={n.num_groups} does not divide the {bad[:1]} channels of "
-                        f"model.arch={cfg.model.arch} (its widths: {list(channel_widths(cfg.model.arch))})")
-    if n.layer != "mabn":
+                        f"model.arch={model.arch} (its widths: {list(widths)})")
+    if n.layer != "batchstat":
         _check(n.norm_batch_size is None,
-               f"norm.norm_batch_size={n.norm_batch_size} needs norm.layer=mabn "
+               f"norm.norm_batch_size={n.norm_batch_size} needs norm.layer=batchstat "
                f"(norm.layer={n.layer} normalizes the whole batch); set it to null")
-        family = {k: getattr(n, k) for k in ("form", "fp_stats", "bp_stats")}
+        family = {k: n[k] for k in ("form", "fp_stats", "bp_stats")}
         _check(family == {"form": "vanilla", "fp_stats": "batch", "bp_stats": "batch"},
-               f"norm.form/fp_stats/bp_stats={list(family.values())} need norm.layer=mabn "
+               f"norm.form/fp_stats/bp_stats={list(family.values())} need norm.layer=batchstat "
                f"(norm.layer={n.layer})")
     if n.norm_batch_size is not None:
-        _check(d.batch_size % n.norm_batch_size == 0,
-               f"data.batch_size={d.batch_size} is not divisible by "
+        _check(data.batch_size % n.norm_batch_size == 0,
+               f"data.batch_size={data.batch_size} is not divisible by "
                f"norm.norm_batch_size={n.norm_batch_size}")
 
-    # model
+
+def validate_model(m) -> None:
+    """model: a known architecture and at least 2 classes (when given)."""
     _one_of("model.arch", m.arch, ARCHS)
     _check(m.num_classes is None or m.num_classes >= 2, f"model.num_classes={m.num_classes} must be >= 2")
 
-    # data
+
+def validate_data(d) -> None:
+    """data: sizes, augmentation and loading, then the data set itself (synthetic sizes, or the
+    ImageFolder roots, which must exist)."""
     _one_of("data.name", d.name, ("imagenet", "imagefolder", "synthetic"))
-    _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
+    _at_least("data.batch_size", d.batch_size, 1)
     _check(d.eval_batch_size is None or d.eval_batch_size >= 1,
            f"data.eval_batch_size={d.eval_batch_size} must be >= 1")
-    _check(d.image_size >= 8, f"data.image_size={d.image_size} must be >= 8")
+    _at_least("data.image_size", d.image_size, 8)
     _check(d.val_resize is None or d.val_resize >= d.image_size,
            f"data.val_resize={d.val_resize} must be >= data.image_size={d.image_size}")
     _one_of("data.augment", d.augment, ("fb", "crop_flip"))
     _one_of("data.decoder", d.decoder, ("tensor", "pil"))
-    _check(d.crop_padding >= 0, f"data.crop_padding={d.crop_padding} must be >= 0")
+    _at_least("data.crop_padding", d.crop_padding, 0)
     _check(not d.cache_images or d.augment == "crop_flip",
            f"data.cache_images=true needs data.augment=crop_flip (data.augment={d.augment})")
     _check(not d.cache_images or d.val_resize == d.image_size,
            f"data.cache_images=true needs data.val_resize=data.image_size={d.image_size} (the cache holds "
            f"images resized to image_size; data.val_resize={d.val_resize})")
     _check(0 < d.min_crop_area <= 1, f"data.min_crop_area={d.min_crop_area} must be in (0, 1]")
-    _check(d.color_jitter >= 0, f"data.color_jitter={d.color_jitter} must be >= 0")
-    _check(d.lighting >= 0, f"data.lighting={d.lighting} must be >= 0")
+    _at_least("data.color_jitter", d.color_jitter, 0)
+    _at_least("data.lighting", d.lighting, 0)
     _check(len(d.mean) == 3 and len(d.std) == 3 and all(x > 0 for x in d.std),
            "data.mean and data.std must have 3 entries and data.std must be > 0")
-    _check(d.workers >= 0, f"data.workers={d.workers} must be >= 0")
+    _at_least("data.workers", d.workers, 0)
     if d.name == "synthetic":
-        _check(d.num_classes >= 2, f"data.num_classes={d.num_classes} must be >= 2")
+        _at_least("data.num_classes", d.num_classes, 2)
         _check(d.train_size >= d.batch_size, f"data.train_size={d.train_size} must be >= data.batch_size={d.batch_size}")
-        _check(d.val_size >= 1, f"data.val_size={d.val_size} must be >= 1")
-        _check(d.noise >= 0, f"data.noise={d.noise} must be >= 0")
-    else:
-        _check(d.root is not None and str(d.root) != "",
-               f"data.root is required for data.name={d.name} (pass data.root=/path/to/{d.name})")
-        for sub in ("train_dir", "val_dir"):
-            path = os.path.join(d.root, d[sub])
-            _check(os.path.isdir(path), f"data.root={d.root}: data.{sub} folder {path} does not exist")
+        _at_least("data.val_size", d.val_size, 1)
+        _at_least("data.noise", d.noise, 0)
+        return
+    _check(d.root is not None and str(d.root) != "",
+           f"data.root is required for data.name={d.name} (pass data.root=/path/to/{d.name})")
+    for sub in ("train_dir", "val_dir"):
+        path = os.path.join(d.root, d[sub])
+        _check(os.path.isdir(path), f"data.root={d.root}: data.{sub} folder {path} does not exist")
 
-    # schedule
-    _check(s.iterations >= 1, f"schedule.iterations={s.iterations} must be >= 1")
+
+def validate_schedule(s) -> None:
+    """schedule: the length, the lr policy and its warm-up, and the cadences."""
+    _at_least("schedule.iterations", s.iterations, 1)
     _one_of("schedule.policy", s.policy, ("step", "cosine", "linear"))
+    _at_least("schedule.warmup_iters", s.warmup_iters, 0)
     _check(s.warmup_iters < s.iterations or s.warmup_iters == 0,
            f"schedule.warmup_iters={s.warmup_iters} must be below schedule.iterations={s.iterations}")
     ms = list(s.milestones)
     _check(s.policy != "step" or
            all(a < b for a, b in zip(ms, ms[1:])) and all(0 < x < s.iterations for x in ms),
-           f"schedule.milestones={list(s.milestones)} must be increasing and inside (0, schedule.iterations={s.iterations})")
+           f"schedule.milestones={ms} must be increasing and inside (0, schedule.iterations={s.iterations})")
     _check(0 < s.gamma <= 1, f"schedule.gamma={s.gamma} must be in (0, 1]")
-    _check(s.warmup_iters >= 0, f"schedule.warmup_iters={s.warmup_iters} must be >= 0")
     _check(0 < s.warmup_factor <= 1, f"schedule.warmup_factor={s.warmup_factor} must be in (0, 1]")
+    _at_least("schedule.log_every", s.log_every, 1)
+    _at_least("schedule.ckpt_every", s.ckpt_every, 1)
+    _at_least("schedule.eval_every", s.eval_every, 0)
 
-    # optim
+
+def validate_optim(o) -> None:
+    """optim: SGD's hyper-parameters and the loss."""
     _check(o.base_lr > 0, f"optim.base_lr={o.base_lr} must be > 0")
     _check(o.lr is None or o.lr > 0, f"optim.lr={o.lr} must be > 0")
-    _check(o.reference_batch >= 1, f"optim.reference_batch={o.reference_batch} must be >= 1")
+    _at_least("optim.reference_batch", o.reference_batch, 1)
     _check(0 <= o.momentum < 1, f"optim.momentum={o.momentum} must be in [0, 1)")
     _check(not o.nesterov or o.momentum > 0, "optim.nesterov=true needs optim.momentum > 0")
-    _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _at_least("optim.weight_decay", o.weight_decay, 0)
     _check(0 <= o.label_smoothing < 1, f"optim.label_smoothing={o.label_smoothing} must be in [0, 1)")
 
-    # run
-    _one_of("device", cfg.device, ("auto", "cpu", "cuda"))
-    _one_of("amp", cfg.amp, ("none", "bf16", "fp16"))
-    _check(n.layer != "syncbn" or cfg.device != "cpu", "norm.layer=syncbn needs device=cuda (nn.SyncBatchNorm is CUDA-only)")
-    _check(cfg.resume in ("none", "auto") or os.path.isfile(cfg.resume),
-           f"resume={cfg.resume!r} must be 'none', 'auto' or an existing checkpoint file")
-    _check(cfg.stop_after is None or 1 <= cfg.stop_after <= s.iterations,
-           f"stop_after={cfg.stop_after} must be in [1, schedule.iterations={s.iterations}]")
-    for key in ("log_every", "ckpt_every"):
-        _check(s[key] >= 1, f"schedule.{key}={s[key]} must be >= 1")
-    _check(s.eval_every >= 0, f"schedule.eval_every={s.eval_every} must be >= 0")
-    _check(cfg.keep_checkpoints >= 1, f"keep_checkpoints={cfg.keep_checkpoints} must be >= 1")
-    _check(not (cfg.compile and cfg.stats.enabled),
+
+def validate_stats(st, compile_: bool) -> None:
+    """stats: the recording cadence and layers; not inside a compiled model. (Whether the layers
+    exist is known once the model is built: the trainer's set-up.)"""
+    _check(not (compile_ and st.enabled),
            "compile=true does not support statistics recording (stats.enabled=true): the recorder's hooks "
            "would run inside the compiled model (not supported); use compile=false for a statistics run")
-    _check(cfg.stats.every >= 1, f"stats.every={cfg.stats.every} must be >= 1")
-    _check(len(cfg.stats.layers) >= 1, "stats.layers must name at least one layer")
-    _check(cfg.stats.small_batch_size is None or cfg.stats.small_batch_size >= 1,
-           f"stats.small_batch_size={cfg.stats.small_batch_size} must be >= 1")
-    _check(cfg.debug.nan_loss_at >= 0, f"debug.nan_loss_at={cfg.debug.nan_loss_at} must be >= 0")
+    _at_least("stats.every", st.every, 1)
+    _check(len(st.layers) >= 1, "stats.layers must name at least one layer")
+    _check(st.small_batch_size is None or st.small_batch_size >= 1,
+           f"stats.small_batch_size={st.small_batch_size} must be >= 1")
+
+
+def validate_debug(dbg) -> None:
+    """debug: iterations of the injected faults (0 = never)."""
+    _at_least("debug.nan_loss_at", dbg.nan_loss_at, 0)
+    _at_least("debug.fail_at", dbg.fail_at, 0)
+
+
+def validate_run(cfg) -> None:
+    """The top-level keys: device and precision, resume and stop_after, checkpoints kept, out_dir."""
+    _one_of("device", cfg.device, ("auto", "cpu", "cuda"))
+    _one_of("amp", cfg.amp, ("none", "bf16", "fp16"))
+    _check(cfg.resume in ("none", "auto") or os.path.isfile(cfg.resume),
+           f"resume={cfg.resume!r} must be 'none', 'auto' or an existing checkpoint file")
+    _check(cfg.stop_after is None or 1 <= cfg.stop_after <= cfg.schedule.iterations,
+           f"stop_after={cfg.stop_after} must be in [1, schedule.iterations={cfg.schedule.iterations}]")
+    _at_least("keep_checkpoints", cfg.keep_checkpoints, 1)
     _check(bool(cfg.out_dir), "out_dir must be set")
     _check(not os.path.exists(cfg.out_dir) or os.path.isdir(cfg.out_dir),
            f"out_dir={cfg.out_dir} is a file, not a directory")
-    _check(cfg.debug.fail_at >= 0, f"debug.fail_at={cfg.debug.fail_at} must be >= 0")
+
+
+def check_machine(cfg: DictConfig) -> None:
+    """The checks that depend on the machine (done where the run or evaluation starts, not in
+    :func:`validate`, so that a config can be composed and dry-run elsewhere): device=cuda, fp16
+    and SyncBN need a GPU; compile=true needs a working torch.compile and a normalization it is
+    not known to miscompile."""
+    cuda = torch.cuda.is_available()
+    on = device_type(cfg.device)
+    _check(cfg.device != "cuda" or cuda, "device=cuda but no CUDA GPU is available; use device=cpu (or auto)")
+    _check(cfg.amp != "fp16" or on == "cuda",
+           "amp=fp16 needs a CUDA GPU (on the CPU it runs ~90x slower); use amp=bf16 or amp=none")
+    _check(cfg.norm.layer != "syncbn" or on == "cuda",
+           "norm.layer=syncbn needs device=cuda (nn.SyncBatchNorm is CUDA-only)")
+    if not cfg.compile:
+        return
+    reason = unavailable_reason(on)
+    _check(not reason, f"compile=true, but torch.compile cannot run on this machine: {reason}; use compile=false")
+    reason = miscompiled_reason(NORM_LAYERS[cfg.norm.layer])
+    _check(not reason, f"compile=true with norm.layer={cfg.norm.layer}: {reason}; use compile=false")
+
+
+def check_num_classes(model, data_classes: int, data_name: str) -> None:
+    """model.num_classes, when given, must hold the classes the data set has (known once it is
+    read: the trainer's set-up)."""
+    _check(model.num_classes is None or model.num_classes >= data_classes,
+           f"model.num_classes={model.num_classes} is below the {data_classes} classes of the data "
+           f"({data_name}); set it to null or >= {data_classes}")
+
+
+# ------------------------------------------------------------------------------------------------
+# What a resume must repeat
+
+#: The keys a resume may change, each with the reason it cannot change the result (a key ending
+#: in "." covers its section). Every other key is the checkpoint's, or the resume is refused;
+#: schedule.iterations has its own rule (see :func:`check_checkpoint_fits`). Changing one of these
+#: is logged as a warning.
+RESUME_FREE_KEYS = (
+    ("out_dir", "where the run is kept: the same run, possibly moved"),
+    ("resume", "how this invocation starts"),
+    ("stop_after", "where this invocation stops; the next one continues from its checkpoint"),
+    ("dry_run", "a dry run trains nothing"),
+    ("name", "a label (progress bar, metrics.json); no computation reads it"),
+    ("progress_bar", "display only"),
+    ("keep_checkpoints", "how many checkpoint files stay on disk"),
+    ("schedule.log_every", "logging cadence: the logged windows change, not the training (the open "
+                           "window is in the checkpoint)"),
+    ("schedule.eval_every", "validation cadence: validation runs the model in eval mode, which updates "
+                            "no weight, buffer or random stream of training"),
+    ("schedule.ckpt_every", "checkpoint cadence: a checkpoint is a copy of the state"),
+    ("data.workers", "loader processes: each sample is augmented under its own seed"),
+    ("data.pin_memory", "host memory kind of the batches"),
+    ("data.cache_images", "keeps the same resized images in memory instead of decoding them again"),
+    ("data.eval_batch_size", "validation batching: in eval mode each image is normalized with the running "
+                             "statistics, whatever its batch"),
+    ("device", "where the same computation runs, as the world size (a resume on other hardware is "
+               "not bit-identical: floating-point rounding differs)"),
+    ("channels_last", "the memory layout of the same computation (rounding differs, as with device)"),
+    ("compile", "torch.compile runs the same model (checkpoints hold the uncompiled keys; rounding differs)"),
+    ("stats.", "statistics recording observes the layers and changes nothing they compute"),
+    ("debug.", "fault injection: a fault at iteration j ends its invocation before any checkpoint at "
+               "or after j, so the checkpoint is the same with or without it (rehearsing a crash and "
+               "its resume needs the resume without the fault)"),
+)
+#: The keys that define the model a checkpoint's weights belong to (eval.py may change any other).
+MODEL_KEYS = ("model.", "norm.")
+#: Config keys renamed since checkpoints were first written: old dotted key -> new one (the same
+#: quantity). norm.momentum always held the paper's alpha (the weight of the old value).
+RENAMED_KEYS = {"norm.momentum": "norm.alpha"}
+#: Values renamed since: dotted key -> {old value: new value}.
+RENAMED_VALUES = {"norm.layer": LEGACY_NORM_LAYERS}
+
+
+def _covered(key: str, prefixes) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes)
+
+
+def upgrade_saved_config(saved: dict) -> DictConfig:
+    """The (mutable) config a checkpoint was trained with, with renamed keys and values brought
+    up to date (:data:`RENAMED_KEYS`, :data:`RENAMED_VALUES`)."""
+    cfg = OmegaConf.create(saved)
+    for old, new in RENAMED_KEYS.items():
+        parent, _, leaf = old.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig) and leaf in node:
+            value = node.pop(leaf)
+            if OmegaConf.select(cfg, new) is None:
+                OmegaConf.update(cfg, new, value, merge=False)
+    for key, renames in RENAMED_VALUES.items():
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value in renames:
+            OmegaConf.update(cfg, key, renames[value], merge=False)
+    return cfg
+
+
+def _flat(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def config_changes(saved: dict, cfg) -> tuple[dict[str, tuple], list[str]]:
+    """({flattened key: (the checkpoint's value, this config's value)} for every key both hold
+    with different values; the keys this config has and the checkpoint's config lacks (written
+    before those keys existed: they cannot be compared)). ``saved`` is a checkpoint's config."""
+    old = dict(_flat(OmegaConf.to_container(upgrade_saved_config(saved), resolve=True)))
+    new = dict(_flat(OmegaConf.to_container(cfg, resolve=True)))
+    changes = {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
+    return changes, sorted(new.keys() - old.keys())
+
+
+def check_checkpoint_fits(saved: dict, cfg, iteration: int, source: str, scope: str = "resume") -> list[str]:
+    """Refuse (:class:`ConfigError`, one line naming every key) a checkpoint of ``iteration``,
+    trained with the config ``saved``, that ``cfg`` would not continue as the same run.
+
+    ``scope="resume"`` (training): every key but :data:`RESUME_FREE_KEYS` must be the checkpoint's,
+    except schedule.iterations, which may grow when the lr of every iteration done stays the same
+    (schedule.policy=step: the lr does not depend on the length) and never goes below
+    ``iteration``. ``scope="model"`` (eval.py): only :data:`MODEL_KEYS`, the model the weights
+    belong to. ``source`` names the checkpoint in the message. Returns the keys the checkpoint's
+    config lacks (not checked; the caller warns)."""
+    changes, unchecked = config_changes(saved, cfg)
+    if scope == "model":
+        bad = {k: v for k, v in changes.items() if _covered(k, MODEL_KEYS)}
+        advice = "evaluate it with the settings it was trained with"
+    else:
+        bad = {k: v for k, v in changes.items()
+               if not _covered(k, [key for key, _ in RESUME_FREE_KEYS]) and k != "schedule.iterations"}
+        advice = ("resume with the checkpoint's settings (only those in mabn.engine.config.RESUME_FREE_KEYS "
+                  "may differ) or choose another out_dir")
+    shown = [f"{k}={new!r} (the checkpoint's: {old!r})" for k, (old, new) in bad.items()]
+    if scope == "resume":
+        shown += _iterations_misfit(cfg.schedule, changes.get("schedule.iterations"), iteration)
+    _check(not shown, f"{source} (iteration {iteration}) does not fit this config: {'; '.join(shown)}; {advice}")
+    return unchecked
+
+
+def _iterations_misfit(schedule, change: tuple | None, iteration: int) -> list[str]:
+    """Why schedule.iterations cannot be continued from ``iteration`` (empty when it can)."""
+    if schedule.iterations < iteration:
+        return [f"schedule.iterations={schedule.iterations} is below the checkpoint's iteration {iteration} "
+                f"(a resume cannot go back)"]
+    if change is not None and schedule.policy != "step":
+        return [f"schedule.iterations={schedule.iterations} (the checkpoint's: {change[0]}): with "
+                f"schedule.policy={schedule.policy} the lr of every iteration depends on it"]
+    return []

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup", "launcher_env", "submitit_env", "slurm_env", "cleanup", "all_reduce_sum",
+__all__ = ["DistInfo", "device_type", "setup", "launcher_env", "submitit_env", "slurm_env", "cleanup", "all_reduce_sum",
            "all_gather_objects", "barrier"]
 
 
@@ -99,6 +99,14 @@ def launcher_env(environ) -> dict[str, str]:
     return submitit_env(environ) or slurm_env(environ)
 
 
+def device_type(device: str) -> str:
+    """The device type a config's ``device`` ("auto", "cpu", "cuda") runs on here: "auto" is
+    "cuda" when a GPU is available."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def setup(device: str = "auto") -> DistInfo:
     """Resolve the device and join the process group when launched by torchrun (or by submitit /
     srun with one task per GPU, see :func:`launcher_env`) with more than one process."""
@@ -106,8 +114,7 @@ def setup(device: str = "auto") -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device_type(device)
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("device=cuda but CUDA is not available")

@@ -49,22 +49,13 @@ def inference_model(model: torch.nn.Module, form: str, model_cfg, num_classes: i
     return model
 
 
-#: Config keys renamed since checkpoints were first written: old dotted key -> new one (the same
-#: quantity). norm.momentum always held the paper's alpha (the weight of the old value).
-RENAMED_KEYS = {"norm.momentum": "norm.alpha"}
+#: Config keys renamed since checkpoints were first written (see mabn.engine.config).
+RENAMED_KEYS = config.RENAMED_KEYS
 
 
 def saved_config(state: dict) -> DictConfig:
     """The (mutable) config a checkpoint was trained with, with renamed keys brought up to date."""
-    cfg = OmegaConf.create(state["config"])
-    for old, new in RENAMED_KEYS.items():
-        parent, _, leaf = old.rpartition(".")
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        if isinstance(node, DictConfig) and leaf in node:
-            value = node.pop(leaf)
-            if OmegaConf.select(cfg, new) is None:
-                OmegaConf.update(cfg, new, value, merge=False)
-    return cfg
+    return config.upgrade_saved_config(state["config"])
 
 
 def evaluate_checkpoint(path: str, overrides: list[str] | Callable[[DictConfig], DictConfig] | None = None,
@@ -88,16 +79,18 @@ def evaluate_checkpoint(path: str, overrides: list[str] | Callable[[DictConfig],
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
     if device is not None:
         cfg.device = device
-    cfg.resume = "none"
+    cfg.resume, cfg.compile = "none", False  # evaluation runs the uncompiled model
     cfg = config.load(cfg)
     config.check_machine(cfg)
+    config.check_checkpoint_fits(state["config"], cfg, state["iteration"], f"ckpt: the checkpoint {ckpt_path}",
+                                 scope="model")
     di = distributed.setup(cfg.device)
     try:
         run.setup_logging(None, di.is_main, stream=sys.stderr)  # stdout carries the JSON
         _, val_set, num_classes = data.build_datasets(cfg.data, cfg.seed, train=False)
         loader = data.build_val_loader(val_set, cfg.data, di.rank, di.world_size, di.device)
         model = models.build_model(cfg.model, cfg.norm, cfg.model.num_classes or num_classes)
-        model.load_state_dict(state["model"])
+        models.load_weights({"model": model}, state)
         model = inference_model(model, form, cfg.model, cfg.model.num_classes or num_classes)
         model.to(di.device)
         if cfg.channels_last:

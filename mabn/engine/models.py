@@ -9,23 +9,13 @@ from torchvision.models.resnet import BasicBlock
 
 import mabn
 
-from .config import norm_options
+from .config import ConfigError
+from .registry import ARCHS, CIFAR_DEPTHS, TORCHVISION_ARCHS, channel_widths, norm_options
 
-__all__ = ["build_model", "build_stock_model", "init_weights", "CifarResNet", "CIFAR_DEPTHS",
-           "ARCHS", "channel_widths"]
+__all__ = ["build_model", "build_stock_model", "init_weights", "load_weights", "CifarResNet",
+           "CIFAR_DEPTHS", "ARCHS", "channel_widths"]
 
-_TORCHVISION = {"resnet18": tvm.resnet18, "resnet50": tvm.resnet50}
-#: CIFAR-style ResNets (He et al. 2016, section 4.2): depth = 6n + 2.
-CIFAR_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet56": 56}
-#: Every value model.arch accepts.
-ARCHS = tuple(_TORCHVISION) + tuple(CIFAR_DEPTHS)
-
-
-def channel_widths(arch: str) -> tuple[int, ...]:
-    """The channel counts of the normalization layers of ``arch`` (each a multiple of the first)."""
-    if arch in CIFAR_DEPTHS:
-        return (16, 32, 64)
-    return (64, 128, 256, 512) + ((1024, 2048) if arch == "resnet50" else ())
+_TORCHVISION = {name: getattr(tvm, name) for name in TORCHVISION_ARCHS}
 
 
 class CifarResNet(nn.Module):
@@ -114,3 +104,15 @@ def build_model(model_cfg, norm_cfg, num_classes: int) -> nn.Module:
                 nn.init.zeros_(m.bn2.weight)
     return mabn.convert_model(model, norm=norm_options(norm_cfg),
                               weight_centralization=norm_cfg.weight_centralization)
+
+
+def load_weights(modules: dict, state: dict) -> None:
+    """Load ``state[name]`` into each ``modules[name]`` (the model, and when resuming the optimizer
+    and the loss scaler); a checkpoint whose tensors do not fit raises :class:`ConfigError` with
+    the first line of torch's message. Training and eval.py load checkpoints through here."""
+    try:
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"the checkpoint does not fit the model of this config: "
+                          f"{str(e).strip().splitlines()[0]}") from None

@@ -16,6 +16,7 @@ Layout of ``out_dir``::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import importlib.metadata
@@ -30,11 +31,11 @@ import sys
 import torch
 from omegaconf import OmegaConf
 
+from . import files
 from .machine import cpu_capability, cpu_model
-from .config import ConfigError
 
 __all__ = ["setup_logging", "start_log_file", "lock_out_dir", "OutDirInUse", "write_provenance",
-           "write_json", "read_json", "append_jsonl"]
+           "write_json", "read_json", "append_jsonl", "one_line"]
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -67,9 +68,32 @@ def setup_logging(out_dir: str | None, is_main: bool, stream=None, defer_file: b
     root.setLevel(logging.INFO if is_main else logging.WARNING)
 
 
+class _LogFile(logging.FileHandler):
+    """out_dir/log.txt. A failed write (a full disk) is raised to the code that logged, once, so
+    that the run ends as failed with that error (logging's default prints a traceback and goes
+    on); after it the handler writes nothing more, so that logging the failure cannot fail too."""
+
+    failed = False
+
+    def emit(self, record):
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record):
+        exc = sys.exc_info()[1]
+        if self.failed or not isinstance(exc, OSError):
+            return super().handleError(record)
+        self.failed = True
+        raise OSError(exc.errno, f"{exc.strerror} (writing {self.baseFilename})") from exc
+
+    def close(self):
+        with contextlib.suppress(OSError):  # the unwritten tail of a full disk
+            super().close()
+
+
 def _file_handler(out_dir: str) -> logging.Handler:
     os.makedirs(out_dir, exist_ok=True)
-    return logging.FileHandler(os.path.join(out_dir, "log.txt"))
+    return _LogFile(os.path.join(out_dir, "log.txt"))
 
 
 def _attach(root: logging.Logger, handler: logging.Handler) -> None:
@@ -91,8 +115,9 @@ def start_log_file(out_dir: str) -> None:
                 fh.handle(record)
 
 
-class OutDirInUse(ConfigError):
-    """Another process holds the run directory's lock."""
+class OutDirInUse(RuntimeError):
+    """Another process holds the run directory's lock: not a bad configuration (the same command
+    runs once the other run has ended), so it has its own exit status (train_imagenet.py)."""
 
 
 def lock_out_dir(out_dir: str):
@@ -138,7 +163,7 @@ def write_provenance(cfg, out_dir: str, world_size: int) -> None:
     """config.yaml and env.json (git commit, package versions, hardware: CPU model and the
     instruction set torch's kernels use, GPUs; command line)."""
     os.makedirs(out_dir, exist_ok=True)
-    OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
+    files.atomic_write({os.path.join(out_dir, "config.yaml"): OmegaConf.to_yaml(cfg)})
     status = _git("status", "--porcelain")
     env = {
         "git_commit": _git("rev-parse", "HEAD"),
@@ -159,12 +184,9 @@ def write_provenance(cfg, out_dir: str, world_size: int) -> None:
 
 
 def write_json(path: str, obj) -> None:
-    """Atomically (temp file + rename) write ``obj`` as JSON."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Atomically write ``obj`` as JSON (:func:`mabn.engine.files.atomic_write`: no temporary file
+    is left if it fails)."""
+    files.atomic_write({path: json.dumps(obj, indent=2, allow_nan=True) + "\n"})
 
 
 def read_json(path: str):
@@ -175,3 +197,10 @@ def read_json(path: str):
 def append_jsonl(path: str, obj) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(obj) + "\n")
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: the summary a failure is recorded (metrics.json) and
+    reported (stderr) with."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

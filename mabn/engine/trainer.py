@@ -10,11 +10,14 @@ agree on when to stop: a non-finite loss on any rank ends the run before the opt
 status "diverged"; SIGTERM/SIGUSR1/SIGINT (pre-emption, Ctrl-C) or ``stop_after`` end it after the
 step with a checkpoint and status "interrupted" (a second SIGINT exits at once). Both exit with
 code 0 (the run ended as designed; the status says how); metrics.json is the place to look. Any
-exception after the run has started (a crash, a dead peer, a full disk) leaves status "failed"
-with the iteration reached and the error.
+exception once out_dir is this run's (locked; a crash, a dead peer, a full disk while writing
+log.txt, env.json or a checkpoint) leaves status "failed" with the iteration reached and the error,
+where the disk still takes that small file.
 
-Nothing is written to out_dir until every check has passed: the config, the data, the model, and
-on resume the checkpoint and its fit to the config. The run holds a lock on out_dir while it runs.
+Nothing is written to out_dir until every check has passed: the config, the machine, the data, the
+model, and on resume the checkpoint and its fit to the config (every setting that changes the
+result is the checkpoint's: mabn.engine.config.check_checkpoint_fits). The run holds a lock on
+out_dir while it runs.
 
 The phases, each a function of one :class:`_State` (what they share), in the order they run:
 :func:`_build` (data, model, optimizer), :func:`_resume` (lock, checkpoint, fit, load),
@@ -43,10 +46,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import checkpoint, data, distributed, models, run
-from .compiling import compile_module, miscompiled_reason, unavailable_reason
-from .config import ConfigError, check_machine, norm_options
+from . import checkpoint, data, distributed, files, models, run
+from .compiling import compile_module
+from .config import ConfigError, check_checkpoint_fits, check_machine, check_num_classes, config_changes
 from .meters import WindowMeter, evaluate, topk_correct
+from .registry import norm_options
 from ..stats import StatisticsRecorder
 
 try:  # numpy is optional; its RNG is saved when present
@@ -58,10 +62,6 @@ __all__ = ["train", "lr_at", "build_optimizer"]
 
 log = logging.getLogger(__name__)
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-#: Settings a resume must repeat: the checkpoint's weights, buffers and data position mean nothing
-#: under others (a key ending in "." covers a whole section).
-RESUME_FIXED = ("model.", "norm.", "data.name", "data.num_classes", "data.train_size", "data.noise",
-                "data.image_size", "data.batch_size")
 
 
 def lr_at(cfg, it: int, base_lr: float) -> float:
@@ -156,10 +156,16 @@ class _StopFlag:
 
 
 class _Record:
-    """metrics.json of the run, once the run has started (rank 0); :meth:`fail` records a crash."""
+    """metrics.json of the run (rank 0). :meth:`arm` once out_dir is this run's (locked): from
+    then on a failure is recorded there; :meth:`start` when the run starts (status running);
+    :meth:`fail` records a crash."""
 
     def __init__(self, path: str, is_main: bool):
-        self.path, self.is_main, self.result = path, is_main, None
+        self.path, self.is_main, self.result, self.armed = path, is_main, None, None
+
+    def arm(self, result: dict) -> None:
+        """What a failure before :meth:`start` records (nothing is written yet)."""
+        self.armed = result
 
     def start(self, result: dict) -> None:
         self.result = result
@@ -170,18 +176,23 @@ class _Record:
             run.write_json(self.path, self.result)
 
     def fail(self, exc: BaseException, iteration: int) -> None:
-        """status "failed" with the iteration reached and the exception's one-line summary (best
-        effort: on a full disk this write may fail too, which is logged)."""
-        if self.result is None or not self.is_main:
+        """status "failed" with the iteration reached and the exception's one-line summary, once
+        out_dir is this run's; a refusal (ConfigError) before the start writes nothing. Best
+        effort: on a full disk this write may fail too, which is logged."""
+        if not self.is_main or (self.result is None and (self.armed is None or isinstance(exc, ConfigError))):
             return
-        summary = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
+        if self.result is None:
+            self.result = dict(self.armed)
+        summary = run.one_line(exc)
         self.result.update(status="failed", iteration=iteration, error=summary,
                            ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        note = ""
         try:
             self.write()
         except OSError as e:
-            log.error("could not record the failure in %s: %s", self.path, e)
-        log.error("status failed at iteration %d: %s", iteration, summary)
+            note = f" (could not record it in {self.path}: {e})"
+        with contextlib.suppress(OSError):  # log.txt may be on the same full disk
+            log.error("status failed at iteration %d: %s%s", iteration, summary, note)
 
 
 @dataclass
@@ -237,8 +248,8 @@ class _State:
 def train(cfg) -> dict:
     """Run (or resume) the training described by the validated config ``cfg``.
 
-    Returns the final metrics (also written to out_dir/metrics.json). An exception after the run
-    has started is recorded there as status "failed" and re-raised.
+    Returns the final metrics (also written to out_dir/metrics.json). An exception once out_dir is
+    this run's is recorded there as status "failed" and re-raised.
     """
     check_machine(cfg)
     di = distributed.setup(cfg.device)
@@ -257,25 +268,16 @@ def _train(s: _State) -> dict:
     """The run, phase by phase: nothing is written to out_dir before :func:`_start`."""
     cfg = s.cfg
     s.started_at, s.t_start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
-    if cfg.norm.layer == "syncbn" and s.di.device.type != "cuda":
-        raise ConfigError("norm.layer=syncbn needs device=cuda (nn.SyncBatchNorm is CUDA-only)")
-    if cfg.compile:
-        reason = unavailable_reason(s.di.device.type)
-        if reason:
-            raise ConfigError(f"compile=true, but torch.compile cannot run on this machine: {reason}; "
-                              f"use compile=false")
-        reason = miscompiled_reason(cfg.norm.layer)
-        if reason:
-            raise ConfigError(f"compile=true with norm.layer={cfg.norm.layer}: {reason}; use compile=false")
     run.setup_logging(cfg.out_dir, s.di.is_main, defer_file=True)  # log.txt once the run starts
-    if cfg.resume == "auto" and not checkpoint.list_checkpoints(s.ckpt_dir) and _finished(s.record.path, cfg):
+    if _finished_record(s):
         log.info("the run in %s already finished (metrics.json: status finished at iteration %d); "
                  "nothing to do", cfg.out_dir, cfg.schedule.iterations)
         return run.read_json(s.record.path)
     _build(s)
     if not _resume(s):
         log.info("the run in %s already finished at iteration %d; nothing to do", cfg.out_dir, s.it)
-        return run.read_json(s.record.path)
+        return run.read_json(s.record.path) if os.path.exists(s.record.path) else {"status": "finished",
+                                                                                   "iteration": s.it}
     _start(s)
     batches = iter(s.stream)
     stop_at = min(cfg.schedule.iterations, cfg.stop_after or cfg.schedule.iterations)
@@ -289,6 +291,30 @@ def _train(s: _State) -> dict:
     return _finish(s)
 
 
+def _finished_record(s: _State) -> bool:
+    """resume=auto on an out_dir without checkpoints whose metrics.json records the run as
+    finished at schedule.iterations: True (nothing to do) when its config.yaml is this run's up
+    to :data:`~mabn.engine.config.RESUME_FREE_KEYS`; refused when it is not, or cannot be read."""
+    cfg = s.cfg
+    if cfg.resume != "auto" or checkpoint.list_checkpoints(s.ckpt_dir):
+        return False
+    try:
+        m = run.read_json(s.record.path)
+    except (OSError, ValueError):
+        return False
+    if not (isinstance(m, dict) and m.get("status") == "finished" and m.get("iteration") == cfg.schedule.iterations):
+        return False
+    saved = os.path.join(cfg.out_dir, "config.yaml")
+    try:
+        saved_cfg = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    except Exception as e:
+        raise ConfigError(f"resume=auto: metrics.json records a finished run in {cfg.out_dir}, but its "
+                          f"config {saved} cannot be read ({run.one_line(e)}), so it cannot be checked "
+                          f"against this config; choose another out_dir") from None
+    _warn_unchecked(check_checkpoint_fits(saved_cfg, cfg, m["iteration"], f"the finished run in {cfg.out_dir}"))
+    return True
+
+
 def _build(s: _State) -> None:
     """Data, model, optimizer, loss, statistics recorder: every check that needs them, no writes."""
     cfg, di = s.cfg, s.di
@@ -297,9 +323,7 @@ def _build(s: _State) -> None:
     if np is not None:
         np.random.seed(cfg.seed)
     s.train_set, s.val_set, s.num_classes = data.build_datasets(cfg.data, cfg.seed)
-    if cfg.model.num_classes is not None and cfg.model.num_classes < s.num_classes:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} is below the {s.num_classes} classes "
-                          f"of the data ({cfg.data.name}); set it to null or >= {s.num_classes}")
+    check_num_classes(cfg.model, s.num_classes, cfg.data.name)
     s.stream = data.TrainStream(s.train_set, cfg.data, cfg.seed, di.rank, di.world_size, di.device)
     s.val_loader = data.build_val_loader(s.val_set, cfg.data, di.rank, di.world_size, di.device)
     model = models.build_model(cfg.model, cfg.norm, cfg.model.num_classes or s.num_classes).to(di.device)
@@ -321,50 +345,83 @@ def _resume(s: _State) -> bool:
     """Lock out_dir, find the checkpoint to continue from (if any), check that it fits the config
     and load it into the model and optimizer. False when there is nothing to do (the checkpoint
     finished the schedule). Still no writes, except the lock file and removing dead temporaries."""
-    cfg, out_dir, ckpt_dir = s.cfg, s.cfg.out_dir, s.ckpt_dir
+    cfg = s.cfg
     if cfg.resume not in ("none", "auto"):
         try:
             s.checkpoint = checkpoint.load(cfg.resume)
         except checkpoint.CheckpointError as e:
             raise ConfigError(f"resume={cfg.resume}: {e}") from None
         log.info("resuming from %s (iteration %d)", cfg.resume, s.checkpoint["iteration"])
-    elif cfg.resume == "none" and checkpoint.list_checkpoints(ckpt_dir):
-        raise ConfigError(f"out_dir={out_dir} already holds checkpoints of a run; pass resume=auto to "
+        source = f"resume={cfg.resume}"
+    elif cfg.resume == "none" and checkpoint.list_checkpoints(s.ckpt_dir):
+        raise ConfigError(f"out_dir={cfg.out_dir} already holds checkpoints of a run; pass resume=auto to "
                           f"continue it, or choose another out_dir")
-    if s.di.is_main:
-        s.lock = run.lock_out_dir(out_dir)  # held until the process ends
-        for f in checkpoint.remove_stale_temporaries(ckpt_dir) + checkpoint.remove_stale_temporaries(out_dir):
-            log.warning("removed %s, left by a process that died while writing it", f)
+    _lock(s)
     if cfg.resume == "auto":
-        found, s.rejected = checkpoint.find_latest(ckpt_dir)
-        if found:
-            s.checkpoint, path = found
-            log.info("resuming from %s (iteration %d)", path, s.checkpoint["iteration"])
-        elif s.rejected:
-            raise ConfigError(
-                f"resume=auto: no usable checkpoint in {ckpt_dir}; every file there was rejected "
-                f"({', '.join(os.path.basename(f) for f in s.rejected)}; see the errors above). To start "
-                f"over, move that folder away (mv {ckpt_dir} {ckpt_dir}.rejected) and run again, or "
-                f"choose another out_dir")
-        else:
-            log.info("resume=auto: no checkpoint in %s, starting fresh", ckpt_dir)
+        source = _find_checkpoint(s)
     state = s.checkpoint
     if not state:
         return True
     s.it = state["iteration"]
+    _warn_unchecked(check_checkpoint_fits(state["config"], cfg, s.it, f"resume: the checkpoint {source}"))
+    _warn_free_changes(state["config"], cfg)
+    if s.record.armed:
+        s.record.armed["iteration"] = s.it
     if s.it == cfg.schedule.iterations and state.get("status") == "finished":
         return False
-    changes = _config_changes(state["config"], cfg)
-    _check_resume_fits(state, cfg, changes)
-    _warn_config_changes(changes)
-    try:
-        s.model.load_state_dict(state["model"])
-        s.optimizer.load_state_dict(state["optimizer"])
-        s.scaler.load_state_dict(state["scaler"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ConfigError(f"resume: the checkpoint does not fit the model of this config: "
-                          f"{str(e).strip().splitlines()[0]}") from None
+    models.load_weights({"model": s.model, "optimizer": s.optimizer, "scaler": s.scaler}, state)
     return True
+
+
+def _lock(s: _State) -> None:
+    """Rank 0 takes out_dir (held until the process ends), removes the temporaries of dead
+    processes, and from here on a failure is recorded in metrics.json."""
+    if not s.di.is_main:
+        return
+    s.lock = run.lock_out_dir(s.cfg.out_dir)
+    s.record.arm(_running(s))
+    for f in checkpoint.remove_stale_temporaries(s.ckpt_dir) + checkpoint.remove_stale_temporaries(s.cfg.out_dir):
+        log.warning("removed %s, left by a process that died while writing it", f)
+
+
+def _running(s: _State) -> dict:
+    """The record of the run while it runs (metrics.json)."""
+    return {"status": "running", "iteration": s.it, "iterations": s.cfg.schedule.iterations, "name": s.cfg.name}
+
+
+def _find_checkpoint(s: _State) -> str | None:
+    """resume=auto: the newest usable checkpoint of out_dir into ``s.checkpoint`` (its path is
+    returned), none (a fresh start), or refused when every file there was rejected."""
+    found, s.rejected = checkpoint.find_latest(s.ckpt_dir)
+    if found:
+        s.checkpoint, path = found
+        log.info("resuming from %s (iteration %d)", path, s.checkpoint["iteration"])
+        return path
+    if s.rejected:
+        raise ConfigError(
+            f"resume=auto: no usable checkpoint in {s.ckpt_dir}; every file there was rejected "
+            f"({', '.join(os.path.basename(f) for f in s.rejected)}; see the errors above). To start "
+            f"over, move that folder away (mv {s.ckpt_dir} {s.ckpt_dir}.rejected) and run again, or "
+            f"choose another out_dir")
+    log.info("resume=auto: no checkpoint in %s, starting fresh", s.ckpt_dir)
+    return None
+
+
+def _warn_unchecked(keys: list[str]) -> None:
+    """Log the keys of this config that the checkpoint's config predates (not compared)."""
+    if keys:
+        log.warning("the checkpoint's config predates these settings, which could not be checked: %s",
+                    ", ".join(keys))
+
+
+def _warn_free_changes(saved: dict, cfg) -> None:
+    """Log the settings that differ from the checkpoint's (only keys free to differ get here)."""
+    quiet = {"resume", "stop_after", "progress_bar", "data.workers", "keep_checkpoints", "out_dir"}
+    changes, _ = config_changes(saved, cfg)
+    shown = [f"{k}: {o!r} -> {v!r}" for k, (o, v) in changes.items() if k not in quiet]
+    if shown:
+        log.warning("resuming with settings that differ from the checkpoint's (free to differ, see "
+                    "mabn.engine.config.RESUME_FREE_KEYS): %s", ", ".join(shown))
 
 
 def _start(s: _State) -> None:
@@ -380,8 +437,8 @@ def _start(s: _State) -> None:
             log.warning("moved the rejected %s to %s.rejected", f, f)
         run.start_log_file(out_dir)
         run.write_provenance(cfg, out_dir, di.world_size)
-    log.info("world size %d, device %s; normalization: %s, weight centralization %s", di.world_size,
-             di.device, norm_options(cfg.norm), cfg.norm.weight_centralization)
+    log.info("world size %d, device %s; normalization: norm.layer=%s %s, weight centralization %s",
+             di.world_size, di.device, cfg.norm.layer, norm_options(cfg.norm), cfg.norm.weight_centralization)
     log.info("data %s: %d training / %d validation images, %d classes; %d batches of %d per rank "
              "per epoch", cfg.data.name, len(s.train_set), len(s.val_set), s.num_classes,
              s.stream.batches_per_epoch, cfg.data.batch_size)
@@ -390,102 +447,127 @@ def _start(s: _State) -> None:
                     broadcast_buffers=False)
     if cfg.compile:  # after channels_last and DDP; checkpoints and validation use s.model itself
         s.net = compile_module(s.net)
-    state = s.checkpoint
-    if state:  # after DDP, whose constructor copies rank 0's buffers to every rank
-        same_world = len(state["ranks"]) == di.world_size
-        if not same_world:
-            log.warning("checkpoint has %d ranks, this run %d: every rank resumes with rank 0's "
-                        "normalization buffers and data position; the resume is not exact",
-                        len(state["ranks"]), di.world_size)
-        mine = state["ranks"][di.rank if same_world else 0]
-        with torch.no_grad():
-            for name, buf in s.model.named_buffers():
-                buf.copy_(mine["buffers"][name])
-        s.stream.load_state_dict(mine["data"])
-        _set_rng_state(mine["rng"])
-        s.meter.load_state_dict(mine["meter"])
-        s.last_val = state.get("val")
-        s.checkpoint = None  # not needed any more
+    if s.checkpoint:  # after DDP, whose constructor copies rank 0's buffers to every rank
+        _restore_rank_state(s)
     log.info("%s: %.2fM parameters; lr %.4g (global batch %d), %d iterations",
              cfg.model.arch, sum(p.numel() for p in s.model.parameters()) / 1e6, s.lr0,
              cfg.data.batch_size * di.world_size, cfg.schedule.iterations)
     if di.is_main:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # heavy; only rank 0 of a starting run needs it
         s.writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=s.it + 1)
         # Drop the log lines written after the checkpoint (this run redoes those iterations).
         _truncate_after(os.path.join(out_dir, "train_log.jsonl"), s.it, lambda ln: json.loads(ln)["iteration"])
     if s.recorder:
         _truncate_after(os.path.join(out_dir, "statistics.csv"), s.it, lambda ln: int(ln.split(",", 1)[0]), header=1)
         s.recorder.writer = s.writer
-    s.record.start({"status": "running", "iteration": s.it, "iterations": cfg.schedule.iterations,
-                    "name": cfg.name})
+    s.record.start(_running(s))
+
+
+def _restore_rank_state(s: _State) -> None:
+    """This rank's part of the checkpoint: normalization buffers, data position, RNG states and
+    the open logging window (rank 0's when the world size changed: then the resume is not exact)."""
+    state, di = s.checkpoint, s.di
+    same_world = len(state["ranks"]) == di.world_size
+    if not same_world:
+        log.warning("checkpoint has %d ranks, this run %d: every rank resumes with rank 0's "
+                    "normalization buffers and data position; the resume is not exact",
+                    len(state["ranks"]), di.world_size)
+    mine = state["ranks"][di.rank if same_world else 0]
+    with torch.no_grad():
+        for name, buf in s.model.named_buffers():
+            buf.copy_(mine["buffers"][name])
+    s.stream.load_state_dict(mine["data"])
+    _set_rng_state(mine["rng"])
+    s.meter.load_state_dict(mine["meter"])
+    s.last_val = state.get("val")
+    s.checkpoint = None  # not needed any more
 
 
 def _train_step(s: _State, batches, stop_at: int, bar) -> None:
-    """One iteration: forward, one all-reduce of (loss, non-finite flag, stop flag), backward and
-    step unless the loss is non-finite on some rank (status diverged), then logging, validation
-    and checkpoints on their schedules; a stop request or stop_after ends the run after a
-    checkpoint (status interrupted)."""
-    cfg, di, device = s.cfg, s.di, s.di.device
+    """One iteration, in phases: the batch, the lr, :func:`_forward`, :func:`_agree` (one
+    all-reduce of loss, non-finite flag and stop flag: a non-finite loss on some rank ends the run
+    here, status diverged), :func:`_backward_step`, the meters, then :func:`_on_schedule`
+    (logging, validation, checkpoints; a stop request or stop_after ends the run after a
+    checkpoint, status interrupted)."""
     t0 = time.perf_counter()
     images, target = next(batches)
-    images = images.to(device, non_blocking=True).contiguous(memory_format=s.memory_format)
-    target = target.to(device, non_blocking=True)
+    images = images.to(s.di.device, non_blocking=True).contiguous(memory_format=s.memory_format)
+    target = target.to(s.di.device, non_blocking=True)
     data_time = time.perf_counter() - t0
     s.it += 1
-    it = s.it
-    lr = lr_at(cfg, it, s.lr0)
+    lr = lr_at(s.cfg, s.it, s.lr0)
     for group in s.optimizer.param_groups:
         group["lr"] = lr
+    logits, loss = _forward(s, images, target)
+    loss_sum, diverged_ranks, stop_requested = _agree(s, loss)
+    if diverged_ranks:
+        s.status = "diverged"
+        log.error("iter %d: non-finite loss on %d rank(s); stopping (status diverged)", s.it, diverged_ranks)
+        return
+    _backward_step(s, loss, t0 + data_time)
+    with torch.no_grad():
+        c1, c5 = topk_correct(logits.detach(), target)
+    s.meter.update(loss_sum / s.di.world_size, c1, c5, target.shape[0], data_time, time.perf_counter() - t0)
+    bar.update(1)
+    _on_schedule(s, lr, stop_requested, stop_at, bar)
 
+
+def _forward(s: _State, images, target):
+    """Logits and loss (under autocast when amp is set), with the injected faults of debug.*."""
     if s.recorder:
-        s.recorder.start(it)
+        s.recorder.start(s.it)
     with s.autocast():
         logits = s.net(images)
         loss = s.criterion(logits.float(), target)
-    if cfg.debug.nan_loss_at == it:
+    if s.cfg.debug.nan_loss_at == s.it:
         loss = loss * float("nan")
-    if cfg.debug.fail_at == it:
-        raise RuntimeError(f"debug.fail_at={it}: injected failure")
+    if s.cfg.debug.fail_at == s.it:
+        raise RuntimeError(f"debug.fail_at={s.it}: injected failure")
+    return logits, loss
 
+
+def _agree(s: _State, loss) -> tuple[float, int, bool]:
+    """What every rank must know before the step: (the sum of the finite losses, the number of
+    ranks whose loss is non-finite, whether any rank was asked to stop)."""
     local = loss.detach().float()
+    finite = bool(torch.isfinite(local))
     flags = distributed.all_reduce_sum(
-        [0.0 if not torch.isfinite(local) else local.item(),
-         float(not torch.isfinite(local)), float(s.stop.signal is not None)], device)
-    if flags[1] > 0:
-        s.status = "diverged"
-        log.error("iter %d: non-finite loss on %d rank(s); stopping (status diverged)", it, int(flags[1]))
-        return
+        [local.item() if finite else 0.0, float(not finite), float(s.stop.signal is not None)], s.di.device)
+    return flags[0].item(), int(flags[1]), bool(flags[2] > 0)
 
+
+def _backward_step(s: _State, loss, t_forward: float) -> None:
+    """Backward (loss scaled under fp16), the optimizer step; the time of the first compiled
+    iteration since ``t_forward`` (its forward began) goes to log.txt."""
     s.optimizer.zero_grad(set_to_none=True)
     s.scaler.scale(loss).backward()
     if s.recorder:
         s.recorder.finish()
     s.scaler.step(s.optimizer)
     s.scaler.update()
-    if cfg.compile and not s.compile_logged:
+    if s.cfg.compile and not s.compile_logged:
         s.compile_logged = True
         log.info("torch.compile: iteration %d, the first of this invocation, took %.1f s (forward and "
                  "backward compiled in it; data loading excluded); the next ones run the compiled code",
-                 it, time.perf_counter() - t0 - data_time)
+                 s.it, time.perf_counter() - t_forward)
 
-    with torch.no_grad():
-        c1, c5 = topk_correct(logits.detach(), target)
-    s.meter.update(flags[0].item() / di.world_size, c1, c5, target.shape[0], data_time, time.perf_counter() - t0)
-    bar.update(1)
-    end = cfg.schedule.iterations
+
+def _on_schedule(s: _State, lr: float, stop_requested: bool, stop_at: int, bar) -> None:
+    """After the step: the log line, validation and checkpoint when due; the status at the end,
+    at a stop request or at stop_after (interrupted: with a checkpoint)."""
+    cfg, it, end = s.cfg, s.it, s.cfg.schedule.iterations
     # Not at stop_after: the open window goes into the checkpoint, so a resumed run logs the
     # same lines as an uninterrupted one.
     if it % cfg.schedule.log_every == 0 or it == end:
-        _log_train(s.meter, it, lr, di, s.writer, os.path.join(cfg.out_dir, "train_log.jsonl"), bar)
+        _log_train(s.meter, it, lr, s.di, s.writer, os.path.join(cfg.out_dir, "train_log.jsonl"), bar)
     if cfg.schedule.eval_every and it % cfg.schedule.eval_every == 0 and it != end:
         s.last_val = _evaluate(s)
     if it == end:
         s.status = "finished"
-    elif flags[2] > 0 or it == stop_at:
+    elif stop_requested or it == stop_at:
         s.status = "interrupted"
         log.warning("iter %d: %s; writing a checkpoint and exiting (resume=auto continues)", it,
-                    f"stop signal ({s.stop.signal or 'on another rank'}) received" if flags[2] > 0
+                    f"stop signal ({s.stop.signal or 'on another rank'}) received" if stop_requested
                     else f"stop_after={cfg.stop_after}")
         _save_checkpoint(s)
     elif it % cfg.schedule.ckpt_every == 0:
@@ -548,50 +630,6 @@ def _finish(s: _State) -> dict:
     return result
 
 
-def _finished(metrics_path: str, cfg) -> bool:
-    """Whether metrics.json records this run as finished at schedule.iterations."""
-    try:
-        m = run.read_json(metrics_path)
-    except (OSError, ValueError):
-        return False
-    return isinstance(m, dict) and m.get("status") == "finished" and m.get("iteration") == cfg.schedule.iterations
-
-
-def _flat(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
-def _config_changes(saved: dict, cfg) -> dict[str, tuple]:
-    """{flattened key: (checkpoint's value, this config's value)} for every setting that differs."""
-    old, new = dict(_flat(saved)), dict(_flat(OmegaConf.to_container(cfg, resolve=True)))
-    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
-
-
-def _check_resume_fits(state: dict, cfg, changes: dict[str, tuple]) -> None:
-    """ConfigError, naming the keys, when the config does not fit the checkpoint: a different
-    model, normalization or data (:data:`RESUME_FIXED`), or fewer iterations than it has done."""
-    changed = [f"{k}={v!r} (checkpoint: {o!r})" for k, (o, v) in changes.items()
-               if any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FIXED)]
-    if changed:
-        raise ConfigError(f"resume: the config does not fit the checkpoint of iteration {state['iteration']}: "
-                          f"{', '.join(changed)}; resume with the checkpoint's settings or choose another out_dir")
-    if cfg.schedule.iterations < state["iteration"]:
-        raise ConfigError(f"schedule.iterations={cfg.schedule.iterations} is below the checkpoint's iteration "
-                          f"{state['iteration']}; a resume cannot go back")
-
-
-def _warn_config_changes(changes: dict[str, tuple]) -> None:
-    """Log the settings that differ from the checkpoint's (a resume normally repeats them)."""
-    ignore = {"resume", "stop_after", "progress_bar", "data.workers", "keep_checkpoints"}
-    shown = [f"{k}: {o!r} -> {v!r}" for k, (o, v) in changes.items() if k not in ignore]
-    if shown:
-        log.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(shown))
-
-
 def _params_digest(model: nn.Module) -> str | None:
     """SHA-256 of all parameters (to check that the ranks hold the same weights)."""
     if np is None:
@@ -625,21 +663,30 @@ def _log_train(meter: WindowMeter, it: int, lr: float, di, writer, path: str, ba
 
 
 def _truncate_after(path: str, last_iter: int, iteration_of, header: int = 0) -> None:
-    """Drop the lines of a log written after iteration ``last_iter`` (a resumed run redoes them);
-    ``iteration_of(line)`` reads a line's iteration, the first ``header`` lines are kept."""
+    """Drop the lines of a log written after iteration ``last_iter`` (a resumed run redoes them),
+    and a torn last line (a crash in the middle of an append); ``iteration_of(line)`` reads a
+    line's iteration, the first ``header`` lines are kept. Rewritten atomically."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         lines = [ln for ln in f if ln.strip()]
-    keep = lines[:header] + [ln for ln in lines[header:] if iteration_of(ln) <= last_iter]
+    done = [(_iteration_or_none(iteration_of, ln), ln) for ln in lines[header:]]
+    keep = lines[:header] + [ln for it, ln in done if it is not None and it <= last_iter]
     if len(keep) != len(lines):
-        with open(path, "w") as f:
-            f.writelines(keep)
+        files.atomic_write({path: "".join(ln if ln.endswith("\n") else ln + "\n" for ln in keep)})
+
+
+def _iteration_or_none(iteration_of, line: str) -> int | None:
+    try:
+        return iteration_of(line)
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _hparams(writer, cfg, result: dict) -> None:
     """TensorBoard hparams summary: the normalization options and the final errors."""
     hp = {f"norm.{k}": v for k, v in norm_options(cfg.norm).items()}
+    hp["norm.layer"] = cfg.norm.layer
     hp["norm.weight_centralization"] = cfg.norm.weight_centralization
     hp.update({"model.arch": cfg.model.arch, "data.name": cfg.data.name,
                "data.batch_size": cfg.data.batch_size, "status": result["status"]})

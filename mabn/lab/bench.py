@@ -1,5 +1,6 @@
-"""Helpers of the benchmark scripts (scripts/bench_norm.py, scripts/bench_step.py): the device,
-round-robin timing and the description of the machine that goes with every figure.
+"""Helpers of the benchmark scripts (scripts/bench_*.py): the device, round-robin timing, the CPU
+allocator and kernel options, argument checks, and the description of the machine that goes with
+every figure.
 
 Round-robin timing: each repeat runs every candidate once, in a fixed order, so that noise from
 other processes hits all of them alike; a candidate's figure is the median over repeats. On CUDA
@@ -17,10 +18,13 @@ from typing import Callable
 
 import torch
 
+from mabn import kernels
 from mabn.engine.machine import cpu_capability, cpu_model, load_average
 
-__all__ = ["write_report", "resolve_device", "sync", "timed", "round_robin", "spread", "cpu_model", "cpu_capability", "load_average",
-           "machine_description", "ALLOCATORS", "set_allocator", "add_allocator_argument", "apply_allocator", "allocator_description"]
+__all__ = ["write_report", "resolve_device", "sync", "timed", "round_robin", "spread", "cpu_model", "cpu_capability",
+           "load_average", "machine_description", "ALLOCATORS", "set_allocator", "add_allocator_argument",
+           "apply_allocator", "allocator_description", "require_positive", "require_shapes", "add_kernels_argument",
+           "apply_kernels", "kernels_description"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,9 +104,9 @@ def set_allocator(name: str) -> None:
     Why it matters: torch's CPU tensors come from malloc, and glibc serves large ones (above a
     threshold of at most 32 MiB) with fresh ``mmap`` pages that go back to the OS when freed, and
     trims the heap when its free top grows large. Every fresh page then costs a page fault on its
-    first write, and that cost differs a lot between machines (measured by
-    scripts/bench_floor.py: 140 ms per GB on the Intel Xeon box, 420-470 ms per GB on the AMD
-    EPYC virtual machine). A layer's forward+backward writes two fresh full-size tensors, so
+    first write, and that cost differs a lot between machines (scripts/bench_floor.py measures
+    it: from about 140 ms per GB on an Intel Xeon to 420-470 ms per GB on an AMD EPYC virtual
+    machine). A layer's forward+backward writes two fresh full-size tensors, so
     that cost is shared by every layer compared and moves their ratios with the machine.
     ``"keep"`` calls ``mallopt(M_MMAP_MAX, 0)`` (no mmap'd chunks) and
     ``mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)`` (no trimming): freed memory is reused without
@@ -172,15 +176,15 @@ def add_kernels_argument(parser) -> None:
 
 
 def apply_kernels(args) -> None:
-    from mabn import kernels
+    """Set mabn.kernels.MODE from ``--cpu-kernels``; with "auto", build (or load) the kernels now,
+    so that no timed call pays for it."""
     kernels.MODE = args.cpu_kernels
     if kernels.MODE == "auto":
-        kernels.load()  # built (or loaded) before any timing
+        kernels.load()
 
 
 def kernels_description() -> str:
     """Which path eager mabn layers take on the CPU in this process (mabn.kernels.status)."""
-    from mabn import kernels
     return kernels.status()
 
 
@@ -198,7 +202,7 @@ def machine_description(device: torch.device) -> str:
 
 def write_report(text: str, path: str | None) -> None:
     """Print a benchmark's markdown report and, with ``path``, write it there atomically (a
-    temporary file renamed over the target, so an interrupted run leaves no half-written file)."""
+    temporary file renamed over ``path``, so an interrupted run leaves no half-written file)."""
     print(text)
     if path:
         tmp = f"{path}.tmp.{os.getpid()}"

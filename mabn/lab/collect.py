@@ -1,8 +1,9 @@
 """Collect the runs of a study into a results table with the paper's numbers side by side.
 
 Scans ``RUNS_DIR`` recursively for run directories (a ``metrics.json`` next to a ``config.yaml``),
-groups them by configuration (experiment preset; and the normalization batch size for Figure 1(b),
-the schedule length for the convergence check) and writes ``results/<study>.md`` (or ``--out``):
+groups them by configuration (experiment preset, and the value of the setting the study sweeps
+besides it, ``studies.SWEPT_KEY``: the normalization batch size for Figure 1(b), the schedule
+length for the convergence check) and writes ``results/<study>.md`` (or ``--out``):
 
 - table2 / table4: one line per row of the paper's table, the row number first, then our mean
   top-1 error over seeds, its sample std, the paired gap to the regular-batch row (the mean over
@@ -33,6 +34,7 @@ says so in the status column. ``--seeds`` keeps only the runs of those seeds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,7 +44,8 @@ import sys
 
 import yaml
 
-from .studies import CLAIMS, CONVERGENCE_TOLERANCE, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE, SAME_AS, STUDIES, Row
+from .studies import (CLAIMS, CONVERGENCE_TOLERANCE, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE, SAME_AS,
+                      STUDIES, SWEPT_KEY, Row)
 
 
 def find_runs(root: str) -> list[dict]:
@@ -63,18 +66,29 @@ def find_runs(root: str) -> list[dict]:
     return runs
 
 
-def run_key(run: dict, study: str):
-    """The configuration a run belongs to: its preset and, for Figure 1(b), the normalization
-    batch size, for the convergence check the schedule length."""
+def run_key(run: dict, study: str) -> tuple[str, int | None]:
+    """The configuration a run belongs to: its preset and the value of the study's swept setting
+    (``studies.SWEPT_KEY``: Figure 1(b)'s normalization batch size, the convergence check's
+    schedule length; None for a study that sweeps only presets)."""
     cfg = run["config"]
-    if study == "figure1b":
-        return cfg["name"], cfg["norm"]["norm_batch_size"]
-    if study == "convergence":
-        return cfg["name"], cfg["schedule"]["iterations"]
-    return cfg["name"], None
+    if study not in SWEPT_KEY:
+        return cfg["name"], None
+    section, field = SWEPT_KEY[study].split(".")
+    return cfg["name"], cfg[section][field]
+
+
+def swept_name(study: str) -> str:
+    """The swept setting's field name as the tables print it (``norm_batch_size``)."""
+    return SWEPT_KEY[study].rsplit(".", 1)[-1]
+
+
+def row_key(row: Row) -> tuple[str, int | None]:
+    """A row's configuration, keyed like :func:`run_key`."""
+    return row.key, row.swept_value
 
 
 def fmt(x, digits=2, signed=False):
+    """``x`` with ``digits`` decimals (a sign with ``signed``); "-" for None or NaN."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
@@ -102,11 +116,11 @@ def summarize(rows: list[Row], runs: list[dict], study: str) -> list[dict]:
     for run in runs:
         by_key.setdefault(run_key(run, study), []).append(run)
     if study == "convergence":
-        return [_summary(Row(row.key, row.label, row.paper_err, iters), by_key[(row.key, iters)])
+        return [_summary(dataclasses.replace(row, swept_value=iters), by_key[(row.key, iters)])
                 for row in rows for iters in sorted(k[1] for k in by_key if k[0] == row.key)]
     out = []
     for row in rows:
-        key = (row.key, row.norm_batch_size)
+        key = row_key(row)
         alias = SAME_AS.get(key)
         if not by_key.get(key) and alias and by_key.get(alias):
             out.append(_summary(row, by_key[alias], same_as=alias[0]))
@@ -132,6 +146,8 @@ def paired_gap(s: dict, ref: dict | None) -> tuple[float | None, float | None, i
 
 
 def status_text(s: dict) -> str:
+    """A summary's status column: how many runs finished, diverged (and where) or stopped, and
+    whose runs they are when another configuration's were used."""
     parts = []
     if s["errs"]:
         parts.append(f"{len(s['errs'])} finished")
@@ -146,13 +162,14 @@ def status_text(s: dict) -> str:
 
 
 def _seeds(s: dict) -> str:
+    """The seeds of a summary's runs, comma-separated ("none" without runs)."""
     return ",".join(str(r["config"]["seed"]) for r in s["runs"]) or "none"
 
 
 def _table_lines(study: str, summary: list[dict]) -> tuple[list[str], list[Row]]:
     """Table 2 / Table 4: row, our mean, std, paired gap to the reference row, paper, seeds, status."""
     ref_key = REFERENCE[study]
-    ref = next((s for s in summary if (s["row"].key, s["row"].norm_batch_size) == ref_key), None)
+    ref = next((s for s in summary if row_key(s["row"]) == ref_key), None)
     ref_paper = ref["row"].paper_err if ref else None
     ref_label = ref["row"].label if ref else "?"
     lines = [
@@ -186,7 +203,7 @@ def _figure1b_lines(summary: list[dict]) -> tuple[list[str], list[Row]]:
     sizes = list(FIGURE1B_SIZES)
     head = "| method | " + " | ".join(f"b={b}" for b in sizes) + " |"
     rule = "|---|" + "---:|" * len(sizes)
-    cell = {(s["row"].label.split(",")[0], s["row"].norm_batch_size): s for s in summary}
+    cell = {(s["row"].label.split(",")[0], s["row"].swept_value): s for s in summary}
     lines = ["Top-1 validation error (%), mean over seeds (± sample std), against the normalization batch "
              "size b inside the same gradient batch of 32. \"-\": diverged; \"missing\": no run.", "",
              head, rule]
@@ -208,7 +225,7 @@ def _figure1b_lines(summary: list[dict]) -> tuple[list[str], list[Row]]:
     for s in summary:
         if not s["runs"]:
             missing.append(s["row"])
-        lines.append(f"| {s['row'].label.split(',')[0]} | {s['row'].norm_batch_size} | {_seeds(s)} | {status_text(s)} |")
+        lines.append(f"| {s['row'].label.split(',')[0]} | {s['row'].swept_value} | {_seeds(s)} | {status_text(s)} |")
     return lines, missing
 
 
@@ -222,10 +239,10 @@ def _convergence_lines(summary: list[dict]) -> tuple[list[str], list[Row]]:
              f"change within about two of them is not distinguishable from seed noise.", "",
              "| row | iterations | ours: top-1 err | ours: std | change from half as long | std. error of the change | seeds | status |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
-    by_len = {(s["row"].key, s["row"].norm_batch_size): s for s in summary}
+    by_len = {row_key(s["row"]): s for s in summary}
     verdicts = []
     for s in summary:
-        key, iters = s["row"].key, s["row"].norm_batch_size
+        key, iters = row_key(s["row"])
         half = by_len.get((key, iters // 2)) if iters % 2 == 0 else None
         change = se = None
         if half is not None and s["mean"] is not None and half["mean"] is not None:
@@ -278,7 +295,7 @@ def _claims_lines(study: str, summary: list[dict]) -> list[str]:
     claims = CLAIMS.get(study)
     if not claims:
         return []
-    by_key = {(s["row"].key, s["row"].norm_batch_size): s for s in summary}
+    by_key = {row_key(s["row"]): s for s in summary}
     lines = ["## The paper's claims against these runs", "",
              "Gap: err(first row) - err(second row), paired over the seeds both finished, with the "
              "half-width of its 95% confidence interval (Student's t, n - 1 degrees of freedom). "
@@ -311,6 +328,8 @@ def _claims_lines(study: str, summary: list[dict]) -> list[str]:
 
 def render(study: str, summary: list[dict], runs_dir: str, title: str | None, notes: str | None,
            command: str) -> str:
+    """The study's markdown file: title, notes, the command that made it, the study's table, the
+    paper's claims, the missing configurations and the runs' provenance."""
     lines = [f"# {title or study}", ""]
     if notes:
         lines += [notes.rstrip(), ""]
@@ -321,7 +340,8 @@ def render(study: str, summary: list[dict], runs_dir: str, title: str | None, no
     lines += _claims_lines(study, summary)
     if missing:
         lines += ["Missing configurations (no run directory found): "
-                  + ", ".join(f"`{m.key}`" + (f" (norm_batch_size={m.norm_batch_size})" if m.norm_batch_size else "") for m in missing) + ".", ""]
+                  + ", ".join(f"`{m.key}`" + (f" ({swept_name(study)}={m.swept_value})" if m.swept_value else "")
+                              for m in missing) + ".", ""]
     lines += _provenance([r for s in summary for r in s["runs"]])
     return "\n".join(lines)
 
@@ -364,7 +384,7 @@ def plot_figure1b(summary: list[dict], path: str) -> None:
         color = f"C{i}"
         ss = [s for s in summary if s["row"].label.split(",")[0] == method and s["errs"]]
         if ss:
-            b = [s["row"].norm_batch_size for s in ss]
+            b = [s["row"].swept_value for s in ss]
             ax.plot(b, [s["mean"] for s in ss], marker="o", color=color, label=f"{method} (ours)")
             ax.fill_between(b, [min(s["errs"]) for s in ss], [max(s["errs"]) for s in ss], color=color,
                             alpha=0.2, linewidth=0)

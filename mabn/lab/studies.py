@@ -13,10 +13,18 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Row:
-    key: str  # the experiment preset (configs/experiment/<key>.yaml); Figure 1(b): method name
+    key: str  # the experiment preset (configs/experiment/<key>.yaml)
     label: str  # the row as the paper prints it
     paper_err: float | None  # top-1 error (%) in the paper; None = "-" (did not converge)
-    norm_batch_size: int | None = None  # Figure 1(b) only: the swept normalization batch size
+    #: The value of the setting the study sweeps besides the preset (``SWEPT_KEY[study]``): the
+    #: normalization batch size in Figure 1(b), the schedule length in the convergence check;
+    #: None in a study that sweeps only presets (Tables 2 and 4).
+    swept_value: int | None = None
+
+
+#: The config key each study sweeps besides the preset (dotted: section.field); studies not named
+#: here sweep only presets. The collector groups a study's runs by (preset, this key's value).
+SWEPT_KEY = {"figure1b": "norm.norm_batch_size", "convergence": "schedule.iterations"}
 
 
 TABLE2 = [
@@ -57,16 +65,17 @@ FIGURE1B = [Row(preset, f"{method}, b={b}", paper.get(b), b)
             for method, (preset, paper) in FIGURE1B_METHODS.items() for b in FIGURE1B_SIZES]
 
 # The convergence check of a protocol (configs/study/convergence.yaml): BN(32) and MABN(2) at the
-# protocol's schedule and at twice its length; the collector groups the runs by their iterations.
+# protocol's schedule and at twice its length. The rows carry no schedule length: the collector
+# makes one row per length found among the runs (schedule.iterations, SWEPT_KEY).
 CONVERGENCE = [TABLE2[0], TABLE2[7]]
 #: A schedule is called converged when doubling it changes each row's mean error by less than this.
 CONVERGENCE_TOLERANCE = 1.5
 
 #: Configurations of one study that are exactly another's: the same resolved config but the preset's
 #: name (tests/test_studies.py checks it), keyed like the collector's run keys (preset, and the
-#: normalization batch size for Figure 1(b)). When a row has no run of its own, the collector
-#: takes the runs of the configuration it names here (given the other study's runs folder too), so
-#: a reproduction need not train the same configuration twice.
+#: swept value: the normalization batch size for Figure 1(b)). When a row has no run of its own,
+#: the collector takes the runs of the configuration it names here (given the other study's runs
+#: folder too), so a reproduction need not train the same configuration twice.
 SAME_AS = {
     ("table4_row1_mabn", None): ("table2_row8_mabn", None),
     ("table4_row4_wc_ema_bs", None): ("table2_row7_modified_ema", None),
@@ -86,8 +95,8 @@ REFERENCE = {"table2": ("table2_row1_bn_regular", None), "table4": ("table4_row1
 class Claim:
     """One comparison the paper's text makes, checked on our runs by the collector.
 
-    ``a`` and ``b`` are rows (keyed as the collector's run keys: preset, and the normalization
-    batch size for Figure 1(b)); the claim is about err(a) - err(b), the paired gap over the seeds
+    ``a`` and ``b`` are rows (keyed as the collector's run keys: preset, and the swept value:
+    the normalization batch size for Figure 1(b)); the claim is about err(a) - err(b), the paired gap over the seeds
     both finished. ``kind`` is what the paper says of it: "higher" (a's error is larger), "lower",
     "equal" (no real difference), or "diverges" (``a``'s training cannot converge; ``b`` unused).
     The paper's own gap is the difference of the two rows' ``paper_err`` (none where either is
