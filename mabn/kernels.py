@@ -49,6 +49,8 @@ import warnings
 
 import torch
 
+from .options import OptionError
+
 __all__ = ["MODE", "MODES", "STREAM_BYTES", "load", "status", "enabled", "stream"]
 
 MODES = ("auto", "off")
@@ -78,7 +80,6 @@ _lock = threading.Lock()
 
 def _check_mode() -> None:
     if MODE not in MODES:
-        from .norm import OptionError
         raise OptionError("mabn.kernels.MODE (environment variable MABN_CPU_KERNELS)", MODE,
                           'is "auto" or "off"')
 
