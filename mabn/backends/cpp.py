@@ -115,33 +115,39 @@ class CppLayer:
         return _TrainStep.apply(x, layer.weight, layer.bias, layer, kernels.load(), groups)
 
 
+def layer_options(ext, o) -> object:
+    """``ext.LayerOptions`` (mabn/csrc/norm_types.h) of a layer's :class:`mabn.options.NormOptions`."""
+    return ext.LayerOptions(vanilla=o.vanilla, fp_stats=o.fp_stats, bp_stats=o.bp_stats,
+                            ema_first=o.ema_init == "first", warmup_iters=o.warmup_iters,
+                            renorm_warmup_iters=o.renorm_warmup_iters, r_max=o.r_max, d_max=o.d_max,
+                            eps=o.eps, alpha=o.alpha, cancellation_ratio=functional.CANCELLATION_RATIO)
+
+
 class _TrainStep(torch.autograd.Function):
     """The C++ layer's forward and backward as one autograd node."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer, ext, groups):
         o = layer.options()
-        (out, inv_std, shift, r, d, warm, s0), centred = ext.train_forward(
-            x, groups, weight, bias, layer.fp_window, layer.fp_window_valid, layer.running_mean, layer.running_var,
-            layer.num_batches_tracked, o.vanilla, o.fp_stats, o.bp_stats, o.ema_init == "first", o.warmup_iters,
-            o.renorm_warmup_iters, o.r_max, o.d_max, o.eps, o.alpha, functional.CANCELLATION_RATIO,
-            kernels.stream(x))
-        ctx.save_for_backward(x, weight, inv_std, shift, r, d)
-        ctx.layer, ctx.ext, ctx.warm, ctx.centred = layer, ext, warm, centred
+        options = layer_options(ext, o)
+        buffers = ext.ForwardBuffers(layer.fp_window, layer.fp_window_valid, layer.running_mean,
+                                     layer.running_var, layer.num_batches_tracked)
+        step = ext.train_forward(x, groups, weight, bias, buffers, options, kernels.stream(x))
+        ctx.save_for_backward(x, weight)
+        ctx.layer, ctx.ext, ctx.options, ctx.norm = layer, ext, options, step.norm
         if layer.record_used_statistics:
-            functional.record_forward(layer, s0, r, o.vanilla)
-        return out
+            functional.record_forward(layer, step.s0, step.norm.r, o.vanilla)
+        return step.out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, inv_std, shift, r, d = ctx.saved_tensors
-        layer = ctx.layer
-        o = layer.options()
+        x, weight = ctx.saved_tensors
+        layer, ext = ctx.layer, ctx.ext
         layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
-        dx, grad_weight, grad_bias, g_0, psi_0 = ctx.ext.train_backward(
-            dout.to(x.dtype).contiguous(memory_format=layout), x, weight, inv_std, shift, r, d, ctx.warm,
-            ctx.centred, layer.bp_window, layer.bp_window_valid, layer.running_g, layer.running_psi,
-            layer.num_backward_tracked, o.vanilla, o.bp_stats, o.ema_init == "first", o.alpha, kernels.stream(x))
+        buffers = ext.BackwardBuffers(layer.bp_window, layer.bp_window_valid, layer.running_g,
+                                      layer.running_psi, layer.num_backward_tracked)
+        step = ext.train_backward(dout.to(x.dtype).contiguous(memory_format=layout), x, weight, ctx.norm,
+                                  buffers, ctx.options, kernels.stream(x))
         if layer.record_used_statistics:
-            functional.record_backward(layer, g_0, psi_0)
-        return dx, grad_weight, grad_bias, None, None, None
+            functional.record_backward(layer, step.g0, step.psi0)
+        return step.dx, step.grad_weight, step.grad_bias, None, None, None
