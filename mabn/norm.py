@@ -182,8 +182,12 @@ class BatchStatNorm2d(nn.Module):
         self.record_used_statistics = False
         self.used_statistics: dict[str, torch.Tensor] = {}
 
+        self._make_state(num_features, 2 if form == "vanilla" else 1, buffer_size, device, dtype)
+
+    def _make_state(self, num_features, k, buffer_size, device, dtype) -> None:
+        """The parameters and buffers, on ``device`` in ``dtype`` (the counters int64); ``k``
+        forward statistics per group: (mu, v) or (q,)."""
         f = {"device": device, "dtype": dtype}
-        k = 2 if form == "vanilla" else 1  # forward statistics per group: (mu, v) or (q,)
         self.weight = nn.Parameter(torch.ones(num_features, **f))
         self.bias = nn.Parameter(torch.zeros(num_features, **f))
         # EMA of the forward statistics (eq. 12); names match nn.BatchNorm2d.

@@ -19,7 +19,7 @@ from typing import Any, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mabn import LAYER_OPTIONS, LAYERS
-from mabn.norm import OptionError, check_options
+from mabn.options import OptionError, check_options
 
 __all__ = ["NormConfig", "ModelConfig", "DataConfig", "ScheduleConfig", "OptimConfig",
            "StatsConfig", "DebugConfig", "Config", "EvalConfig", "ConfigError", "load", "validate",
@@ -368,7 +368,7 @@ def validate(cfg: DictConfig) -> None:
     runs it is checked by :func:`check_machine`.)"""
     n, d, m, s, o = cfg.norm, cfg.data, cfg.model, cfg.schedule, cfg.optim
 
-    # norm: the value ranges are the layer's own (mabn.norm.check_options), named as config keys
+    # norm: the value ranges are the layer's own (mabn.options.check_options), named as config keys
     _one_of("norm.layer", n.layer, LAYERS)
     try:
         check_options(**{k: n[k] for k in LAYER_OPTIONS["mabn"]})
