@@ -11,17 +11,14 @@ weight of the old value, not torch's ``momentum``) plus ``layer`` (which impleme
 from __future__ import annotations
 
 import inspect
-from typing import Callable
 
-import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.parameter import is_lazy
 
-from .conv import CenConv2d
-from .norm import BatchStatNorm2d, check_options, resolve_alpha
+from .convert import replace_batchnorms
+from .norm import BatchStatNorm2d
+from .options import check_options, resolve_alpha
 
-__all__ = ["build_norm", "convert_model", "is_batchnorm_2d", "NORM_OPTIONS", "LAYER_OPTIONS", "LAYERS"]
+__all__ = ["build_norm", "convert_model", "NORM_OPTIONS", "LAYER_OPTIONS", "LAYERS"]
 
 #: Implementations selectable with ``layer``.
 #:  - "mabn": the configurable family :class:`BatchStatNorm2d` (BN, BRN, modified, MABN, ablations)
@@ -60,7 +57,7 @@ def build_norm(num_features: int, layer: str = "mabn", *, device=None, dtype=Non
             norm_batch_size must be None (they normalize the whole batch). For "gn": num_groups
             (default 32), eps. Options set to None are ignored, except norm_batch_size. Options
             that the chosen layer does not use are an error, so a typo cannot pass silently; the
-            values are checked by :func:`mabn.norm.check_options`.
+            values are checked by :func:`mabn.options.check_options`.
     """
     unknown = sorted(set(options) - set(NORM_OPTIONS))
     if unknown:
@@ -99,68 +96,13 @@ def build_norm(num_features: int, layer: str = "mabn", *, device=None, dtype=Non
     return nn.GroupNorm(num_groups, num_features, **opts, **factory)
 
 
-def is_batchnorm_2d(module: nn.Module) -> bool:
-    """Whether ``module`` is a torch BatchNorm of 4-D inputs that conversion replaces: any
-    ``nn.modules.batchnorm._BatchNorm`` subclass (nn.BatchNorm2d, nn.SyncBatchNorm, a user's
-    subclass) whose input check accepts (N, C, H, W), not a mabn family layer."""
-    if not isinstance(module, _BatchNorm):
-        return False
-    try:
-        module._check_input_dim(torch.empty(0, 0, 0, 0))
-    except ValueError:  # BatchNorm1d / BatchNorm3d and their subclasses
-        return False
-    return True
-
-
-def _copy_norm_state(src: _BatchNorm, dst: nn.Module) -> None:
-    """Affine parameters and running statistics of ``src`` into the fresh layer ``dst``.
-
-    The modified form (eq. 15) keeps running_mean 0 and running_var the EMA of chi^2 = E[x^2]:
-    it gets ``var + mean^2``. Iteration counters are not copied (the training that follows
-    starts at t = 1: its warm-ups apply, and with ``ema_init="first"`` its first batch replaces
-    the EMAs).
-    """
-    with torch.no_grad():
-        if src.affine and getattr(dst, "weight", None) is not None:
-            dst.weight.copy_(src.weight)
-            dst.bias.copy_(src.bias)
-        if not src.track_running_stats or getattr(dst, "running_var", None) is None:
-            return
-        mean, var = src.running_mean, src.running_var
-        if isinstance(dst, BatchStatNorm2d) and dst.form == "modified":
-            mean, var = torch.zeros_like(mean), var + mean * mean
-        dst.running_mean.copy_(mean)
-        dst.running_var.copy_(var)
-
-
-def _convert(module: nn.Module, make: Callable | None, weight_centralization: bool) -> nn.Module:
-    if make is not None and is_batchnorm_2d(module):
-        if any(is_lazy(p) for p in list(module.parameters()) + list(module.buffers())):
-            raise ValueError(f"cannot convert the uninitialized lazy {type(module).__name__}: run a "
-                             f"forward pass first so that it knows its num_features")
-        alpha = None if module.momentum is None else 1.0 - module.momentum
-        ref = module.weight if module.weight is not None else module.running_mean
-        factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
-        new = make(module.num_features, alpha, **factory)
-        _copy_norm_state(module, new)
-        new.train(module.training)
-        return new
-    if weight_centralization and type(module) is nn.Conv2d:
-        return CenConv2d.from_conv(module)
-    for name, child in module.named_children():
-        new = _convert(child, make, weight_centralization)
-        if new is not child:
-            setattr(module, name, new)
-    return module
-
-
 def convert_model(model: nn.Module, norm: dict | None = None, weight_centralization: bool = False) -> nn.Module:
     """Swap the normalization (and optionally convolution) layers of ``model`` in place.
 
-    Every torch BatchNorm of 4-D inputs (:func:`is_batchnorm_2d`: nn.BatchNorm2d,
+    Every torch BatchNorm of 4-D inputs (:func:`mabn.convert.is_batchnorm_2d`: nn.BatchNorm2d,
     nn.SyncBatchNorm, other ``_BatchNorm`` subclasses) becomes ``build_norm(num_features,
     **norm)`` on the old layer's device and dtype and in its train/eval mode, keeping its affine
-    weights and running statistics (see :func:`_copy_norm_state`). torch's momentum is carried
+    weights and running statistics (see :func:`mabn.convert.copy_norm_state`). torch's momentum is carried
     over as ``alpha = 1 - momentum`` unless ``norm`` sets ``alpha`` (a BatchNorm with
     ``momentum=None``, torch's cumulative average, has no such alpha: the new layer then gets
     ``norm``'s alpha or its default). With ``weight_centralization`` every plain nn.Conv2d becomes
@@ -183,14 +125,5 @@ def convert_model(model: nn.Module, norm: dict | None = None, weight_centralizat
                 options["alpha"] = alpha
             return build_norm(num_features, **options, **factory)
 
-    return _convert(model, make, weight_centralization)
+    return replace_batchnorms(model, make, weight_centralization)
 
-
-def convert_batchnorm(cls, module: nn.Module, **options) -> nn.Module:
-    """:meth:`mabn.BatchStatNorm2d.convert_batchnorm`: :func:`convert_model` with ``cls`` layers."""
-
-    def make(num_features, alpha, **factory):
-        carried = {} if alpha is None or "alpha" in options or "momentum" in options else {"alpha": alpha}
-        return cls(num_features, **carried, **options, **factory)
-
-    return _convert(module, make, False)

@@ -17,7 +17,7 @@ the same tensors and a plain copy (the memory-bandwidth yardstick):
 The layer's total (``bench_norm.py``) minus the four kernels is what the layer spends outside
 them: the statistics between the passes, its autograd Function and the small operations around
 the kernels (eager float32 CPU layers run all of it in one C++ call per pass direction,
-mabn.norm._NativeNormalize; the kernels are timed here as that layer calls them).
+the "cpp_layer" backend of mabn.backends; the kernels are timed here as that layer calls them).
 
     python scripts/bench_kernels.py --channels-last --threads 2 --allocator keep
 """

@@ -7,6 +7,7 @@ written from the formulas, group by group and iteration by iteration.
 
 import copy
 import itertools
+import os
 import re
 
 import pytest
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import mabn
+import mabn.backends
 from mabn import BatchStatNorm2d
+from mabn.options import NormOptions
 
 D = torch.float64
 
@@ -236,10 +239,10 @@ def test_matches_loop_reference_over_iterations(form, fp, bp, ema_init):
 @pytest.mark.parametrize("x_fmt,up_fmt", [("nchw", "nchw"), ("cl", "cl"), ("cl", "nchw"), ("nchw", "cl")])
 @pytest.mark.parametrize("chunk", [1, 5, 45, 100, 1 << 18])
 def test_chunked_layout_reductions_match_loop_reference(monkeypatch, form, x_fmt, up_fmt, chunk):
-    """The reductions in each memory format, chunked down to single elements (mabn.norm._CHUNK),
-    and with the upstream gradient in another format than the input, against the float64 loop."""
-    import mabn.norm as norm_module
-    monkeypatch.setattr(norm_module, "_CHUNK", chunk)  # (float64: mabn.kernels never apply)
+    """The CPU backend's reductions in each memory format, chunked down to single elements
+    (mabn.backends.cpu.CHUNK), and with the upstream gradient in another format than the input,
+    against the float64 loop."""
+    monkeypatch.setattr(mabn.backends.cpu, "CHUNK", chunk)  # (float64: the "cpu" backend)
     fmt = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
     C, b = 3, 2
     kw = dict(form=form, fp_stats="ema", bp_stats="sma", norm_batch_size=b, alpha=0.8, buffer_size=3,
@@ -448,6 +451,9 @@ class _CountingKernels:
     def __getattr__(self, name):
         fn = getattr(self.ext, name)
 
+        if isinstance(fn, type):  # the extension's argument structs
+            return fn
+
         def counted(*args):
             self.calls[name] = self.calls.get(name, 0) + 1
             if name in ("scale_shift", "multiply_adds"):  # (out bytes, the stream flag passed)
@@ -554,20 +560,18 @@ def test_cpu_kernels_refuse_wrong_inputs_by_name(cpu_kernels):
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("preset", ["MABN2d", "BatchNorm2d", "BatchRenorm2d"])
 def test_cpu_kernels_are_taken_and_match_float64(monkeypatch, cpu_kernels, fmt, preset):
-    """Eager float32 layers on the CPU take mabn's C++ layer (one call per forward and per
-    backward) in both layouts; the Python path takes mabn's C++ kernels (forward sums, backward
-    reductions and the one-pass input gradient); with mabn.kernels.MODE "off" no kernel is
-    called. In all three the input gradient matches the float64 layer's (which keeps torch's
-    operations)."""
-    import mabn.norm as norm_module
+    """Eager float32 layers on the CPU take mabn's C++ layer (backend "cpp_layer": one call per
+    forward and per backward) in both layouts; backend "cpp_passes" takes mabn's C++ kernels
+    (forward sums, backward reductions and the one-pass input gradient); with mabn.kernels.MODE
+    "off" no kernel is called. In all three the input gradient matches the float64 layer's
+    (which keeps torch's operations)."""
     from mabn import kernels
     counting = _CountingKernels(cpu_kernels)
     monkeypatch.setattr(kernels, "_module", counting)
     err_native = _float32_layer_against_float64(preset, fmt)
     assert counting.calls == {"train_forward": 3, "train_backward": 3}, counting.calls
     counting.calls.clear()
-    with monkeypatch.context() as patch:
-        patch.setattr(norm_module, "_native_layer", lambda layer, x: None)
+    with mabn.backends.forced("cpp_passes"):
         err_kernels = _float32_layer_against_float64(preset, fmt)
     sums = "column_dot_sums" if fmt is torch.channels_last else "row_dot_sums"
     assert counting.calls == {sums: 6, "scale_shift": 3, "multiply_adds": 3}, counting.calls  # 3 fwd + 3 bwd
@@ -582,7 +586,6 @@ def test_cpu_kernels_stream_outputs_of_at_least_stream_bytes(monkeypatch, cpu_ke
     """The layer asks for streaming stores exactly for outputs of >= mabn.kernels.STREAM_BYTES
     (4 x 8 x 9 x 9 float32 = 10368 bytes here; the Python path's kernel calls and the C++ layer
     both get the flag), and the result does not depend on it."""
-    import mabn.norm as norm_module
     from mabn import kernels
     counting = _CountingKernels(cpu_kernels)
     monkeypatch.setattr(kernels, "_module", counting)
@@ -600,14 +603,14 @@ def test_cpu_kernels_stream_outputs_of_at_least_stream_bytes(monkeypatch, cpu_ke
     for threshold in (10368, 10369):
         monkeypatch.setattr(kernels, "STREAM_BYTES", threshold)
         counting.streamed.clear()
-        with monkeypatch.context() as patch:
-            patch.setattr(norm_module, "_native_layer", lambda layer, x: None)
+        with mabn.backends.forced("cpp_passes"):
             errors.append(_float32_layer_against_float64("MABN2d", torch.channels_last))
         assert counting.streamed == [(10368, threshold <= 10368)] * 6, counting.streamed  # 3 fwd + 3 bwd
         native.clear()
         with monkeypatch.context() as patch:
-            patch.setattr(kernels, "_module", type("Ext", (), {"train_forward": staticmethod(forward),
-                                                              "train_backward": staticmethod(backward)}))
+            patch.setattr(kernels, "_module", type("Ext", (), {
+                "train_forward": staticmethod(forward), "train_backward": staticmethod(backward),
+                **{name: getattr(cpu_kernels, name) for name in ("LayerOptions", "ForwardBuffers", "BackwardBuffers")}}))
             errors.append(_float32_layer_against_float64("MABN2d", torch.channels_last))
         assert native == {"forward": [threshold <= 10368] * 3, "backward": [threshold <= 10368] * 3}, native
     assert max(errors) < 1e-5, errors
@@ -617,15 +620,15 @@ def test_stream_bytes_setting(monkeypatch):
     """MABN_STREAM_BYTES: a whole number of bytes (default 4 MiB), or an error naming it."""
     from mabn import kernels
     monkeypatch.delenv("MABN_STREAM_BYTES", raising=False)
-    assert kernels._stream_bytes_from_env() == 4 << 20
+    assert kernels.stream_bytes_from_env() == 4 << 20
     monkeypatch.setenv("MABN_STREAM_BYTES", "0")
-    assert kernels._stream_bytes_from_env() == 0
+    assert kernels.stream_bytes_from_env() == 0
     monkeypatch.setenv("MABN_STREAM_BYTES", "4MiB")
     with pytest.raises(ValueError, match="MABN_STREAM_BYTES.*'4MiB'"):
-        kernels._stream_bytes_from_env()
+        kernels.stream_bytes_from_env()
 
 
-def test_cpu_kernels_fall_back_when_they_cannot_be_built(monkeypatch):
+def test_cpu_kernels_fall_back_when_they_cannot_be_built(monkeypatch, tmp_path):
     """A build that fails (e.g. no C++ compiler) warns once, naming the switch; the layers then
     take torch's operations, with the float64 gradient, and reports say so."""
     from torch.utils import cpp_extension
@@ -635,6 +638,7 @@ def test_cpu_kernels_fall_back_when_they_cannot_be_built(monkeypatch):
     def broken(**kwargs):
         raise RuntimeError("no C++ compiler found\nmore detail")
 
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # (no build there yet)
     monkeypatch.setattr(kernels, "MODE", "auto")
     monkeypatch.setattr(kernels, "_module", None)
     monkeypatch.setattr(cpp_extension, "load", broken)
@@ -643,6 +647,41 @@ def test_cpu_kernels_fall_back_when_they_cannot_be_built(monkeypatch):
     assert kernels._module is False and kernels.load() is None
     assert "failed to build" in kernels.status()
     assert err < 1e-5
+
+
+def test_built_kernels_load_without_the_builder(monkeypatch, cpu_kernels):
+    """A build of the same sources (any checkout, any process) is loaded from its folder
+    directly: torch's builder is not run again."""
+    from torch.utils import cpp_extension
+
+    from mabn import kernels
+
+    def builder(**kwargs):
+        raise AssertionError("the extension was built again")
+
+    monkeypatch.setattr(cpp_extension, "load", builder)
+    monkeypatch.setattr(kernels, "_module", None)
+    ext = kernels.load()
+    assert ext is not None and os.path.dirname(ext.__file__) == kernels.build_directory()
+    assert hasattr(ext, "train_forward") and hasattr(ext, "LayerOptions")
+
+
+def test_build_key_follows_the_sources_content(monkeypatch, tmp_path):
+    """The build folder is named by the sources' content: a copy of mabn/csrc elsewhere (a
+    second checkout) has the same key; a changed source, a new one."""
+    import shutil
+
+    from mabn import kernels
+
+    key = kernels.build_key()
+    copy_dir = tmp_path / "checkout" / "csrc"
+    shutil.copytree(os.path.join(os.path.dirname(kernels.__file__), "csrc"), copy_dir)
+    monkeypatch.setattr(kernels, "_CSRC", str(copy_dir))
+    assert kernels.build_key() == key
+    with open(copy_dir / "norm_types.h", "a") as f:
+        f.write("// changed\n")
+    assert kernels.build_key() != key
+    assert os.path.basename(kernels.build_directory()) == f"mabn_cpu_{kernels.build_key()}"
 
 
 def test_cpu_kernels_bad_setting_is_named(monkeypatch):
@@ -657,11 +696,13 @@ def _iterations(kw, shape, iters, python_path, monkeypatch):
     """``iters`` training iterations of a float32 BatchStatNorm2d(**kw) (channels_last, inputs
     growing in scale, off-centre): per iteration the output, the input and parameter gradients
     and the recorded statistics; then the layer. ``python_path``: the layer takes its Python
-    path (_NormalizeAffine, _forward_statistics, _backward_statistics; mabn's kernels for the
-    passes over the data) instead of mabn's C++ layer (_NativeNormalize)."""
-    import mabn.norm as norm_module
-    if python_path:
-        monkeypatch.setattr(norm_module, "_native_layer", lambda layer, x: None)
+    path (backend "cpp_passes": mabn.functional's statistics, mabn's kernels for the passes over
+    the data) instead of mabn's C++ layer (backend "cpp_layer")."""
+    with mabn.backends.forced("cpp_passes" if python_path else None):
+        return _run_iterations(kw, shape, iters)
+
+
+def _run_iterations(kw, shape, iters):
     torch.manual_seed(0)
     layer = BatchStatNorm2d(shape[1], **kw)
     with torch.no_grad():
@@ -675,7 +716,6 @@ def _iterations(kw, shape, iters, python_path, monkeypatch):
         y = layer(x)
         grads = torch.autograd.grad(y, (x, layer.weight, layer.bias), make_input(*shape, seed=50 + it).float())
         outs.append([y, *grads] + [v.clone() for v in layer.used_statistics.values()])
-    monkeypatch.undo()
     return layer, outs
 
 
@@ -688,9 +728,8 @@ _WINDOWS = [(4, 2, 5), (8, 2, 3)]
 @pytest.mark.parametrize("form", ["vanilla", "modified"])
 def test_native_layer_matches_the_python_path(monkeypatch, cpu_kernels, form, n, b, m):
     """Eager float32 CPU layers run their training forward and backward as one C++ call each
-    (mabn.norm._NativeNormalize: mabn/csrc/norm_layer.cpp and norm_statistics.cpp); the Python
-    path (_NormalizeAffine with _forward_statistics and _backward_statistics) stays the
-    reference. For every option set (fp_stats x bp_stats x ema_init x warm-ups) over five
+    (backend "cpp_layer": mabn/csrc/norm_layer.cpp and norm_statistics.cpp); mabn.functional
+    (here with the "cpp_passes" backend) stays the reference. For every option set (fp_stats x bp_stats x ema_init x warm-ups) over five
     iterations (warm-ups ending, renormalization switching on, SMA windows filling, EMAs
     starting) the output, the input and parameter gradients, the recorded statistics and every
     buffer agree to float32 rounding (the C++ loops sum SMA windows and group means in float64,
@@ -717,6 +756,15 @@ def test_native_layer_matches_the_python_path(monkeypatch, cpu_kernels, form, n,
             torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5, msg=lambda msg: f"{kw}, {name}: {msg}")
 
 
+def _layer_options(ext, **changes):
+    """The C++ LayerOptions of NormOptions with these changes (vanilla batch statistics,
+    ema_init "first", no warm-up, r_max = d_max = 5, eps 1e-5, alpha 0.9 otherwise)."""
+    options = dict(vanilla=True, fp_stats="batch", bp_stats="batch", ema_init="first", warmup_iters=0,
+                   renorm_warmup_iters=0, r_max=5.0, d_max=5.0, eps=1e-5, alpha=0.9)
+    options.update(changes)
+    return mabn.backends.cpp.layer_options(ext, NormOptions(**options))
+
+
 def test_native_statistics_sliding_mean_against_explicit_windows(cpu_kernels):
     """The C++ forward statistics' SMA (eq. 13) against an explicit list of the last m pushed
     group statistics, over iterations that fill the window (fewer valid entries than m), with
@@ -729,9 +777,10 @@ def test_native_statistics_sliding_mean_against_explicit_windows(cpu_kernels):
     gen = torch.Generator().manual_seed(3)
     for it in range(4):
         batch = torch.rand(G, 1, C, generator=gen) + 0.5
-        s0, inv_std, shift, r, d, warm = cpu_kernels.forward_statistics(
-            batch, 50, window, valid, running_mean, running_var, counter, False, "sma", "sma", True,
-            0, 0, 5.0, 5.0, 1e-5, 0.9)
+        st = cpu_kernels.forward_statistics(
+            batch, 50, cpu_kernels.ForwardBuffers(window, valid, running_mean, running_var, counter),
+            _layer_options(cpu_kernels, vanilla=False, fp_stats="sma", bp_stats="sma"))
+        s0, inv_std, shift, r, d, warm = st.s0, st.inv_std, st.shift, st.r, st.d, st.warm
         assert shift is None and r is None and d is None and warm is None
         for g in range(G):
             pushed.append(batch[g, 0].double())
@@ -747,13 +796,16 @@ def test_native_statistics_name_bad_arguments(cpu_kernels):
     """The C++ functions check what they are given and say which argument is wrong."""
     C = 4
     window, valid, rm, rv = torch.zeros(2, 1, C), torch.zeros(2), torch.zeros(C), torch.ones(C)
-    args = (50, window, valid, rm, rv, torch.tensor(0), False, "ema", "sma", True, 0, 0, 5.0, 5.0, 1e-5, 0.9)
+    buffers = cpu_kernels.ForwardBuffers(window, valid, rm, rv, torch.tensor(0))
+    options = _layer_options(cpu_kernels, vanilla=False, fp_stats="ema", bp_stats="sma")
     with pytest.raises(RuntimeError, match="batch must be a contiguous float32"):
-        cpu_kernels.forward_statistics(torch.rand(3, 1, C, dtype=D), *args)
+        cpu_kernels.forward_statistics(torch.rand(3, 1, C, dtype=D), 50, buffers, options)
     with pytest.raises(RuntimeError, match="running_var must have shape"):
-        cpu_kernels.forward_statistics(torch.rand(3, 1, C), *args[:4], torch.ones(C + 1), *args[5:])
+        cpu_kernels.forward_statistics(torch.rand(3, 1, C), 50, cpu_kernels.ForwardBuffers(
+            window, valid, rm, torch.ones(C + 1), torch.tensor(0)), options)
     with pytest.raises(RuntimeError, match='fp_stats must be "batch", "ema" or "sma", got "emma"'):
-        cpu_kernels.forward_statistics(torch.rand(3, 1, C), *args[:7], "emma", *args[8:])
+        cpu_kernels.forward_statistics(torch.rand(3, 1, C), 50, buffers,
+                                       _layer_options(cpu_kernels, vanilla=False, fp_stats="emma"))
 
 
 def test_native_layer_leaves_other_dtypes_to_python(monkeypatch, cpu_kernels):

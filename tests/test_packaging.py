@@ -11,6 +11,8 @@ import zipfile
 
 import pytest
 
+from mabn import kernels
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_ONLY = ("torchvision", "hydra", "omegaconf", "yaml", "matplotlib", "tensorboard", "tqdm", "onnx",
               "onnxruntime", "submitit")
@@ -76,10 +78,11 @@ def test_wheel_holds_the_library_and_requires_only_torch_and_ninja(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("mabn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"mabn/__init__.py", "mabn/norm.py", "mabn/kernels.py", "mabn/csrc/norm_kernels.cpp",
-            "mabn/csrc/norm_statistics.cpp", "mabn/csrc/norm_statistics.h", "mabn/csrc/norm_layer.cpp",
-            "mabn/csrc/norm_layer.h", "mabn/csrc/norm_kernels.h", "mabn/csrc/norm_util.h",
-            "mabn/fold/__init__.py", "mabn/engine/trainer.py"} <= set(names)
+    csrc = {f"mabn/csrc/{name}" for name in kernels.SOURCES + kernels.HEADERS}  # what the build reads
+    assert csrc == {f"mabn/csrc/{name}" for name in os.listdir(os.path.join(REPO, "mabn", "csrc"))}
+    assert csrc | {"mabn/__init__.py", "mabn/norm.py", "mabn/functional.py", "mabn/options.py",
+                   "mabn/backends/__init__.py", "mabn/backends/cpp.py", "mabn/kernels.py",
+                   "mabn/fold/__init__.py", "mabn/engine/trainer.py", "mabn/lab/studies.py"} <= set(names)
     assert all(n.startswith(("mabn/", "mabn-")) for n in names), names  # no scripts, tests, configs
     meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
     meta = email.message_from_bytes(zipfile.ZipFile(wheel).read(meta_name))

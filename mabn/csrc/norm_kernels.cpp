@@ -1,4 +1,4 @@
-// CPU kernels of the eager batch-statistics layers (mabn/norm.py), loaded by mabn/kernels.py.
+// CPU kernels of the eager batch-statistics layers (mabn/backends/cpp.py), loaded by mabn/kernels.py.
 //
 // Memory-bound loops that eager torch can only express as several kernels or as one call
 // per normalization group, each written here as one pass over its inputs:
@@ -22,8 +22,6 @@
 #include <ATen/Parallel.h>
 
 #include "norm_kernels.h"
-#include "norm_layer.h"
-#include "norm_statistics.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -322,15 +320,4 @@ torch::Tensor scale_shift(torch::Tensor x, torch::Tensor scale, torch::Tensor of
   check_output(out, x);
   affine_rows(nullptr, x, scale, scale, offset, per_column, stream, out);
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("column_dot_sums", &column_dot_sums, "per-(group, channel) sum(d), sum(d*x) of (G, L, C) rows");
-  m.def("row_dot_sums", &row_dot_sums, "per-row sum(d), sum(d*x) of (R, Q) rows");
-  m.def("multiply_adds", &multiply_adds, "d * a + x * b + k with per-(sample, channel) coefficients");
-  m.def("scale_shift", &scale_shift, "x * scale + offset with per-(sample, channel) coefficients");
-  m.def("forward_statistics", &forward_statistics, "_forward_statistics of mabn/norm.py (norm_statistics.cpp)");
-  m.def("backward_statistics", &backward_statistics, "_backward_statistics of mabn/norm.py (norm_statistics.cpp)");
-  m.def("train_forward", &train_forward, "a layer's training forward (norm_layer.cpp)");
-  m.def("train_backward", &train_backward, "its backward (norm_layer.cpp)");
 }

@@ -1,8 +1,7 @@
-// A batch-statistics layer's training forward and backward as one C++ call each: the path of
-// eager float32 CPU layers (mabn.norm._NativeNormalize), built from the kernels of
-// norm_kernels.cpp and the statistics of norm_statistics.cpp. The Python autograd Function
-// _NormalizeAffine and the functions around it in mabn/norm.py stay the reference (and the path
-// on CUDA, under torch.compile, for other dtypes and with the kernels off); this file does the
+// A batch-statistics layer's training forward and backward as one C++ call each: the "cpp_layer"
+// backend of eager float32 CPU layers (mabn/backends/cpp.py), built from the kernels of
+// norm_kernels.cpp and the statistics of norm_statistics.cpp. mabn.functional.train_forward and
+// its autograd Function Normalize stay the reference (and the path of every other backend); this file does the
 // same steps in the same order, so that a layer's fixed cost per call is two calls, not the
 // ~100 dispatched torch operations and autograd nodes of the Python path (about 0.6 ms per
 // layer and iteration on the CPUs measured, results/speed.md).
@@ -56,12 +55,10 @@ void check_input(const torch::Tensor& x, const char* name) {
 
 }  // namespace
 
-std::tuple<std::vector<torch::Tensor>, bool> train_forward(
-    torch::Tensor x, int64_t groups, torch::Tensor weight, torch::Tensor bias, torch::Tensor fp_window,
-    torch::Tensor fp_window_valid, torch::Tensor running_mean, torch::Tensor running_var,
-    torch::Tensor num_batches_tracked, bool vanilla, const std::string& fp_stats, const std::string& bp_stats,
-    bool ema_first, int64_t warmup_iters, int64_t renorm_warmup_iters, double r_max, double d_max, double eps,
-    double alpha, double cancellation_ratio, bool stream) {
+TrainForward train_forward(const torch::Tensor& x, int64_t groups, const torch::Tensor& weight,
+                           const torch::Tensor& bias, const ForwardBuffers& buffers, const LayerOptions& options,
+                           bool stream) {
+  const bool vanilla = options.vanilla;
   check_input(x, "x");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(groups > 0 && N % groups == 0, "mabn layer: ", N, " samples in ", groups, " groups");
@@ -79,7 +76,7 @@ std::tuple<std::vector<torch::Tensor>, bool> train_forward(
   if (vanilla) {
     auto mean = s1 / static_cast<double>(count);
     auto var = (second - mean * mean).clamp_min(0.0);
-    if ((mean * mean > cancellation_ratio * (var + eps)).any().item<bool>()) {
+    if ((mean * mean > options.cancellation_ratio * (var + options.eps)).any().item<bool>()) {
       auto [v, m] = at::var_mean(x.view({groups, b, C, H, W}), at::IntArrayRef{1, 3, 4}, std::optional<at::Scalar>(0), false);
       var = v;
       mean = m;
@@ -89,10 +86,8 @@ std::tuple<std::vector<torch::Tensor>, bool> train_forward(
   } else {
     batch = second.unsqueeze(1).to(torch::kFloat).contiguous();
   }
-  auto st = forward_statistics(batch, count, fp_window, fp_window_valid, running_mean, running_var,
-                               num_batches_tracked, vanilla, fp_stats, bp_stats, ema_first, warmup_iters,
-                               renorm_warmup_iters, r_max, d_max, eps, alpha);
-  const torch::Tensor &inv_std = st[1], &shift = st[2], &r = st[3], &d = st[4];
+  const ForwardStatistics st = forward_statistics(batch, count, buffers, options);
+  const torch::Tensor &inv_std = st.inv_std, &shift = st.shift, &r = st.r, &d = st.d;
 
   // out = x * scale + offset, one row of coefficients per sample (its group's).
   auto scale = torch::empty({N, C}, x.options()), offset = torch::empty({N, C}, x.options());
@@ -119,15 +114,14 @@ std::tuple<std::vector<torch::Tensor>, bool> train_forward(
   auto out = torch::empty_like(x);  // x's layout
   const Rows outr = rows_of(out);
   scale_shift(xr.rows, scale, offset, xr.per_column, stream, outr.rows);
-  return {{out, inv_std, shift, r, d, st[5], st[0]}, centred};
+  return TrainForward{out, Normalization{inv_std, shift, r, d, st.warm, centred}, st.s0};
 }
 
-std::vector<torch::Tensor> train_backward(
-    torch::Tensor dout, torch::Tensor x, torch::Tensor weight, torch::Tensor inv_std,
-    std::optional<torch::Tensor> shift, std::optional<torch::Tensor> r, std::optional<torch::Tensor> d,
-    std::optional<torch::Tensor> warm, bool centred, torch::Tensor bp_window, torch::Tensor bp_window_valid,
-    torch::Tensor running_g, torch::Tensor running_psi, torch::Tensor num_backward_tracked, bool vanilla,
-    const std::string& bp_stats, bool ema_first, double alpha, bool stream) {
+TrainBackward train_backward(const torch::Tensor& dout, const torch::Tensor& x, const torch::Tensor& weight,
+                             const Normalization& norm, const BackwardBuffers& buffers,
+                             const LayerOptions& options, bool stream) {
+  const torch::Tensor &inv_std = norm.inv_std, &shift = norm.shift, &r = norm.r, &d = norm.d;
+  const bool centred = norm.centred;
   check_input(x, "x");
   check_input(dout, "dout");
   TORCH_CHECK(dout.sizes() == x.sizes(), "mabn layer: dout and x differ in shape");
@@ -138,30 +132,28 @@ std::vector<torch::Tensor> train_backward(
   at::NoGradGuard no_grad;
   const Rows xr = rows_of(x), dr = rows_of(dout);
   TORCH_CHECK(xr.per_column == dr.per_column, "mabn layer: dout and x must have one layout");
-  const bool has_shift = given(shift), has_r = given(r), has_d = given(d);
+  const bool has_shift = shift.defined(), has_r = r.defined(), has_d = d.defined();
   TORCH_CHECK(!centred || has_shift, "mabn layer: the centred reduction needs the shift");
 
   // sum(dout) and sum(dout * x), or sum(dout * (x - shift)) for badly centred inputs.
   torch::Tensor s_dout, s_dout_x;
   if (centred) {
-    auto per_sample = shift->repeat_interleave(b, 0).view({N, C, 1, 1});
+    auto per_sample = shift.repeat_interleave(b, 0).view({N, C, 1, 1});
     auto xc = x - per_sample;  // (x's layout)
     std::tie(s_dout, s_dout_x) = group_dot_sums(dr, rows_of(xc), groups);
   } else {
     std::tie(s_dout, s_dout_x) = group_dot_sums(dr, xr, groups);
   }
-  auto a = has_r ? weight * *r : weight.expand({groups, C}).contiguous();
-  auto st = backward_statistics(s_dout, s_dout_x, inv_std, shift, a, count, N, warm, centred, bp_window,
-                                bp_window_valid, running_g, running_psi, num_backward_tracked, vanilla, bp_stats,
-                                ema_first, alpha);
-  const torch::Tensor &sum_dout_y = st[3], &sum_dout = st[4];
+  auto a = has_r ? weight * r : weight.expand({groups, C}).contiguous();
+  const BackwardStatistics st = backward_statistics(s_dout, s_dout_x, norm, a, count, N, buffers, options);
+  const torch::Tensor &sum_dout_y = st.sum_dout_y, &sum_dout = st.sum_dout;
   auto dx = torch::empty_like(x);
   const Rows dxr = rows_of(dx);
-  multiply_adds(dr.rows, xr.rows, st[0], st[1], st[2].defined() ? st[2] : torch::empty({0}, x.options()),
+  multiply_adds(dr.rows, xr.rows, st.a_rows, st.b_rows, st.k_rows.defined() ? st.k_rows : torch::empty({0}, x.options()),
                 xr.per_column, stream, dxr.rows);
   // The affine parameters' gradients through a = weight * r and c = weight * d + bias.
-  auto grad_weight = (has_r ? sum_dout_y * *r : sum_dout_y).sum(0);
-  if (has_d) grad_weight = grad_weight + (sum_dout * *d).sum(0);
+  auto grad_weight = (has_r ? sum_dout_y * r : sum_dout_y).sum(0);
+  if (has_d) grad_weight = grad_weight + (sum_dout * d).sum(0);
   auto grad_bias = sum_dout.sum(0);
-  return {dx, grad_weight, grad_bias, st[5], st[6]};
+  return TrainBackward{dx, grad_weight, grad_bias, st.g0, st.psi0};
 }

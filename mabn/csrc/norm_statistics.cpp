@@ -1,7 +1,7 @@
-// The statistics of one training forward and one backward of the batch-statistics layers
-// (mabn/norm.py), as loops over their (group, statistic, channel) values: the C++ versions of
-// _forward_statistics and _backward_statistics, which stay the reference (and the path on CUDA,
-// under torch.compile, for float64 and with the kernels off). Loaded with norm_kernels.cpp.
+// The statistics of one training forward and one backward of the batch-statistics layers, as
+// loops over their (group, statistic, channel) values: the C++ versions of
+// mabn.functional.forward_statistics and backward_statistics, which stay the reference (and the
+// path of every other backend).
 //
 // Between the layer's memory-bound passes sit ~50 (forward) and ~50 (backward) operations on
 // (G, C) tensors: SMA windows (eq. 13), EMAs (eq. 12), renormalization r, d (eq. 14, 19),
@@ -94,13 +94,15 @@ torch::Tensor undefined() { return torch::Tensor(); }
 
 }  // namespace
 
-std::vector<torch::Tensor> forward_statistics(
-    torch::Tensor batch, int64_t count, torch::Tensor fp_window, torch::Tensor fp_window_valid,
-    torch::Tensor running_mean, torch::Tensor running_var, torch::Tensor num_batches_tracked,
-    bool vanilla, const std::string& fp_name, const std::string& bp_name, bool ema_first,
-    int64_t warmup_iters, int64_t renorm_warmup_iters, double r_max, double d_max, double eps,
-    double alpha) {
-  const Stat fp = parse_stat(fp_name, "fp_stats"), bp = parse_stat(bp_name, "bp_stats");
+ForwardStatistics forward_statistics(const torch::Tensor& batch, int64_t count, const ForwardBuffers& buffers,
+                                     const LayerOptions& options) {
+  const bool vanilla = options.vanilla, ema_first = options.ema_first;
+  const int64_t warmup_iters = options.warmup_iters, renorm_warmup_iters = options.renorm_warmup_iters;
+  const double r_max = options.r_max, d_max = options.d_max, eps = options.eps, alpha = options.alpha;
+  const torch::Tensor &fp_window = buffers.fp_window, &fp_window_valid = buffers.fp_window_valid;
+  const torch::Tensor &running_mean = buffers.running_mean, &running_var = buffers.running_var;
+  const torch::Tensor& num_batches_tracked = buffers.num_batches_tracked;
+  const Stat fp = parse_stat(options.fp_stats, "fp_stats"), bp = parse_stat(options.bp_stats, "bp_stats");
   TORCH_CHECK(batch.dim() == 3, "mabn statistics: batch must be (G, K, C), got ", batch.sizes());
   const int64_t G = batch.size(0), K = batch.size(1), C = batch.size(2), KC = K * C;
   const int64_t W = fp_window.size(0);
@@ -136,13 +138,13 @@ std::vector<torch::Tensor> forward_statistics(
     return which == kSma ? sma.data() + g * KC : ema.data();
   };
 
-  auto options = batch.options();
-  auto inv_std = torch::empty({G, C}, options);
-  auto shift = vanilla ? torch::empty({G, C}, options) : undefined();
+  auto f32 = batch.options();
+  auto inv_std = torch::empty({G, C}, f32);
+  auto shift = vanilla ? torch::empty({G, C}, f32) : undefined();
   const bool renorm = fp != bp || has_warm;
-  auto r = renorm ? torch::empty({G, C}, options) : undefined();
-  auto d = renorm && vanilla ? torch::empty({G, C}, options) : undefined();
-  auto s0 = torch::empty({K, C}, options);
+  auto r = renorm ? torch::empty({G, C}, f32) : undefined();
+  auto d = renorm && vanilla ? torch::empty({G, C}, f32) : undefined();
+  auto s0 = torch::empty({K, C}, f32);
   const int64_t limit = std::max(warmup_iters, renorm_warmup_iters);
   const bool renorm_off = limit > 0 && t < limit;
   const float epsf = static_cast<float>(eps), r_hi = static_cast<float>(r_max);
@@ -176,15 +178,19 @@ std::vector<torch::Tensor> forward_statistics(
   ema_update(running_var.data_ptr<float>(), ema_value.data() + (K - 1) * C, C, alpha, first);
   num_batches_tracked.add_(1);
   auto warm_t = has_warm ? torch::tensor(warm) : undefined();
-  return {s0, inv_std, shift, r, d, warm_t};
+  return ForwardStatistics{s0, inv_std, shift, r, d, warm_t};
 }
 
-std::vector<torch::Tensor> backward_statistics(
-    torch::Tensor s_dout, torch::Tensor s_dout_x, torch::Tensor inv_std, std::optional<torch::Tensor> shift,
-    torch::Tensor a, int64_t count, int64_t n, std::optional<torch::Tensor> warm, bool centred,
-    torch::Tensor bp_window, torch::Tensor bp_window_valid, torch::Tensor running_g, torch::Tensor running_psi,
-    torch::Tensor num_backward_tracked, bool vanilla, const std::string& bp_name, bool ema_first, double alpha) {
-  const Stat bp = parse_stat(bp_name, "bp_stats");
+BackwardStatistics backward_statistics(const torch::Tensor& s_dout, const torch::Tensor& s_dout_x,
+                                       const Normalization& norm, torch::Tensor a, int64_t count, int64_t n,
+                                       const BackwardBuffers& buffers, const LayerOptions& options) {
+  const bool vanilla = options.vanilla, ema_first = options.ema_first, centred = norm.centred;
+  const double alpha = options.alpha;
+  const torch::Tensor &inv_std = norm.inv_std, &shift = norm.shift, &warm = norm.warm;
+  const torch::Tensor &bp_window = buffers.bp_window, &bp_window_valid = buffers.bp_window_valid;
+  const torch::Tensor &running_g = buffers.running_g, &running_psi = buffers.running_psi;
+  const torch::Tensor& num_backward_tracked = buffers.num_backward_tracked;
+  const Stat bp = parse_stat(options.bp_stats, "bp_stats");
   TORCH_CHECK(inv_std.dim() == 2, "mabn statistics: inv_std must be (G, C), got ", inv_std.sizes());
   const int64_t G = inv_std.size(0), C = inv_std.size(1), K = vanilla ? 2 : 1, KC = K * C;
   TORCH_CHECK(G > 0 && n % G == 0, "mabn statistics: ", n, " samples in ", G, " groups");
@@ -194,25 +200,25 @@ std::vector<torch::Tensor> backward_statistics(
   a = a.contiguous();
   check_float(inv_std, "inv_std", {G, C});
   check_float(a, "a", {G, C});
-  const bool has_shift = given(shift);
-  if (has_shift) check_float(*shift, "shift", {G, C});
+  const bool has_shift = shift.defined();
+  if (has_shift) check_float(shift, "shift", {G, C});
   const int64_t W = bp_window.size(0);
   check_float(bp_window, "bp_window", {W, K, C});
   check_float(bp_window_valid, "bp_window_valid", {W});
   check_float(running_g, "running_g", {C});
   check_float(running_psi, "running_psi", {C});
   check_counter(num_backward_tracked, "num_backward_tracked");
-  const bool is_warm = given(warm) && warm->item<bool>();
+  const bool is_warm = warm.defined() && warm.item<bool>();
   const bool first = ema_first && num_backward_tracked.item<int64_t>() == 0;
   const auto s_d = s_dout.contiguous(), s_dx = s_dout_x.contiguous();
   const double* sd = s_d.data_ptr<double>();
   const double* sdx = s_dx.data_ptr<double>();
   const float* inv = inv_std.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
-  const float* sh = has_shift ? shift->data_ptr<float>() : nullptr;
+  const float* sh = has_shift ? shift.data_ptr<float>() : nullptr;
 
-  auto options = inv_std.options();
-  auto sum_dout = torch::empty({G, C}, options), sum_dout_y = torch::empty({G, C}, options);
+  auto f32 = inv_std.options();
+  auto sum_dout = torch::empty({G, C}, f32), sum_dout_y = torch::empty({G, C}, f32);
   float* sum_d = sum_dout.data_ptr<float>();
   float* sum_dy = sum_dout_y.data_ptr<float>();
   // The affine parameters' gradient sums, sum(dout) and sum(dout * Y) = inv_std * sum(dout * (x - shift)),
@@ -265,8 +271,8 @@ std::vector<torch::Tensor> backward_statistics(
   // Eq. 20: dL/dx = dout * (a inv) + x * (-Psi_u inv^2) + (Psi_u inv^2 shift - g_u inv), one row
   // of coefficients per sample (its group's).
   const bool has_const = sh != nullptr || vanilla;
-  auto a_rows = torch::empty({n, C}, options), b_rows = torch::empty({n, C}, options);
-  auto k_rows = has_const ? torch::empty({n, C}, options) : undefined();
+  auto a_rows = torch::empty({n, C}, f32), b_rows = torch::empty({n, C}, f32);
+  auto k_rows = has_const ? torch::empty({n, C}, f32) : undefined();
   float* ar = a_rows.data_ptr<float>();
   float* br = b_rows.data_ptr<float>();
   float* kr = has_const ? k_rows.data_ptr<float>() : nullptr;
@@ -284,9 +290,9 @@ std::vector<torch::Tensor> backward_statistics(
     }
   }
   repeat_group_rows({ar, br, kr}, G, per_group, C);
-  auto psi0 = torch::empty({C}, options);
-  auto g0 = vanilla ? torch::empty({C}, options) : undefined();
+  auto psi0 = torch::empty({C}, f32);
+  auto g0 = vanilla ? torch::empty({C}, f32) : undefined();
   std::copy(u + (K - 1) * C, u + KC, psi0.data_ptr<float>());  // group 0's
   if (vanilla) std::copy(u, u + C, g0.data_ptr<float>());
-  return {a_rows, b_rows, k_rows, sum_dout_y, sum_dout, g0, psi0};
+  return BackwardStatistics{a_rows, b_rows, k_rows, sum_dout_y, sum_dout, g0, psi0};
 }

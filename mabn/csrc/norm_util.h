@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <initializer_list>
-#include <optional>
 #include <vector>
 
 // A contiguous float32 CPU tensor of exactly `shape`, or an error naming `name`.
@@ -15,9 +14,6 @@ inline void check_float(const torch::Tensor& t, const char* name, std::vector<in
   TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "mabn: ", name, " must have shape ",
               at::IntArrayRef(shape), ", got ", t.sizes());
 }
-
-// An optional tensor argument given and not None (Python's None arrives as nullopt or undefined).
-inline bool given(const std::optional<torch::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // (N, C) per-sample rows whose first row of every group of `per_group` consecutive samples is
 // filled: copies it to the group's other rows, in each of `rows`.

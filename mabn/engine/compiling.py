@@ -26,6 +26,8 @@ import sys
 
 import torch
 
+from mabn.backends import BACKENDS
+
 __all__ = ["unavailable_reason", "miscompiled_reason", "compile_module", "INDUCTOR_OPTIONS"]
 
 
@@ -79,7 +81,7 @@ def unavailable_reason(device_type: str) -> str | None:
 #: Inductor options of :func:`compile_module`. ``inplace_buffers=False``: with in-place buffer
 #: reuse, inductor (torch 2.14, CPU) stores the renormalization factor r of a BatchStatNorm2d
 #: with fp_stats != bp_stats = "sma" into the buffer that still holds the new rows of the SMA
-#: window (``torch.cat([window, batch])`` in ``mabn.norm._sliding_mean``) while later groups
+#: window (``torch.cat([window, batch])`` in ``mabn.functional.sliding_mean``) while later groups
 #: read them, so the SMA, 1/sigma and the backward pass come out wrong (15-30% relative error of
 #: the input gradient). Without the reuse the compiled layer matches eager to float32 rounding.
 INDUCTOR_OPTIONS = {"inplace_buffers": False}
@@ -99,11 +101,10 @@ def compile_module(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _family_sums_use_vector_norm() -> bool:
-    """Whether the graph torch.compile captures from mabn.norm._plane_sums (the per-plane sums of
-    squares of every BatchStatNorm2d) calls torch.linalg.vector_norm."""
-    from mabn import norm
-    plane_sums = getattr(norm, "_plane_sums", None)
-    return plane_sums is not None and _captures_vector_norm(plane_sums)
+    """Whether the graph torch.compile captures from the per-sample sums of squares that every
+    compiled BatchStatNorm2d computes (``sample_sums`` of the "torch" backend,
+    :class:`mabn.backends.base.Passes`) calls torch.linalg.vector_norm."""
+    return _captures_vector_norm(BACKENDS["torch"].sample_sums)
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,18 +128,18 @@ def miscompiled_reason(norm_layer: str) -> str | None:
     """None unless torch.compile is known to compute wrong results for a model whose
     normalizations are ``norm_layer`` (the trainer's norm.layer); then why, in one line.
 
-    Known: when the compiled graph takes the sums of squares of mabn.norm._plane_sums as
+    Known: when the compiled graph takes the per-sample sums of squares of the layers as
     ``torch.linalg.vector_norm(x).square()``, the compiled forward+backward of a ResNet of mabn
     family layers (layer="mabn") gives input and parameter gradients off by 1-2% (relative) on
     some iterations while the loss and every buffer agree (torch 2.14.1, CPU). torch's compiler
     bisector points at the decomposition of aten.linalg_vector_norm (backend
-    aot_eager_decomp_partition fails, aot_eager does not); ``(x * x).sum(-1)`` (what mabn/norm.py
-    computes under torch.compile since this was found) makes the compiled gradients match eager
+    aot_eager_decomp_partition fails, aot_eager does not); ``(x * x).sum(-1)`` (what the "torch"
+    backend computes under torch.compile since this was found) makes the compiled gradients match eager
     to 1e-6. Checked on the graph dynamo captures, so the refusal holds exactly while the
     compiled graph still calls vector_norm.
     """
     if norm_layer == "mabn" and _family_sums_use_vector_norm():
         return ("torch.compile computes wrong gradients (1-2% off) for the mabn family layers while the "
-                "compiled mabn.norm._plane_sums calls torch.linalg.vector_norm (its decomposition is "
+                "compiled per-sample sums of squares call torch.linalg.vector_norm (its decomposition is "
                 "miscompiled; see mabn/engine/compiling.py)")
     return None

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..conv import CenConv2d
 from ..norm import BatchStatNorm2d
-from .folding import _bn_from_norm, _check_eval, _set_submodule, fold_conv_norm, fold_model
+from .folding import bn_from_norm, check_eval, set_submodule, fold_conv_norm, fold_model
 
 __all__ = ["plain_model", "export_torchvision_state_dict", "export_torchscript", "export_onnx"]
 
@@ -38,11 +38,11 @@ def plain_model(model: nn.Module, eps: float | None = None) -> nn.Module:
     out = copy.deepcopy(model)
     for name, m in list(out.named_modules()):
         if isinstance(m, CenConv2d):
-            _set_submodule(out, name, fold_conv_norm(m, None))
+            set_submodule(out, name, fold_conv_norm(m, None))
         elif isinstance(m, BatchStatNorm2d) or (
             eps is not None and type(m) is nn.BatchNorm2d and m.track_running_stats and m.eps != eps
         ):
-            _set_submodule(out, name, _bn_from_norm(m, eps))
+            set_submodule(out, name, bn_from_norm(m, eps))
     return out
 
 
@@ -86,7 +86,7 @@ def export_torchscript(
     Returns:
         The ScriptModule that was saved.
     """
-    _check_eval(model, "export_torchscript")
+    check_eval(model, "export_torchscript")
     m = fold_model(model) if fold else model
     try:
         scripted = torch.jit.script(m)
@@ -119,7 +119,7 @@ def export_onnx(
     """
     if importlib.util.find_spec("onnx") is None:
         raise ImportError("export_onnx needs the optional 'onnx' package: pip install onnx onnxscript")
-    _check_eval(model, "export_onnx")
+    check_eval(model, "export_onnx")
     m = fold_model(model) if fold else model
     x = _example_for(m, example_input)
     kwargs = {"input_names": ["input"], "output_names": ["output"]}

@@ -91,13 +91,13 @@ def fold_conv_norm(conv: nn.Module, norm: nn.Module | None) -> nn.Module:
     return new
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, new)
 
 
-def _check_eval(model: nn.Module, what: str) -> None:
+def check_eval(model: nn.Module, what: str) -> None:
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
         shown = ", ".join(training[:5]) + (", ..." if len(training) > 5 else "")
@@ -108,7 +108,7 @@ def _check_eval(model: nn.Module, what: str) -> None:
         )
 
 
-def _bn_from_norm(norm: nn.Module, eps: float | None = None) -> nn.BatchNorm2d:
+def bn_from_norm(norm: nn.Module, eps: float | None = None) -> nn.BatchNorm2d:
     """An nn.BatchNorm2d whose eval-mode forward equals the eval-mode forward of ``norm``.
 
     With ``eps`` given, the difference ``norm.eps - eps`` is moved into ``running_var`` so that
@@ -151,7 +151,7 @@ def fold_model(model: nn.Module, strict: bool = True) -> nn.Module:
         weight. Its forward equals the eval-mode forward of ``model`` up to float rounding. It
         contains no mabn classes, so it can be scripted, exported or loaded without mabn.
     """
-    _check_eval(model, "fold_model")
+    check_eval(model, "fold_model")
     pairs, unfoldable = find_pairs(model)
     if unfoldable and strict:
         lines = "\n".join(f"  {name}: {reason}" for name, reason in unfoldable)
@@ -163,14 +163,14 @@ def fold_model(model: nn.Module, strict: bool = True) -> nn.Module:
     folded = copy.deepcopy(model)
     modules = dict(folded.named_modules())
     for norm_name, conv_name in pairs.items():
-        _set_submodule(folded, conv_name, fold_conv_norm(modules[conv_name], modules[norm_name]))
-        _set_submodule(folded, norm_name, nn.Identity())
+        set_submodule(folded, conv_name, fold_conv_norm(modules[conv_name], modules[norm_name]))
+        set_submodule(folded, norm_name, nn.Identity())
     for name, _ in unfoldable:
         norm = modules[name]
         if isinstance(norm, BatchStatNorm2d) and is_foldable_norm(norm):
-            _set_submodule(folded, name, _bn_from_norm(norm))
+            set_submodule(folded, name, bn_from_norm(norm))
     done = set(pairs.values())
     for name, m in modules.items():
         if isinstance(m, CenConv2d) and name not in done:
-            _set_submodule(folded, name, fold_conv_norm(m, None))
+            set_submodule(folded, name, fold_conv_norm(m, None))
     return folded.eval()

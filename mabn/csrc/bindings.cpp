@@ -1,0 +1,80 @@
+// The Python module of mabn's C++ extension (built and loaded by mabn/kernels.py): the kernels of
+// norm_kernels.cpp, the statistics of norm_statistics.cpp, the layer of norm_layer.cpp, and the
+// argument structs of norm_types.h (keyword constructors, readable fields).
+
+#include <torch/extension.h>
+
+#include "norm_kernels.h"
+#include "norm_layer.h"
+#include "norm_statistics.h"
+#include "norm_types.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void bind_types(py::module_& m) {
+  py::class_<LayerOptions>(m, "LayerOptions", "a layer's options (mabn.options.NormOptions)")
+      .def(py::init([](bool vanilla, std::string fp_stats, std::string bp_stats, bool ema_first,
+                       int64_t warmup_iters, int64_t renorm_warmup_iters, double r_max, double d_max, double eps,
+                       double alpha, double cancellation_ratio) {
+             return LayerOptions{vanilla, std::move(fp_stats), std::move(bp_stats), ema_first, warmup_iters,
+                                 renorm_warmup_iters, r_max, d_max, eps, alpha, cancellation_ratio};
+           }),
+           py::kw_only(), py::arg("vanilla"), py::arg("fp_stats"), py::arg("bp_stats"), py::arg("ema_first"),
+           py::arg("warmup_iters"), py::arg("renorm_warmup_iters"), py::arg("r_max"), py::arg("d_max"),
+           py::arg("eps"), py::arg("alpha"), py::arg("cancellation_ratio"))
+      .def_readonly("vanilla", &LayerOptions::vanilla)
+      .def_readonly("fp_stats", &LayerOptions::fp_stats)
+      .def_readonly("bp_stats", &LayerOptions::bp_stats)
+      .def_readonly("alpha", &LayerOptions::alpha);
+  py::class_<ForwardBuffers>(m, "ForwardBuffers", "the buffers a training forward updates")
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>(),
+           py::arg("fp_window"), py::arg("fp_window_valid"), py::arg("running_mean"), py::arg("running_var"),
+           py::arg("num_batches_tracked"));
+  py::class_<BackwardBuffers>(m, "BackwardBuffers", "the buffers a backward updates")
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>(),
+           py::arg("bp_window"), py::arg("bp_window_valid"), py::arg("running_g"), py::arg("running_psi"),
+           py::arg("num_backward_tracked"));
+  py::class_<ForwardStatistics>(m, "ForwardStatistics", "forward_statistics' results (None: undefined)")
+      .def_readonly("s0", &ForwardStatistics::s0)
+      .def_readonly("inv_std", &ForwardStatistics::inv_std)
+      .def_readonly("shift", &ForwardStatistics::shift)
+      .def_readonly("r", &ForwardStatistics::r)
+      .def_readonly("d", &ForwardStatistics::d)
+      .def_readonly("warm", &ForwardStatistics::warm);
+  py::class_<Normalization>(m, "Normalization", "what a training forward hands its backward")
+      .def_readonly("inv_std", &Normalization::inv_std)
+      .def_readonly("shift", &Normalization::shift)
+      .def_readonly("r", &Normalization::r)
+      .def_readonly("d", &Normalization::d)
+      .def_readonly("warm", &Normalization::warm)
+      .def_readonly("centred", &Normalization::centred);
+  py::class_<TrainForward>(m, "TrainForward", "train_forward's results")
+      .def_readonly("out", &TrainForward::out)
+      .def_readonly("norm", &TrainForward::norm)
+      .def_readonly("s0", &TrainForward::s0);
+  py::class_<TrainBackward>(m, "TrainBackward", "train_backward's results")
+      .def_readonly("dx", &TrainBackward::dx)
+      .def_readonly("grad_weight", &TrainBackward::grad_weight)
+      .def_readonly("grad_bias", &TrainBackward::grad_bias)
+      .def_readonly("g0", &TrainBackward::g0)
+      .def_readonly("psi0", &TrainBackward::psi0);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  bind_types(m);
+  m.def("column_dot_sums", &column_dot_sums, "per-(group, channel) sum(d), sum(d*x) of (G, L, C) rows");
+  m.def("row_dot_sums", &row_dot_sums, "per-row sum(d), sum(d*x) of (R, Q) rows");
+  m.def("multiply_adds", &multiply_adds, "d * a + x * b + k with per-(sample, channel) coefficients");
+  m.def("scale_shift", &scale_shift, "x * scale + offset with per-(sample, channel) coefficients");
+  m.def("forward_statistics", &forward_statistics, "mabn.functional.forward_statistics in C++",
+        py::arg("batch"), py::arg("count"), py::arg("buffers"), py::arg("options"));
+  m.def("train_forward", &train_forward, "a layer's training forward (norm_layer.cpp)", py::arg("x"),
+        py::arg("groups"), py::arg("weight"), py::arg("bias"), py::arg("buffers"), py::arg("options"),
+        py::arg("stream"));
+  m.def("train_backward", &train_backward, "its backward (norm_layer.cpp)", py::arg("dout"), py::arg("x"),
+        py::arg("weight"), py::arg("norm"), py::arg("buffers"), py::arg("options"), py::arg("stream"));
+}
