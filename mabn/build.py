@@ -21,11 +21,11 @@ from .options import check_options, resolve_alpha
 __all__ = ["build_norm", "convert_model", "NORM_OPTIONS", "LAYER_OPTIONS", "LAYERS"]
 
 #: Implementations selectable with ``layer``.
-#:  - "mabn": the configurable family :class:`BatchStatNorm2d` (BN, BRN, modified, MABN, ablations)
+#:  - "batchstat": the configurable family :class:`BatchStatNorm2d` (BN, BRN, modified, MABN, ablations)
 #:  - "bn": torch's nn.BatchNorm2d (the regular-batch reference; whole batch, no groups)
 #:  - "syncbn": nn.SyncBatchNorm (statistics over all ranks; the SyncBN baseline)
 #:  - "gn": nn.GroupNorm with ``num_groups`` groups (the GN baseline)
-LAYERS = ("mabn", "bn", "syncbn", "gn")
+LAYERS = ("batchstat", "bn", "syncbn", "gn")
 
 # The family's options by name; torch's ``momentum`` and the factory arguments are not options
 # (``alpha`` is the one name of the EMA weight in options and configs).
@@ -36,21 +36,21 @@ NORM_OPTIONS = ("layer",) + _FAMILY_OPTIONS + ("num_groups",)
 
 #: The options each layer uses (build_norm refuses the others when they are set).
 LAYER_OPTIONS = {
-    "mabn": _FAMILY_OPTIONS,
+    "batchstat": _FAMILY_OPTIONS,
     "bn": ("alpha", "eps"),
     "syncbn": ("alpha", "eps"),
     "gn": ("num_groups", "eps"),
 }
 
 
-def build_norm(num_features: int, layer: str = "mabn", *, device=None, dtype=None, **options) -> nn.Module:
+def build_norm(num_features: int, layer: str = "batchstat", *, device=None, dtype=None, **options) -> nn.Module:
     """Build one normalization layer for ``num_features`` channels.
 
     Args:
         num_features: channels C.
         layer: one of :data:`LAYERS`.
         device, dtype: factory arguments of the new layer.
-        **options: for ``layer="mabn"``, any :class:`BatchStatNorm2d` option (form, fp_stats,
+        **options: for ``layer="batchstat"``, any :class:`BatchStatNorm2d` option (form, fp_stats,
             bp_stats, norm_batch_size, alpha, buffer_size, eps, r_max, d_max, warmup_iters,
             renorm_warmup_iters, ema_init). For "bn"/"syncbn": alpha (the paper's weight of the
             old value, default 0.9; the torch layer gets ``momentum = 1 - alpha``) and eps;
@@ -73,7 +73,7 @@ def build_norm(num_features: int, layer: str = "mabn", *, device=None, dtype=Non
             raise ValueError(f"option(s) {extra} do not apply to layer={layer!r} (it accepts {list(allowed)})")
         return {k: v for k, v in options.items() if v is not None and k in allowed}
 
-    if layer == "mabn":
+    if layer == "batchstat":
         if options.get("num_groups") is not None:
             raise ValueError("option num_groups applies to layer='gn' only")
         opts = {k: v for k, v in options.items()
@@ -82,7 +82,7 @@ def build_norm(num_features: int, layer: str = "mabn", *, device=None, dtype=Non
     if layer in ("bn", "syncbn"):
         opts = take(LAYER_OPTIONS[layer] + ("norm_batch_size",))  # for a clear error below
         if opts.pop("norm_batch_size", None) is not None:
-            raise ValueError(f"norm_batch_size={options['norm_batch_size']!r} needs layer='mabn'; "
+            raise ValueError(f"norm_batch_size={options['norm_batch_size']!r} needs layer='batchstat'; "
                              f"layer={layer!r} normalizes the whole batch")
         alpha = resolve_alpha(opts.pop("alpha", None))
         check_options(**opts)
@@ -121,7 +121,7 @@ def convert_model(model: nn.Module, norm: dict | None = None, weight_centralizat
         def make(num_features, alpha, **factory):
             options = dict(norm)
             if options.get("alpha") is None and alpha is not None \
-                    and "alpha" in LAYER_OPTIONS[options.get("layer", "mabn")]:
+                    and "alpha" in LAYER_OPTIONS[options.get("layer", "batchstat")]:
                 options["alpha"] = alpha
             return build_norm(num_features, **options, **factory)
 

@@ -186,7 +186,7 @@ def report_lines(args, argv, device, counts: dict[str, int] | None, table: dict)
         lines.append(f"- shapes: every distinct input of torchvision {args.network}'s BatchNorm2d layers in a "
                      f"training step; layers = how many see it; per step = the sum over all of them "
                      f"(count x median), i.e. the normalization layers' share of one training step")
-    if args.compile and (bad := compiling.miscompiled_reason("mabn")):
+    if args.compile and (bad := compiling.miscompiled_reason("batchstat")):
         lines.append(f"- note: timing only; {bad}")
     lines += [
         "",

@@ -169,7 +169,7 @@ def rounds_lines(args, times, breaks) -> list[str]:
     if "compiled" in args.modes:
         L += ["", "Graph breaks met by torch.compile (0 = each network compiled as whole graphs): "
               + ", ".join(f"{layout} {net}: {breaks[(layout, net)]}" for layout in args.layouts for net in networks)]
-        if bad := compiling.miscompiled_reason("mabn"):
+        if bad := compiling.miscompiled_reason("batchstat"):
             L += ["", f"Note: the compiled MABN figures are timings only: {bad}."]
     return L
 

@@ -18,7 +18,7 @@ from _train_utils import PYTHON, load_cfg, read_log, run_script, tiny, train_in_
 
 #: Normalization of the compared runs: the MABN family when torch.compile gets it right, else
 #: torch's nn.BatchNorm2d (see test_compile_refused_while_the_mabn_layers_would_be_miscompiled).
-NORM = "mabn" if compiling.miscompiled_reason("mabn") is None else "torch_bn"
+NORM = "mabn" if compiling.miscompiled_reason("batchstat") is None else "torch_bn"
 
 
 def _runs(tmp_path, **extra):
@@ -88,12 +88,12 @@ def test_compile_refused_while_the_mabn_layers_would_be_miscompiled(tmp_path, mo
     the graph dynamo captures, so sums of products pass (and other layers are never refused)."""
     torch_passes = BACKENDS["torch"]
     monkeypatch.setattr(torch_passes, "sample_sums", _sums_by_vector_norm)
-    assert compiling.miscompiled_reason("mabn") is not None and compiling.miscompiled_reason("bn") is None
-    with pytest.raises(ConfigError, match=r"compile=true with norm.layer=mabn: torch.compile computes wrong gradients"):
+    assert compiling.miscompiled_reason("batchstat") is not None and compiling.miscompiled_reason("bn") is None
+    with pytest.raises(ConfigError, match=r"compile=true with norm.layer=batchstat: torch.compile computes wrong gradients"):
         train_in_process(tiny(tmp_path / "run", compile="true"))
     assert not (tmp_path / "run").exists()
     monkeypatch.setattr(torch_passes, "sample_sums", _sums_by_products)
-    assert compiling.miscompiled_reason("mabn") is None
+    assert compiling.miscompiled_reason("batchstat") is None
 
 
 def test_compile_without_a_cpp_compiler_exits_2(tmp_path):

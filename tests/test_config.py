@@ -158,7 +158,7 @@ def test_syncbn_needs_a_cuda_device_checked_once_where_the_run_starts(tmp_path):
 
 def test_the_family_layer_is_named_batchstat_and_the_old_name_still_loads():
     cfg = load_cfg(["norm=bn"])
-    assert cfg.norm.layer == "batchstat" and config.norm_options(cfg.norm)["layer"] == "mabn"
+    assert cfg.norm.layer == "batchstat" and config.norm_options(cfg.norm)["layer"] == "batchstat"
     assert load_cfg(["norm.layer=mabn"]).norm.layer == "batchstat"
     saved = config.upgrade_saved_config({"norm": {"layer": "mabn", "momentum": 0.9}})
     assert saved.norm.layer == "batchstat" and saved.norm.alpha == 0.9 and "momentum" not in saved.norm

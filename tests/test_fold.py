@@ -123,7 +123,7 @@ def test_modified_form_buffers_are_the_eval_map():
 
 def _mabn_resnet(arch):
     model = getattr(torchvision.models, arch)()
-    convert_model(model, norm=dict(layer="mabn", form="modified", fp_stats="ema", bp_stats="sma",
+    convert_model(model, norm=dict(layer="batchstat", form="modified", fp_stats="ema", bp_stats="sma",
                                    norm_batch_size=2, alpha=0.98, buffer_size=4,
                                    renorm_warmup_iters=1),
                   weight_centralization=True)
@@ -181,7 +181,7 @@ def test_folded_mabn_and_bn_resnets_are_the_same_graph():
 def test_export_state_dict_loads_into_torchvision_resnet50(eps):
     torch.manual_seed(0)
     model = torchvision.models.resnet50()
-    convert_model(model, norm=dict(layer="mabn", form="modified", fp_stats="ema", bp_stats="sma",
+    convert_model(model, norm=dict(layer="batchstat", form="modified", fp_stats="ema", bp_stats="sma",
                                    norm_batch_size=2, eps=eps), weight_centralization=True)
     model = _randomise_stats(model.double()).eval()
     sd = export_torchvision_state_dict(model)

@@ -921,7 +921,7 @@ def test_bad_inputs():
         mabn.build_norm(3, buffersize=4)
     with pytest.raises(ValueError, match="layer='bnn'"):
         mabn.build_norm(3, layer="bnn")
-    with pytest.raises(ValueError, match="norm_batch_size=2 needs layer='mabn'"):
+    with pytest.raises(ValueError, match="norm_batch_size=2 needs layer='batchstat'"):
         mabn.build_norm(3, layer="bn", norm_batch_size=2)
 
 

@@ -130,7 +130,7 @@ def miscompiled_reason(norm_layer: str) -> str | None:
 
     Known: when the compiled graph takes the per-sample sums of squares of the layers as
     ``torch.linalg.vector_norm(x).square()``, the compiled forward+backward of a ResNet of mabn
-    family layers (layer="mabn") gives input and parameter gradients off by 1-2% (relative) on
+    family layers (layer="batchstat") gives input and parameter gradients off by 1-2% (relative) on
     some iterations while the loss and every buffer agree (torch 2.14.1, CPU). torch's compiler
     bisector points at the decomposition of aten.linalg_vector_norm (backend
     aot_eager_decomp_partition fails, aot_eager does not); ``(x * x).sum(-1)`` (what the "torch"
@@ -138,7 +138,7 @@ def miscompiled_reason(norm_layer: str) -> str | None:
     to 1e-6. Checked on the graph dynamo captures, so the refusal holds exactly while the
     compiled graph still calls vector_norm.
     """
-    if norm_layer == "mabn" and _family_sums_use_vector_norm():
+    if norm_layer == "batchstat" and _family_sums_use_vector_norm():
         return ("torch.compile computes wrong gradients (1-2% off) for the mabn family layers while the "
                 "compiled per-sample sums of squares call torch.linalg.vector_norm (its decomposition is "
                 "miscompiled; see mabn/engine/compiling.py)")

@@ -382,7 +382,7 @@ def validate_norm(n, model, data) -> None:
     then what the layer needs of the model (GroupNorm's groups) and of the batch (whole groups)."""
     _one_of("norm.layer", n.layer, NORM_LAYERS)
     try:
-        check_options(**{k: n[k] for k in LAYER_OPTIONS[NORM_LAYERS["batchstat"]]})
+        check_options(**{k: n[k] for k in LAYER_OPTIONS["batchstat"]})
     except OptionError as e:
         raise ConfigError(f"norm.{e}") from None
     _at_least("norm.num_groups", n.num_groups, 1)
@@ -525,7 +525,7 @@ def check_machine(cfg: DictConfig) -> None:
         return
     reason = unavailable_reason(on)
     _check(not reason, f"compile=true, but torch.compile cannot run on this machine: {reason}; use compile=false")
-    reason = miscompiled_reason(NORM_LAYERS[cfg.norm.layer])
+    reason = miscompiled_reason(cfg.norm.layer)
     _check(not reason, f"compile=true with norm.layer={cfg.norm.layer}: {reason}; use compile=false")
 
 

@@ -7,7 +7,7 @@ tables; this module imports neither, so neither imports the other for them.
 
 from __future__ import annotations
 
-from mabn import LAYER_OPTIONS
+from mabn import LAYER_OPTIONS, LAYERS
 
 __all__ = ["TORCHVISION_ARCHS", "CIFAR_DEPTHS", "ARCHS", "channel_widths", "NORM_LAYERS",
            "LEGACY_NORM_LAYERS", "norm_options"]
@@ -27,19 +27,18 @@ def channel_widths(arch: str) -> tuple[int, ...]:
     return (64, 128, 256, 512) + ((1024, 2048) if arch == "resnet50" else ())
 
 
-#: Every value norm.layer accepts -> the ``layer`` argument of ``mabn.build_norm`` it builds:
+#: Every value norm.layer accepts: the ``layer`` argument of ``mabn.build_norm`` (mabn.LAYERS):
 #:  - "batchstat": the configurable family mabn.BatchStatNorm2d (BN, BRN, the modified
 #:    normalization, MABN and every ablation of the paper, in groups of norm_batch_size images)
 #:  - "bn": torch's nn.BatchNorm2d (whole per-GPU batch)
 #:  - "syncbn": nn.SyncBatchNorm (statistics over all ranks)
 #:  - "gn": nn.GroupNorm (num_groups groups)
-NORM_LAYERS = {"batchstat": "mabn", "bn": "bn", "syncbn": "syncbn", "gn": "gn"}
+NORM_LAYERS = LAYERS
 #: Values of norm.layer from before the family had its own name: old value -> current value.
 LEGACY_NORM_LAYERS = {"mabn": "batchstat"}
 
 
 def norm_options(norm) -> dict:
-    """The ``mabn.build_norm`` keyword arguments of a norm config: ``layer`` (the library's name
-    of norm.layer) and the options that layer accepts."""
-    layer = NORM_LAYERS[norm.layer]
-    return {"layer": layer, **{k: getattr(norm, k) for k in LAYER_OPTIONS[layer]}}
+    """The ``mabn.build_norm`` keyword arguments of a norm config: ``layer`` and the options
+    that layer accepts."""
+    return {"layer": norm.layer, **{k: getattr(norm, k) for k in LAYER_OPTIONS[norm.layer]}}
