@@ -940,3 +940,20 @@ def test_float32_precision_for_badly_centred_inputs(offset, bp, fmt):
         ya.backward(up.float().contiguous(memory_format=fmt)), yb.backward(up)
         torch.testing.assert_close(ya.double(), yb, rtol=0, atol=2e-5)
         torch.testing.assert_close(xa.grad.double(), xb.grad, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpp_layer", "cpp_passes", "cpu", "torch"])
+def test_a_training_output_is_freed_when_dropped(cpu_kernels, backend):
+    """Nothing a backend keeps (its autograd context, the C++ layer's results) holds the output
+    alive: a training forward's output, dropped, is freed at once, so that a training loop reuses
+    the memory instead of growing."""
+    import weakref
+    layer = mabn.MABN2d(4, norm_batch_size=2)
+    x = make_input(4, 4, 3, 3).float().requires_grad_()
+    with mabn.backends.forced(backend):
+        y = layer(x)
+        y.sum().backward()
+        y2 = layer(x)  # one without a backward: its graph holds the context
+    refs = [weakref.ref(y), weakref.ref(y2)]
+    del y, y2
+    assert [r() for r in refs] == [None, None]

@@ -13,6 +13,10 @@ namespace py = pybind11;
 
 namespace {
 
+// The results' fields are read as copies (a tensor handle, a Normalization), never as references
+// into the result: a reference keeps the whole result alive as long as the field's Python object,
+// and a result that holds the layer's output, kept alive by the output's own autograd context,
+// would never be freed.
 void bind_types(py::module_& m) {
   py::class_<LayerOptions>(m, "LayerOptions", "a layer's options (mabn.options.NormOptions)")
       .def(py::init([](bool vanilla, std::string fp_stats, std::string bp_stats, bool ema_first,
@@ -37,29 +41,29 @@ void bind_types(py::module_& m) {
            py::arg("bp_window"), py::arg("bp_window_valid"), py::arg("running_g"), py::arg("running_psi"),
            py::arg("num_backward_tracked"));
   py::class_<ForwardStatistics>(m, "ForwardStatistics", "forward_statistics' results (None: undefined)")
-      .def_readonly("s0", &ForwardStatistics::s0)
-      .def_readonly("inv_std", &ForwardStatistics::inv_std)
-      .def_readonly("shift", &ForwardStatistics::shift)
-      .def_readonly("r", &ForwardStatistics::r)
-      .def_readonly("d", &ForwardStatistics::d)
-      .def_readonly("warm", &ForwardStatistics::warm);
+      .def_property_readonly("s0", [](const ForwardStatistics& s) { return s.s0; })
+      .def_property_readonly("inv_std", [](const ForwardStatistics& s) { return s.inv_std; })
+      .def_property_readonly("shift", [](const ForwardStatistics& s) { return s.shift; })
+      .def_property_readonly("r", [](const ForwardStatistics& s) { return s.r; })
+      .def_property_readonly("d", [](const ForwardStatistics& s) { return s.d; })
+      .def_property_readonly("warm", [](const ForwardStatistics& s) { return s.warm; });
   py::class_<Normalization>(m, "Normalization", "what a training forward hands its backward")
-      .def_readonly("inv_std", &Normalization::inv_std)
-      .def_readonly("shift", &Normalization::shift)
-      .def_readonly("r", &Normalization::r)
-      .def_readonly("d", &Normalization::d)
-      .def_readonly("warm", &Normalization::warm)
-      .def_readonly("centred", &Normalization::centred);
+      .def_property_readonly("inv_std", [](const Normalization& s) { return s.inv_std; })
+      .def_property_readonly("shift", [](const Normalization& s) { return s.shift; })
+      .def_property_readonly("r", [](const Normalization& s) { return s.r; })
+      .def_property_readonly("d", [](const Normalization& s) { return s.d; })
+      .def_property_readonly("warm", [](const Normalization& s) { return s.warm; })
+      .def_property_readonly("centred", [](const Normalization& s) { return s.centred; });
   py::class_<TrainForward>(m, "TrainForward", "train_forward's results")
-      .def_readonly("out", &TrainForward::out)
-      .def_readonly("norm", &TrainForward::norm)
-      .def_readonly("s0", &TrainForward::s0);
+      .def_property_readonly("out", [](const TrainForward& s) { return s.out; })
+      .def_property_readonly("norm", [](const TrainForward& s) { return s.norm; })
+      .def_property_readonly("s0", [](const TrainForward& s) { return s.s0; });
   py::class_<TrainBackward>(m, "TrainBackward", "train_backward's results")
-      .def_readonly("dx", &TrainBackward::dx)
-      .def_readonly("grad_weight", &TrainBackward::grad_weight)
-      .def_readonly("grad_bias", &TrainBackward::grad_bias)
-      .def_readonly("g0", &TrainBackward::g0)
-      .def_readonly("psi0", &TrainBackward::psi0);
+      .def_property_readonly("dx", [](const TrainBackward& s) { return s.dx; })
+      .def_property_readonly("grad_weight", [](const TrainBackward& s) { return s.grad_weight; })
+      .def_property_readonly("grad_bias", [](const TrainBackward& s) { return s.grad_bias; })
+      .def_property_readonly("g0", [](const TrainBackward& s) { return s.g0; })
+      .def_property_readonly("psi0", [](const TrainBackward& s) { return s.psi0; });
 }
 
 }  // namespace
