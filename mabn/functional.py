@@ -160,11 +160,12 @@ def forward_statistics(batch, count, fp_window, fp_window_valid, running_mean, r
     return s0, inv_std_s, shift, r, d, warm
 
 
-def _used_backward_statistics(stats, bp_window, bp_window_valid, running_g, running_psi, first, warm,
+def _used_backward_statistics(stats, mean, bp_window, bp_window_valid, running_g, running_psi, first, warm,
                               o: NormOptions):
     """The (G, K, C) backward statistics u that eq. 20 uses, by ``bp_stats``: the groups' own
-    ``stats``, their SMA (the window updated) or the EMA of previous backwards ("after use"; the
-    current mean on the first backward with ema_init "first"); the groups' own during warm-up."""
+    ``stats``, their SMA (the window updated) or the EMA of previous backwards ("after use"; their
+    ``mean`` over groups on the first backward with ema_init "first"); the groups' own during
+    warm-up."""
     if o.bp_stats == "batch":
         u = stats
     elif o.bp_stats == "sma":
@@ -173,7 +174,7 @@ def _used_backward_statistics(stats, bp_window, bp_window_valid, running_g, runn
         bp_window_valid.copy_(valid)
     else:
         ema = torch.stack([running_g, running_psi])[-stats.shape[1]:]
-        u = ema[None] if first is None else torch.where(first, stats.mean(0), ema)[None]
+        u = ema[None] if first is None else torch.where(first, mean, ema)[None]
     u = u.to(stats.dtype)
     if warm is not None and o.bp_stats != "batch":
         u = torch.where(warm, stats, u)
@@ -201,9 +202,9 @@ def backward_statistics(s_dout, s_dout_x, inv_std, shift, a, count, n, warm, cen
     psi_b = a * sum_dout_y / count
     g_b = a * sum_dout / count if o.vanilla else None
     stats = psi_b[:, None] if g_b is None else torch.stack([g_b, psi_b], 1)  # (G, K, C)
-    first = num_backward_tracked == 0 if o.ema_init == "first" else None
-    u = _used_backward_statistics(stats, bp_window, bp_window_valid, running_g, running_psi, first, warm, o)
     mean = stats.mean(0)  # (K, C)
+    first = num_backward_tracked == 0 if o.ema_init == "first" else None
+    u = _used_backward_statistics(stats, mean, bp_window, bp_window_valid, running_g, running_psi, first, warm, o)
     if g_b is not None:
         ema_update(running_g, mean[0], o.alpha, first)
     ema_update(running_psi, mean[-1], o.alpha, first)

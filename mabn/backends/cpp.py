@@ -37,31 +37,38 @@ def _kernel_rows(dout, x):
     return ext, rd, rx, dim
 
 
+def _kernel_dot_sums(found, shape, groups):
+    """Per-(group, channel) ``sum(dout)`` and ``sum(dout * x)``, float64 (G, C) each, of the pair
+    :func:`_kernel_rows` found, in one pass: channels_last rows (N, H*W, C) summed per group over
+    the (G, b*H*W, C) view, contiguous ones per (sample, channel) plane, then over each group's
+    samples."""
+    ext, rd, rx, dim = found
+    n, c = shape[:2]
+    if dim == 1:
+        sums = ext.column_dot_sums(rd.reshape(groups, -1, c), rx.reshape(groups, -1, c))  # (2, G, C)
+        return sums[0], sums[1]
+    sums = ext.row_dot_sums(rd.reshape(n * c, -1), rx.reshape(n * c, -1)).view(2, n, c)
+    return group_sum(sums[0], groups), group_sum(sums[1], groups)
+
+
 class CppPasses(CpuPasses):
     """The CPU backend's passes, each by one C++ loop where the kernels take its tensors."""
 
     name = "cpp_passes"
 
     def group_dot_sums(self, dout, x, groups):
-        """As :meth:`Passes.group_dot_sums`, in one pass: channels_last rows (N, H*W, C) summed
-        per group over the (G, b*H*W, C) view, contiguous ones per (sample, channel) plane, then
-        over each group's samples."""
+        """As :meth:`Passes.group_dot_sums`, in one pass (:func:`_kernel_dot_sums`)."""
         found = _kernel_rows(dout, x)
         if found is None:
             return super().group_dot_sums(dout, x, groups)
-        ext, rd, rx, dim = found
-        n, c = x.shape[:2]
-        if dim == 1:
-            sums = ext.column_dot_sums(rd.reshape(groups, -1, c), rx.reshape(groups, -1, c))  # (2, G, C)
-            return sums[0], sums[1]
-        sums = ext.row_dot_sums(rd.reshape(n * c, -1), rx.reshape(n * c, -1)).view(2, n, c)
-        return group_sum(sums[0], groups), group_sum(sums[1], groups)
+        return _kernel_dot_sums(found, x.shape, groups)
 
     def group_sums(self, x, groups, with_sum=True):
-        """As :meth:`Passes.group_sums`: sum(x) and sum(x * x) in one pass (group_dot_sums(x, x))."""
-        if _kernel_rows(x, x) is None:
+        """As :meth:`Passes.group_sums`: sum(x) and sum(x * x) in one pass (the dot sums of x, x)."""
+        found = _kernel_rows(x, x)
+        if found is None:
             return super().group_sums(x, groups, with_sum)
-        s1, s2 = self.group_dot_sums(x, x, groups)
+        s1, s2 = _kernel_dot_sums(found, x.shape, groups)
         return (s1 if with_sum else None), s2
 
     def affine(self, x, scale, offset):
