@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import shlex
 import statistics
 import sys
@@ -41,7 +40,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from mabn.engine import compiling, config, models
+from mabn.engine import compiling, config, files, models
 from mabn.lab import bench
 
 NORM_PRESETS = Path(__file__).resolve().parent.parent / "configs" / "norm"
@@ -263,9 +262,7 @@ def first_steps(args, device, log) -> tuple[dict, dict, dict]:
 def write_atomically(text: str, path: str) -> None:
     """Write ``path`` through a temporary file renamed over it (no half-written report)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = path + ".tmp"
-    Path(tmp).write_text(text)
-    os.replace(tmp, path)
+    files.atomic_write({path: text})
 
 
 def main(argv=None):

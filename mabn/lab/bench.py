@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from mabn import kernels
+from mabn.engine import files
 from mabn.engine.machine import cpu_capability, cpu_model, load_average
 
 __all__ = ["write_report", "resolve_device", "sync", "timed", "round_robin", "spread", "cpu_model", "cpu_capability",
@@ -201,11 +202,8 @@ def machine_description(device: torch.device) -> str:
 
 
 def write_report(text: str, path: str | None) -> None:
-    """Print a benchmark's markdown report and, with ``path``, write it there atomically (a
-    temporary file renamed over ``path``, so an interrupted run leaves no half-written file)."""
+    """Print a benchmark's markdown report and, with ``path``, write it there atomically
+    (:func:`mabn.engine.files.atomic_write`: an interrupted run leaves no half-written file)."""
     print(text)
     if path:
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        files.atomic_write({path: text})

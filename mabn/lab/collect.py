@@ -44,6 +44,8 @@ import sys
 
 import yaml
 
+from mabn.engine import files
+
 from .studies import (CLAIMS, CONVERGENCE_TOLERANCE, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE, SAME_AS,
                       STUDIES, SWEPT_KEY, Row)
 
@@ -433,10 +435,7 @@ def main(argv=None) -> int:
     summary = summarize(STUDIES[args.study], runs, args.study)
     text = render(args.study, summary, ", ".join(f"`{d}`" for d in args.runs_dir), args.title, notes, command)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, out)
+    files.atomic_write({out: text})
     print(text)
     if args.study == "figure1b":
         png = os.path.splitext(out)[0] + ".png"
