@@ -15,8 +15,8 @@ configs/) and set any field documented in mabn/engine/config.py. The steps:
    exit 0: divergence and pre-emption are results, not crashes), or failed (exit 1: a crash, a
    full disk; exit 130: a second Ctrl-C).
 
-Exit statuses (one line on stderr for each but 0; Hydra itself exits with 1 on an unknown key or
-preset):
+Exit statuses (mabn/engine/cli.py; one line on stderr for each but 0; Hydra itself exits with 1
+on an unknown key or preset):
 
 - 0: the run ended as designed (metrics.json: finished, diverged or interrupted), or it had
   already finished;
@@ -30,17 +30,11 @@ preset):
 - 130: a second Ctrl-C (no checkpoint; metrics.json: failed).
 """
 
-import json
-import sys
-
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mabn.engine import checkpoint, config, run, trainer
-
-#: Exit statuses (see the module docstring).
-EXIT_FAILED, EXIT_REFUSED, EXIT_OUT_DIR_IN_USE, EXIT_SECOND_CTRL_C = 1, 2, 3, 130
+from mabn.engine import cli, config
 
 # The schema: every field with its type and documentation (mabn/engine/config.py).
 ConfigStore.instance().store(name="mabn_schema", node=config.Config)
@@ -48,27 +42,7 @@ ConfigStore.instance().store(name="mabn_schema", node=config.Config)
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        cfg = config.load(cfg)  # validate before any work
-        if cfg.dry_run:  # what this (multi)run job would train; nothing else
-            print("DRY-RUN " + json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True), flush=True)
-            return
-        trainer.train(cfg)      # ConfigError here: refused before training
-    except config.ConfigError as e:
-        print(f"invalid configuration: {e}", file=sys.stderr)
-        sys.exit(EXIT_REFUSED)
-    except run.OutDirInUse as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_OUT_DIR_IN_USE)
-    except checkpoint.CheckpointError as e:  # e.g. a full disk; metrics.json says "failed"
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_FAILED)
-    except OSError as e:  # a full disk, an unreadable file: the machine's, not a bug; metrics.json says "failed"
-        print(f"error: {run.one_line(e)}", file=sys.stderr)
-        sys.exit(EXIT_FAILED)
-    except KeyboardInterrupt:  # a second Ctrl-C; metrics.json says "failed"
-        print("stopped by a second Ctrl-C, without a checkpoint (the last one written stays)", file=sys.stderr)
-        sys.exit(EXIT_SECOND_CTRL_C)
+    cli.main(cfg)  # validate, train; every ending is an exit status (mabn/engine/cli.py)
 
 
 if __name__ == "__main__":

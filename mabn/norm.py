@@ -80,6 +80,8 @@ half-precision inputs (autocast) and the output keeps the input's dtype and memo
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,7 +89,7 @@ from torch import nn
 from . import backends, convert
 from .options import UNSET, NormOptions, check_options, resolve_alpha
 
-__all__ = ["BatchStatNorm2d", "BatchNorm2d", "BatchRenorm2d", "ModifiedBatchNorm2d", "MABN2d"]
+__all__ = ["BatchStatNorm2d", "BatchNorm2d", "BatchRenorm2d", "ModifiedBatchNorm2d", "MABN2d", "OPTION_NAMES"]
 
 
 class BatchStatNorm2d(nn.Module):
@@ -131,6 +133,10 @@ class BatchStatNorm2d(nn.Module):
     _version = 2
     #: alpha when neither ``alpha`` nor ``momentum`` is given (eq. 12; appendix B.2).
     default_alpha = 0.9
+    #: The layer's name in its model (e.g. "backbone.body.layer1.0.bn1"), set on the instance by
+    #: the converters as a plain attribute (not a buffer, not in the state_dict); error messages
+    #: name it. None: unknown (the messages show the layer's repr).
+    qualified_name: str | None = None
     #: The buffers nn.BatchNorm2d does not have: EMAs of g and Psi, the SMA windows (eq. 12-13).
     MABN_BUFFERS = ("running_g", "running_psi", "num_backward_tracked", "fp_window",
                     "fp_window_valid", "bp_window", "bp_window_valid")
@@ -227,18 +233,39 @@ class BatchStatNorm2d(nn.Module):
         The counterpart of ``nn.SyncBatchNorm.convert_sync_batchnorm``: every torch BatchNorm of
         4-D inputs (``nn.modules.batchnorm._BatchNorm`` subclasses: nn.BatchNorm2d,
         nn.SyncBatchNorm, ...) becomes a ``cls`` layer on its device and dtype, with its affine
-        parameters, running statistics and train/eval mode, and ``alpha = 1 - momentum`` unless
-        ``options`` give ``alpha`` or ``momentum`` (rules of :func:`mabn.convert_model`).
-        ``options`` are the constructor's keywords, e.g.
-        ``MABN2d.convert_batchnorm(model, norm_batch_size=2, alpha=0.98)``. Layers that already
-        are mabn layers are left alone (idempotent). Returns ``module``, or the new layer when
-        ``module`` itself is a BatchNorm.
-        """
-        def make(num_features, alpha, **factory):
-            carried = {} if alpha is None or "alpha" in options or "momentum" in options else {"alpha": alpha}
-            return cls(num_features, **carried, **options, **factory)
+        parameters, running statistics, train/eval mode and ``qualified_name`` (its name in
+        ``module``, which error messages name). ``options`` are the constructor's keywords, e.g.
+        ``MABN2d.convert_batchnorm(model, norm_batch_size=2)``.
 
-        return convert.replace_batchnorms(module, make)
+        alpha (eq. 12) is the preset's own (:attr:`default_alpha`: 0.98 for MABN2d, 0.9 for the
+        others) unless ``options`` give ``alpha`` or torch's ``momentum``; the source layers'
+        momentum is NOT used (a stock BatchNorm's 0.1 would silently turn MABN's 0.98 into 0.9).
+        One INFO line (logger ``mabn.convert``) says what was built, with every option, how many
+        layers were replaced and, when it differs, that the source momentum was not used; a
+        WARNING lists the BatchNorm1d/3d (and torchvision FrozenBatchNorm2d) layers left as
+        they are. Layers that already are mabn layers are left alone (idempotent). Returns
+        ``module``, or the new layer when ``module`` itself is a BatchNorm.
+        """
+        probe = cls(1, **options, device="meta")  # bad options fail before the model is touched
+
+        def make(num_features, **factory):
+            return cls(num_features, **options, **factory)
+
+        record = convert.Conversion()
+        result = convert.replace_batchnorms(module, make, record=record)
+        given = options.get("alpha") is not None or "momentum" in options
+        convert.log_conversion(f"{cls.__name__}.convert_batchnorm", record, probe.describe(), probe.alpha,
+                               "given" if given else f"{cls.__name__}'s default")
+        return result
+
+    def option_values(self) -> dict:
+        """Every constructor option (:data:`OPTION_NAMES`) with its value:
+        ``BatchStatNorm2d(c, **layer.option_values())`` computes what ``layer`` computes."""
+        return {name: getattr(self, name) for name in OPTION_NAMES}
+
+    def describe(self) -> str:
+        """The class and every option, e.g. ``"MABN2d(form='modified', ..., ema_init='first')"``."""
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.option_values().items())})"
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -307,7 +334,11 @@ class BatchStatNorm2d(nn.Module):
         n = x.shape[0]
         b = self.norm_batch_size or n
         if n % b != 0:
-            raise ValueError(f"batch size {n} is not divisible by norm_batch_size={b}")
+            where = self.qualified_name or repr(self)
+            raise ValueError(f"{where}: batch size {n} is not divisible by norm_batch_size={b}. Feed "
+                             f"batches whose size is a multiple of {b} (DataLoader(drop_last=True), or "
+                             f"a batch sampler that keeps whole groups of {b} samples), or build the "
+                             f"layer with norm_batch_size=None to normalize each batch as one group")
         if self.form == "vanilla" and b * x.shape[2] * x.shape[3] < 2:
             raise ValueError(f"vanilla normalization needs more than 1 value per channel in a group "
                              f"(norm_batch_size={b}, input shape {tuple(x.shape)})")
@@ -333,6 +364,13 @@ class BatchStatNorm2d(nn.Module):
         # Statistics in at least float32 (autocast / half inputs), output in the input's dtype.
         x = x.to(torch.promote_types(in_dtype, torch.float32))
         return backends.choose(self, x).train_forward(self, x, groups).to(in_dtype)
+
+
+#: The constructor options of the family (torch's ``momentum`` and the factory arguments aside):
+#: form, fp_stats, bp_stats, norm_batch_size, alpha, buffer_size, eps, r_max, d_max, warmup_iters,
+#: renorm_warmup_iters, ema_init.
+OPTION_NAMES = tuple(p for p in inspect.signature(BatchStatNorm2d.__init__).parameters
+                     if p not in ("self", "num_features", "momentum", "device", "dtype"))
 
 
 # ---------------------------------------------------------------------- presets

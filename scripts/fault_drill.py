@@ -6,7 +6,7 @@ PASS or FAIL; exit status 1 if any case fails.
     python scripts/fault_drill.py 1 7 12          # only these cases
     python scripts/fault_drill.py --keep /tmp/d   # keep the run folders there
 
-Each case runs ``train_imagenet.py`` (or ``eval.py``, or ``torchrun``) as a user would and checks
+Each case runs ``train_imagenet.py`` (or ``eval.py``, ``torchrun``, ``scripts/train_detection.py``) as a user would and checks
 what README.md's "Failure behaviour" promises: the exit status, the message, metrics.json, the
 checkpoints, and that a refused run wrote nothing.
 """
@@ -432,9 +432,71 @@ def case_15(d):
           f"left: {sorted(os.listdir(out))}")
 
 
+# A detection run of seconds (scripts/train_detection.py): the small Mask R-CNN at 64 px on a
+# tiny built COCO-format set, steps of 4 images in groups of 2, CPU.
+DET = ["device=cpu", "data.batch_size=4", "data.eval_batch_size=4", "data.val_images=4", "model.min_size=64",
+       "model.max_size=64", "model.backbone_width=8", "model.fpn_channels=32", "model.fc_dim=64",
+       "schedule.milestones=[]", "schedule.warmup_iters=0", "schedule.log_every=1", "schedule.eval_every=0",
+       "norm.buffer_size=4", "progress_bar=false", "optim.lr=0.01"]
+
+
+def _detection_data(d) -> str:
+    """A tiny COCO-format instance set built from generated 64 px "photographs" of 3 classes."""
+    from mabn.detection.synthetic import build_detection_dataset
+    src = os.path.join(d, "photos")
+    for split, n in (("train", 4), ("val", 2)):
+        for c in range(3):
+            os.makedirs(os.path.join(src, split, f"n0{c}"))
+            for i in range(n):
+                g = torch.Generator().manual_seed(c * 100 + i + (50 if split == "val" else 0))
+                pixels = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(os.path.join(src, split, f"n0{c}", f"{i}.JPEG"))
+    root = os.path.join(d, "data")
+    build_detection_dataset(root, seed=0, source=src, train_images=16, val_images=4, image_size=64,
+                            max_objects=3, min_object_size=16, max_object_size=40)
+    return root
+
+
+def _weights_digest(out, iteration) -> str:
+    state = torch.load(os.path.join(out, "checkpoints", f"ckpt_{iteration:07d}.pt"), weights_only=False)
+    h = hashlib.sha256()
+    for k, v in sorted(state["model"].items()):
+        h.update(k.encode() + v.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def case_16(d):
+    """detection: a SIGTERM mid-run, then resume=auto, ends with the weights of an uninterrupted
+    run; a category id not in the file is refused (exit 2, named), nothing written"""
+    root = _detection_data(d)
+    run = ["scripts/train_detection.py", *DET, f"data.root={root}", "schedule.iterations=12"]
+    straight, term = os.path.join(d, "straight"), os.path.join(d, "sigterm")
+    r = cmd([*run, f"out_dir={straight}"])
+    check(r.returncode == 0 and metrics(straight)["status"] == "finished", f"exit {r.returncode}: {r.stderr[-300:]}")
+    proc = subprocess.Popen([PY, *run, f"out_dir={term}"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for(os.path.join(term, "train_log.jsonl"), proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=TIMEOUT)
+    m = metrics(term)
+    check(proc.returncode == 0 and m["status"] == "interrupted" and m["iteration"] < 12, f"{m}: {output[-300:]}")
+    r = cmd([*run, f"out_dir={term}", "resume=auto"])
+    check(r.returncode == 0 and metrics(term)["status"] == "finished", f"resume: exit {r.returncode}: {r.stderr[-300:]}")
+    check(_weights_digest(term, 12) == _weights_digest(straight, 12), "resumed weights differ from the uninterrupted run's")
+    ann = os.path.join(root, "annotations", "instances_train.json")
+    with open(ann) as f:
+        data = json.load(f)
+    data["annotations"][0]["category_id"] = 999
+    with open(ann, "w") as f:
+        json.dump(data, f)
+    bad = os.path.join(d, "bad")
+    r = cmd([*run, f"out_dir={bad}"])
+    refused(r, "999", bad)
+
+
 CASES = {"1": case_1, "2": case_2, "3": case_3, "4": case_4, "5": case_5, "6": case_6, "7": case_7,
          "8": case_8, "9": case_9, "10": case_10, "11": case_11, "12": case_12, "finished": case_finished,
-         "13": case_13, "14": case_14, "15": case_15}
+         "13": case_13, "14": case_14, "15": case_15, "16": case_16}
 #: The cheap cases (--quick; .ci/run): a few short runs each, no torchrun, no long waits.
 QUICK = ("2", "6", "8", "9", "11", "12", "14", "15")
 

@@ -98,9 +98,9 @@ def test_quickstart_defaults():
 @pytest.mark.parametrize("preset,cls", [("bn", mabn.BatchStatNorm2d), ("bn_small", mabn.BatchStatNorm2d),
                                         ("brn", mabn.BatchStatNorm2d), ("modified", mabn.BatchStatNorm2d),
                                         ("mabn", mabn.BatchStatNorm2d), ("gn", nn.GroupNorm),
-                                        ("torch_bn", nn.BatchNorm2d), ("syncbn", nn.SyncBatchNorm)])
+                                        ("torch_bn", nn.BatchNorm2d), ("syncbn", mabn.SyncBatchNorm2d)])
 def test_norm_presets(preset, cls):
-    cfg = config.load(compose_cfg([f"norm={preset}", "device=cuda"])) if preset == "syncbn" else load_cfg([f"norm={preset}"])
+    cfg = load_cfg([f"norm={preset}"])
     model = models.build_model(cfg.model, cfg.norm, 10)
     assert type(model.layer1[0].bn1) is cls
 
@@ -143,17 +143,21 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path):
     assert r.returncode != 0 and "nosuchpreset" in r.stderr and not out.exists()
 
 
-def test_syncbn_needs_a_cuda_device_checked_once_where_the_run_starts(tmp_path):
-    """The SyncBN rule is a machine check (config.check_machine), the only place it is made: a
-    config with norm=syncbn composes and validates anywhere (dry runs), the run is refused."""
+def test_syncbn_trains_on_the_cpu_in_one_process_as_bn_over_the_whole_batch(tmp_path):
+    """norm=syncbn is mabn.SyncBatchNorm2d (nn.SyncBatchNorm that also runs on the CPU, over gloo
+    when distributed): the machine check accepts it on the CPU, and one process normalizes its
+    whole batch, as norm=torch_bn does (the same run, the same weights)."""
     from _train_utils import tiny, train_in_process
-    cfg = load_cfg(["norm=syncbn", "device=cpu"])
-    with pytest.raises(config.ConfigError, match="norm.layer=syncbn needs device=cuda"):
-        config.check_machine(cfg)
-    if not torch.cuda.is_available():
-        with pytest.raises(config.ConfigError, match="norm.layer=syncbn needs device=cuda"):
-            train_in_process(tiny(tmp_path / "run", norm="syncbn", **{"norm.norm_batch_size": "null"}))
-        assert not (tmp_path / "run").exists()
+    config.check_machine(load_cfg(["norm=syncbn", "device=cpu"]))
+    ckpt = {}
+    for preset in ("syncbn", "torch_bn"):
+        out = tmp_path / preset
+        m = train_in_process(tiny(out, iterations=3, norm=preset, **{"norm.norm_batch_size": "null"}))
+        assert m["status"] == "finished"
+        ckpt[preset] = torch.load(out / "checkpoints" / "ckpt_0000003.pt", weights_only=False)["model"]
+    assert ckpt["syncbn"].keys() == ckpt["torch_bn"].keys()
+    for k, v in ckpt["torch_bn"].items():
+        assert torch.allclose(ckpt["syncbn"][k].float(), v.float(), rtol=1e-4, atol=1e-5), k
 
 
 def test_the_family_layer_is_named_batchstat_and_the_old_name_still_loads():

@@ -861,7 +861,7 @@ def test_build_norm_layers_and_alpha_conversion():
     assert type(bn) is nn.BatchNorm2d and bn.momentum == pytest.approx(0.1)
     gn = mabn.build_norm(8, layer="gn", num_groups=4)
     assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 4
-    assert isinstance(mabn.build_norm(8, layer="syncbn"), nn.SyncBatchNorm)
+    assert isinstance(mabn.build_norm(8, layer="syncbn"), mabn.SyncBatchNorm2d)
     layer = mabn.build_norm(8, form="modified", fp_stats="ema", bp_stats="sma", norm_batch_size=2,
                             alpha=0.98, buffer_size=16)
     assert (layer.form, layer.fp_stats, layer.bp_stats, layer.norm_batch_size, layer.alpha,

@@ -97,7 +97,8 @@ def test_inplace_relu_after_the_layer_sees_the_right_gradient():
 
 def test_off_switch_and_non_recording_iterations_leave_no_hooks():
     torchvision = pytest.importorskip("torchvision")
-    model = mabn.convert_model(torchvision.models.resnet18(num_classes=4), dict(norm_batch_size=2))
+    model = mabn.convert_model(torchvision.models.resnet18(num_classes=4),  # vanilla: mean, var, g, psi
+                               dict(form="vanilla", fp_stats="batch", bp_stats="batch", norm_batch_size=2))
 
     def hooks():
         return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)

@@ -162,14 +162,14 @@ def _zoo():
     return m
 
 
-def test_convert_model_every_2d_batchnorm_keeps_state_and_momentum():
+def test_convert_model_every_2d_batchnorm_keeps_state_not_momentum():
     m = _zoo().double()
     old = copy.deepcopy(m)
-    mabn.convert_model(m, dict(norm_batch_size=None))
+    mabn.convert_model(m, dict(form="vanilla", fp_stats="batch", bp_stats="batch", norm_batch_size=None))
     assert [type(x) for x in m][1::2] == [BatchStatNorm2d] * 3 + [nn.BatchNorm3d]
     assert type(m[6]) is nn.BatchNorm1d
-    assert m[1].alpha == pytest.approx(0.7)  # torch momentum 0.3 carried over
-    assert m[3].alpha == 0.9  # momentum=None (cumulative average): the layer's default alpha
+    assert m[1].alpha == 0.98  # the default (MABN2d's alpha), not 1 - the source momentum 0.3
+    assert m[3].alpha == 0.98  # momentum=None (cumulative average): the same default
     for i in (1, 3, 5):
         assert m[i].weight.dtype == D
         torch.testing.assert_close(m[i].running_mean, old[i].running_mean, rtol=0, atol=0)
@@ -187,7 +187,7 @@ def test_convert_model_every_2d_batchnorm_keeps_state_and_momentum():
 
 def test_convert_is_idempotent_and_classmethod():
     m = mabn.MABN2d.convert_batchnorm(_zoo(), norm_batch_size=2)
-    assert isinstance(m[1], mabn.MABN2d) and m[1].alpha == pytest.approx(0.7)
+    assert isinstance(m[1], mabn.MABN2d) and m[1].alpha == 0.98  # the preset's, not 1 - 0.3
     assert mabn.MABN2d.convert_batchnorm(_zoo(), alpha=0.98)[1].alpha == 0.98
     assert mabn.MABN2d.convert_batchnorm(_zoo(), momentum=0.1)[1].alpha == pytest.approx(0.9)
     m[:6](torch.randn(4, 3, 4, 4)).sum().backward()  # the windows now hold values

@@ -51,7 +51,8 @@ class NormConfig:
     """Which layer: "batchstat" (the configurable family mabn.BatchStatNorm2d, whose form,
     fp_stats, bp_stats and the other options below make it BN, BRN, the modified normalization,
     MABN or any ablation of the paper), "bn" (torch's nn.BatchNorm2d, the regular-batch
-    reference), "syncbn" (nn.SyncBatchNorm over all ranks; CUDA only), "gn" (nn.GroupNorm). The
+    reference), "syncbn" (batch statistics over all ranks: nn.SyncBatchNorm, on
+    the CPU over gloo as mabn.SyncBatchNorm2d; one process: its whole batch), "gn" (nn.GroupNorm). The
     old name of "batchstat", "mabn", is still accepted (and saved as "batchstat")."""
     form: str = "vanilla"
     """"vanilla" (centre by the mean, scale by the std; eq. 1) or "modified" (scale by
@@ -328,19 +329,21 @@ class EvalConfig(Config):
 # ------------------------------------------------------------------------------------------------
 # Loading and validation
 
-def load(cfg: Any = None) -> DictConfig:
-    """Merge ``cfg`` (DictConfig, dict or None) onto the schema and validate it.
+def load(cfg: Any = None, schema: type = None, check=None) -> DictConfig:
+    """Merge ``cfg`` (DictConfig, dict or None) onto the schema (:class:`Config`, or another
+    task's, e.g. mabn.detection.config.DetectionConfig) and validate it (:func:`validate`, or
+    ``check``).
 
     Returns a read-only typed DictConfig. Raises :class:`ConfigError` naming the key.
     """
-    schema = OmegaConf.structured(Config)
+    schema = OmegaConf.structured(schema or Config)
     try:
         merged = OmegaConf.merge(schema, cfg if cfg is not None else {})
         OmegaConf.resolve(merged)
     except Exception as e:  # omegaconf's ValidationError / ConfigKeyError name the key
         raise ConfigError(str(e).split("\n    full_key")[0] + _full_key(e)) from None
     merged.norm.layer = LEGACY_NORM_LAYERS.get(merged.norm.layer, merged.norm.layer)
-    validate(merged)
+    (check or validate)(merged)
     OmegaConf.set_readonly(merged, True)
     return merged
 
@@ -513,14 +516,13 @@ def check_machine(cfg: DictConfig) -> None:
     """The checks that depend on the machine (done where the run or evaluation starts, not in
     :func:`validate`, so that a config can be composed and dry-run elsewhere): device=cuda, fp16
     and SyncBN need a GPU; compile=true needs a working torch.compile and a normalization it is
-    not known to miscompile."""
+    not known to miscompile. (norm.layer=syncbn runs anywhere: on CUDA torch's nn.SyncBatchNorm,
+    on the CPU mabn.SyncBatchNorm2d over gloo; one process normalizes its whole batch.)"""
     cuda = torch.cuda.is_available()
     on = device_type(cfg.device)
     _check(cfg.device != "cuda" or cuda, "device=cuda but no CUDA GPU is available; use device=cpu (or auto)")
     _check(cfg.amp != "fp16" or on == "cuda",
            "amp=fp16 needs a CUDA GPU (on the CPU it runs ~90x slower); use amp=bf16 or amp=none")
-    _check(cfg.norm.layer != "syncbn" or on == "cuda",
-           "norm.layer=syncbn needs device=cuda (nn.SyncBatchNorm is CUDA-only)")
     if not cfg.compile:
         return
     reason = unavailable_reason(on)

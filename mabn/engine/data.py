@@ -367,14 +367,18 @@ class TrainStream:
     Epoch e visits a DistributedSampler permutation (seeded by the run seed and e; each rank its
     own shard) in batches of ``batch_size`` (last partial batch dropped, so every batch splits
     into normalization groups). :meth:`state_dict` is the position of the next batch.
+    ``collate_fn``: the DataLoader's (e.g. a detector's lists of images and targets).
     """
 
-    def __init__(self, dataset: Dataset, cfg, seed: int, rank: int, world_size: int, device: torch.device):
+    def __init__(self, dataset: Dataset, cfg, seed: int, rank: int, world_size: int, device: torch.device,
+                 collate_fn=None):
         self.data = SeededSamples(dataset, seed)
         self.sampler = ResumableDistributedSampler(self.data, num_replicas=world_size, rank=rank,
                                                    shuffle=True, seed=seed, drop_last=True)
         self.batch_size, self.seed, self.rank = cfg.batch_size, seed, rank
         self.kwargs = _loader_kwargs(cfg, device)
+        if collate_fn is not None:
+            self.kwargs["collate_fn"] = collate_fn
         self.batches_per_epoch = self.sampler.num_samples // self.batch_size
         if self.batches_per_epoch == 0:
             raise ConfigError(f"data: {len(dataset)} training images are too few for data.batch_size="
@@ -402,7 +406,11 @@ class TrainStream:
             self.epoch, self.batch = self.epoch + 1, 0
 
 
-def build_val_loader(dataset: Dataset, cfg, rank: int, world_size: int, device: torch.device) -> DataLoader:
+def build_val_loader(dataset: Dataset, cfg, rank: int, world_size: int, device: torch.device,
+                     collate_fn=None) -> DataLoader:
     """Validation loader over this rank's shard (no padding, no shuffling)."""
+    kwargs = _loader_kwargs(cfg, device)
+    if collate_fn is not None:
+        kwargs["collate_fn"] = collate_fn
     return DataLoader(dataset, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                      sampler=ShardSampler(len(dataset), rank, world_size), **_loader_kwargs(cfg, device))
+                      sampler=ShardSampler(len(dataset), rank, world_size), **kwargs)

@@ -22,40 +22,46 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
 
 
 class WindowMeter:
-    """Sums over the current logging window (reset after each log line)."""
+    """Sums over the current logging window (reset after each log line): the mean loss of each
+    iteration, images, iterations and seconds, and the task's own ``counts`` (the classifier's
+    top-1/top-5 hits, the detector's loss terms), summed over ranks when the window is logged."""
 
     def __init__(self):
         self.last_loss = None  # mean loss of the last logged window
         self.reset()
 
     def reset(self) -> None:
-        self.loss = self.correct1 = self.correct5 = 0.0
+        self.loss = 0.0
         self.samples = self.iters = 0
         self.data_time = self.step_time = 0.0
+        self.counts: dict[str, float] = {}
 
-    def update(self, loss: float, correct1, correct5, samples: int, data_time: float,
-               step_time: float) -> None:
-        """One iteration: its mean loss, top-1/top-5 hits, images, seconds waiting for data and
+    def update(self, loss: float, counts: dict, samples: int, data_time: float, step_time: float) -> None:
+        """One iteration: its mean loss, the task's counts, images, seconds waiting for data and
         seconds of the whole iteration (data included; validation and checkpoints excluded)."""
         self.loss += loss
-        self.correct1 += correct1
-        self.correct5 += correct5
+        for k, v in counts.items():
+            self.counts[k] = self.counts.get(k, 0.0) + float(v)
         self.samples += samples
         self.iters += 1
         self.data_time += data_time
         self.step_time += step_time
 
-    _FIELDS = ("loss", "correct1", "correct5", "samples", "iters", "data_time", "step_time", "last_loss")
+    _FIELDS = ("loss", "samples", "iters", "data_time", "step_time", "last_loss")
 
     def state_dict(self) -> dict:
         """The open window and the last logged loss, as plain numbers (saved in checkpoints so that
         a resumed run logs exactly what an uninterrupted one logs)."""
-        return {k: (v.item() if isinstance(v, torch.Tensor) else v)
-                for k, v in ((k, getattr(self, k)) for k in self._FIELDS)}
+        state = {k: (v.item() if isinstance(v, torch.Tensor) else v)
+                 for k, v in ((k, getattr(self, k)) for k in self._FIELDS)}
+        state["counts"] = dict(self.counts)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for k in self._FIELDS:
             setattr(self, k, state[k])
+        # Checkpoints written before the counts were the task's kept the classifier's at the top.
+        self.counts = dict(state.get("counts", {k: state[k] for k in ("correct1", "correct5") if k in state}))
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ def channel_widths(arch: str) -> tuple[int, ...]:
 #:  - "batchstat": the configurable family mabn.BatchStatNorm2d (BN, BRN, the modified
 #:    normalization, MABN and every ablation of the paper, in groups of norm_batch_size images)
 #:  - "bn": torch's nn.BatchNorm2d (whole per-GPU batch)
-#:  - "syncbn": nn.SyncBatchNorm (statistics over all ranks)
+#:  - "syncbn": mabn.SyncBatchNorm2d (statistics over all ranks; nn.SyncBatchNorm that also runs on the CPU)
 #:  - "gn": nn.GroupNorm (num_groups groups)
 NORM_LAYERS = LAYERS
 #: Values of norm.layer from before the family had its own name: old value -> current value.

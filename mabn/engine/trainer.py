@@ -47,9 +47,11 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import checkpoint, data, distributed, files, models, run
+from .classification import ClassificationTask
 from .compiling import compile_module
-from .config import ConfigError, check_checkpoint_fits, check_machine, check_num_classes, config_changes
-from .meters import WindowMeter, evaluate, topk_correct
+from .config import ConfigError, check_checkpoint_fits, check_machine, config_changes
+from .meters import WindowMeter
+from .task import Task
 from .registry import norm_options
 from ..stats import StatisticsRecorder
 
@@ -204,6 +206,7 @@ class _State:
     di: distributed.DistInfo
     stop: _StopFlag
     record: _Record
+    task: Task
     # set by _build
     train_set: Any = None
     val_set: Any = None
@@ -214,7 +217,6 @@ class _State:
     net: nn.Module | None = None  # the model, or its DDP and/or torch.compile wrapper
     optimizer: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None
-    criterion: nn.Module | None = None
     lr0: float = 0.0
     recorder: StatisticsRecorder | None = None
     # set by _resume
@@ -245,15 +247,18 @@ class _State:
         return torch.autocast(self.di.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
-def train(cfg) -> dict:
-    """Run (or resume) the training described by the validated config ``cfg``.
+def train(cfg, task: Task | None = None) -> dict:
+    """Run (or resume) the training described by the validated config ``cfg``: ``task`` gives
+    the data, model, loss and validation (:class:`~mabn.engine.classification.ClassificationTask`
+    by default; :mod:`mabn.engine.task` says what a task supplies).
 
     Returns the final metrics (also written to out_dir/metrics.json). An exception once out_dir is
     this run's is recorded there as status "failed" and re-raised.
     """
     check_machine(cfg)
     di = distributed.setup(cfg.device)
-    s = _State(cfg, di, _StopFlag(), _Record(os.path.join(cfg.out_dir, "metrics.json"), di.is_main))
+    s = _State(cfg, di, _StopFlag(), _Record(os.path.join(cfg.out_dir, "metrics.json"), di.is_main),
+               task or ClassificationTask())
     try:
         return _train(s)
     except BaseException as e:
@@ -316,22 +321,18 @@ def _finished_record(s: _State) -> bool:
 
 
 def _build(s: _State) -> None:
-    """Data, model, optimizer, loss, statistics recorder: every check that needs them, no writes."""
+    """Data and model (the task's), optimizer, statistics recorder: every check that needs them,
+    no writes."""
     cfg, di = s.cfg, s.di
     torch.manual_seed(cfg.seed)  # identical initialization on every rank
     random.seed(cfg.seed)
     if np is not None:
         np.random.seed(cfg.seed)
-    s.train_set, s.val_set, s.num_classes = data.build_datasets(cfg.data, cfg.seed)
-    check_num_classes(cfg.model, s.num_classes, cfg.data.name)
-    s.stream = data.TrainStream(s.train_set, cfg.data, cfg.seed, di.rank, di.world_size, di.device)
-    s.val_loader = data.build_val_loader(s.val_set, cfg.data, di.rank, di.world_size, di.device)
-    model = models.build_model(cfg.model, cfg.norm, cfg.model.num_classes or s.num_classes).to(di.device)
-    s.model = s.net = model.to(memory_format=s.memory_format)
+    s.task.build(s)
+    s.net = s.model
     s.lr0 = base_lr(cfg, di.world_size)
     s.optimizer = build_optimizer(s.model, cfg, s.lr0)
     s.scaler = torch.amp.GradScaler(di.device.type, enabled=cfg.amp == "fp16")
-    s.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     if cfg.stats.enabled and di.is_main:  # Figures 2-4, from rank 0's batches
         try:
             s.recorder = StatisticsRecorder(s.model, list(cfg.stats.layers), cfg.stats.every,
@@ -439,9 +440,7 @@ def _start(s: _State) -> None:
         run.write_provenance(cfg, out_dir, di.world_size)
     log.info("world size %d, device %s; normalization: norm.layer=%s %s, weight centralization %s",
              di.world_size, di.device, cfg.norm.layer, norm_options(cfg.norm), cfg.norm.weight_centralization)
-    log.info("data %s: %d training / %d validation images, %d classes; %d batches of %d per rank "
-             "per epoch", cfg.data.name, len(s.train_set), len(s.val_set), s.num_classes,
-             s.stream.batches_per_epoch, cfg.data.batch_size)
+    log.info("%s", s.task.describe(s))
     if di.distributed:  # each rank keeps its own normalization statistics (paper, appendix B.2)
         s.net = DDP(s.model, device_ids=[di.device.index] if di.device.type == "cuda" else None,
                     broadcast_buffers=False)
@@ -490,40 +489,36 @@ def _train_step(s: _State, batches, stop_at: int, bar) -> None:
     (logging, validation, checkpoints; a stop request or stop_after ends the run after a
     checkpoint, status interrupted)."""
     t0 = time.perf_counter()
-    images, target = next(batches)
-    images = images.to(s.di.device, non_blocking=True).contiguous(memory_format=s.memory_format)
-    target = target.to(s.di.device, non_blocking=True)
+    inputs = s.task.to_device(s, next(batches))
     data_time = time.perf_counter() - t0
     s.it += 1
     lr = lr_at(s.cfg, s.it, s.lr0)
     for group in s.optimizer.param_groups:
         group["lr"] = lr
-    logits, loss = _forward(s, images, target)
+    loss, counts, samples = _forward(s, inputs)
     loss_sum, diverged_ranks, stop_requested = _agree(s, loss)
     if diverged_ranks:
         s.status = "diverged"
         log.error("iter %d: non-finite loss on %d rank(s); stopping (status diverged)", s.it, diverged_ranks)
         return
     _backward_step(s, loss, t0 + data_time)
-    with torch.no_grad():
-        c1, c5 = topk_correct(logits.detach(), target)
-    s.meter.update(loss_sum / s.di.world_size, c1, c5, target.shape[0], data_time, time.perf_counter() - t0)
+    s.meter.update(loss_sum / s.di.world_size, counts, samples, data_time, time.perf_counter() - t0)
     bar.update(1)
     _on_schedule(s, lr, stop_requested, stop_at, bar)
 
 
-def _forward(s: _State, images, target):
-    """Logits and loss (under autocast when amp is set), with the injected faults of debug.*."""
+def _forward(s: _State, inputs):
+    """The task's (loss, window counts, images) under autocast when amp is set, with the injected
+    faults of debug.*."""
     if s.recorder:
         s.recorder.start(s.it)
     with s.autocast():
-        logits = s.net(images)
-        loss = s.criterion(logits.float(), target)
+        loss, counts, samples = s.task.forward(s, inputs)
     if s.cfg.debug.nan_loss_at == s.it:
         loss = loss * float("nan")
     if s.cfg.debug.fail_at == s.it:
         raise RuntimeError(f"debug.fail_at={s.it}: injected failure")
-    return logits, loss
+    return loss, counts, samples
 
 
 def _agree(s: _State, loss) -> tuple[float, int, bool]:
@@ -559,7 +554,7 @@ def _on_schedule(s: _State, lr: float, stop_requested: bool, stop_at: int, bar) 
     # Not at stop_after: the open window goes into the checkpoint, so a resumed run logs the
     # same lines as an uninterrupted one.
     if it % cfg.schedule.log_every == 0 or it == end:
-        _log_train(s.meter, it, lr, s.di, s.writer, os.path.join(cfg.out_dir, "train_log.jsonl"), bar)
+        _log_train(s, lr, bar)
     if cfg.schedule.eval_every and it % cfg.schedule.eval_every == 0 and it != end:
         s.last_val = _evaluate(s)
     if it == end:
@@ -575,14 +570,9 @@ def _on_schedule(s: _State, lr: float, stop_requested: bool, stop_at: int, bar) 
 
 
 def _evaluate(s: _State) -> dict:
-    """Validation error of the model at the current iteration (logged, and to TensorBoard)."""
-    res = evaluate(s.model, s.val_loader, s.di.device, s.cfg.channels_last, s.autocast())
+    """The task's validation of the model at the current iteration (logged, and to TensorBoard)."""
+    res = s.task.evaluate(s)
     res["iteration"] = s.it
-    log.info("iter %d: val top-1 error %.2f%%, top-5 error %.2f%% (%d images)", s.it,
-             res["top1_err"], res["top5_err"], res["samples"])
-    if s.writer:
-        s.writer.add_scalar("val/top1_err", res["top1_err"], s.it)
-        s.writer.add_scalar("val/top5_err", res["top5_err"], s.it)
     return res
 
 
@@ -617,14 +607,13 @@ def _finish(s: _State) -> dict:
         s.last_val = _evaluate(s)
         _save_checkpoint(s)
     if s.status == "diverged":
-        result.update(diverged_at=s.it, val_top1_err=None, val_top5_err=None)
+        result.update(diverged_at=s.it, **dict.fromkeys(s.task.result_keys))
     elif s.last_val:
-        result.update(val_top1_err=s.last_val["top1_err"], val_top5_err=s.last_val["top5_err"],
-                      val_iteration=s.last_val.get("iteration", s.it))
+        result.update(s.task.result_metrics(s.last_val), val_iteration=s.last_val.get("iteration", s.it))
     s.record.write()
     if s.di.is_main:
         if s.status != "interrupted":
-            _hparams(s.writer, s.cfg, result)
+            _hparams(s.writer, s.cfg, result, s.task.result_keys)
         s.writer.close()
         log.info("status %s at iteration %d; %s", s.status, s.it, s.record.path)
     return result
@@ -640,25 +629,26 @@ def _params_digest(model: nn.Module) -> str | None:
     return h.hexdigest()
 
 
-def _log_train(meter: WindowMeter, it: int, lr: float, di, writer, path: str, bar) -> None:
+def _log_train(s: _State, lr: float, bar) -> None:
     """Average the window over ranks and log it (stdout, train_log.jsonl, TensorBoard)."""
+    meter, di = s.meter, s.di
+    keys = sorted(meter.counts)
     sums = distributed.all_reduce_sum(
-        [float(meter.correct1), float(meter.correct5), meter.samples, meter.data_time], di.device).tolist()
-    c1, c5, samples, data_time = sums
-    row = {"iteration": it, "loss": meter.loss / meter.iters, "top1_err": 100 * (1 - c1 / samples),
-           "top5_err": 100 * (1 - c5 / samples), "lr": lr, "images_per_s": samples / meter.step_time,
-           "data_time_s": data_time / (meter.iters * di.world_size)}
+        [meter.samples, meter.data_time] + [meter.counts[k] for k in keys], di.device).tolist()
+    samples, data_time, counts = sums[0], sums[1], dict(zip(keys, sums[2:]))
+    metrics = s.task.window_metrics(counts, samples, meter.iters, di.world_size)
+    row = {"iteration": s.it, "loss": meter.loss / meter.iters, **metrics, "lr": lr,
+           "images_per_s": samples / meter.step_time, "data_time_s": data_time / (meter.iters * di.world_size)}
     meter.last_loss = row["loss"]
     if di.is_main:
-        run.append_jsonl(path, row)
-        for k in ("loss", "top1_err", "top5_err", "lr"):
-            writer.add_scalar(f"train/{k}", row[k], it)
-        writer.add_scalar("perf/images_per_s", row["images_per_s"], it)
-        writer.add_scalar("perf/data_time_s", row["data_time_s"], it)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", err=f"{row['top1_err']:.1f}")
-        logging.getLogger(__name__).info(
-            "iter %d: loss %.4f, top-1 error %.2f%%, top-5 error %.2f%%, lr %.4g, %.1f img/s, data %.3fs",
-            it, row["loss"], row["top1_err"], row["top5_err"], lr, row["images_per_s"], row["data_time_s"])
+        run.append_jsonl(os.path.join(s.cfg.out_dir, "train_log.jsonl"), row)
+        for k in ("loss", *metrics, "lr"):
+            s.writer.add_scalar(f"train/{k}", row[k], s.it)
+        s.writer.add_scalar("perf/images_per_s", row["images_per_s"], s.it)
+        s.writer.add_scalar("perf/data_time_s", row["data_time_s"], s.it)
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+        log.info("iter %d: loss %.4f, %s, lr %.4g, %.1f img/s, data %.3fs", s.it, row["loss"],
+                 s.task.window_text(row), lr, row["images_per_s"], row["data_time_s"])
     meter.reset()
 
 
@@ -683,8 +673,8 @@ def _iteration_or_none(iteration_of, line: str) -> int | None:
         return None
 
 
-def _hparams(writer, cfg, result: dict) -> None:
-    """TensorBoard hparams summary: the normalization options and the final errors."""
+def _hparams(writer, cfg, result: dict, metric_keys) -> None:
+    """TensorBoard hparams summary: the normalization options and the final metrics."""
     hp = {f"norm.{k}": v for k, v in norm_options(cfg.norm).items()}
     hp["norm.layer"] = cfg.norm.layer
     hp["norm.weight_centralization"] = cfg.norm.weight_centralization
@@ -692,6 +682,5 @@ def _hparams(writer, cfg, result: dict) -> None:
                "data.batch_size": cfg.data.batch_size, "status": result["status"]})
     hp = {k: (str(v) if v is None else v) for k, v in hp.items()}
     nan = float("nan")
-    metrics = {"hparam/val_top1_err": result.get("val_top1_err") if result.get("val_top1_err") is not None else nan,
-               "hparam/val_top5_err": result.get("val_top5_err") if result.get("val_top5_err") is not None else nan}
+    metrics = {f"hparam/{k}": result[k] if result.get(k) is not None else nan for k in metric_keys}
     writer.add_hparams(hp, metrics, run_name=".", global_step=result["iteration"])

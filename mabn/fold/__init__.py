@@ -47,6 +47,16 @@ statistics (``strict=False``), which is still a linear per-channel affine map at
 torchvision's ResNets (``conv1/bn1``, ``convK/bnK`` in the blocks and the ``downsample``
 ``Sequential(conv, bn)``) fold completely.
 
+A model that torch.fx cannot trace as a whole (torchvision's Faster/Mask R-CNN and RetinaNet:
+their forward iterates over inputs and has data-dependent control flow) is folded part by part:
+:func:`fold_model` traces its children instead, recursively, and folds every traceable submodule
+that holds normalizations (the backbone body, a ``FastRCNNConvFCHead``/``MaskRCNNHeads``, a
+RetinaNet head's conv towers). What is left unfolded is logged (one WARNING, logger
+``mabn.fold``) and listed in the :class:`FoldReport` that ``fold_model(model,
+return_report=True)`` also returns. The pairing rule is then applied inside each traced
+submodule; a convolution or normalization that untraced code also calls directly (weight
+sharing across the boundary) is not detected.
+
 Normalizations that use statistics of the input at inference (nn.GroupNorm, nn.LayerNorm,
 nn.InstanceNorm2d, BatchNorm without running statistics) are not linear maps and are not
 "normalizations" for this module: they are left untouched (a BatchNorm without running statistics
@@ -55,11 +65,12 @@ that is called is reported as unfoldable).
 from __future__ import annotations
 
 from .export import export_onnx, export_torchscript, export_torchvision_state_dict, plain_model
-from .folding import fold_conv_norm, fold_model
+from .folding import FoldReport, fold_conv_norm, fold_model
 from .pairing import is_foldable_norm
 
 __all__ = [
     "fold_model",
+    "FoldReport",
     "fold_conv_norm",
     "plain_model",
     "export_torchvision_state_dict",

@@ -5,15 +5,21 @@ eps)``, in float64."""
 from __future__ import annotations
 
 import copy
+import logging
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..conv import CenConv2d
 from ..norm import BatchStatNorm2d
-from .pairing import find_pairs, is_foldable_norm
+from ..sync import SyncBatchNorm2d
+from .pairing import UntraceableError, _is_norm, find_pairs, is_foldable_norm
 
-__all__ = ["fold_conv_norm", "fold_model"]
+__all__ = ["fold_conv_norm", "fold_model", "FoldReport"]
+
+logger = logging.getLogger("mabn.fold")
+
 
 def _conv_weight(conv: nn.Module) -> torch.Tensor:
     """The weight the convolution actually uses: centered (eq. 18) for CenConv2d."""
@@ -133,28 +139,111 @@ def bn_from_norm(norm: nn.Module, eps: float | None = None) -> nn.BatchNorm2d:
     return bn
 
 
-def fold_model(model: nn.Module, strict: bool = True) -> nn.Module:
+@dataclass
+class FoldReport:
+    """What :func:`fold_model` did, by qualified name in the model (``""`` is the model itself).
+
+    Attributes:
+        folded: {normalization: the convolution it was folded into}.
+        left: {normalization NOT folded: why}; each is still in the result, as an eval-mode
+            nn.BatchNorm2d with the same statistics when it was a mabn layer, else as it was.
+        traced: the modules torch.fx traced (the model alone when the whole model traces; else
+            the largest traceable submodules holding normalizations, e.g. ``backbone.body``).
+        untraced: {module holding normalizations that torch.fx could not trace: the error};
+            their traceable children were folded instead.
+    """
+
+    folded: dict = field(default_factory=dict)
+    left: dict = field(default_factory=dict)
+    traced: list = field(default_factory=list)
+    untraced: dict = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """True when no normalization was left unfolded."""
+        return not self.left
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _find_pairs_deep(module: nn.Module, prefix: str, report: FoldReport, unfoldable: dict) -> None:
+    """The pairs of ``module`` (named ``prefix``) into ``report.folded``, its unfoldable norms
+    into ``unfoldable``; where torch.fx cannot trace ``module``, those of its children."""
+    if _is_norm(module) or not any(_is_norm(m) for m in module.modules()):
+        return  # nothing to fold here (a lone norm outside a traced graph is reported as left)
+    try:
+        pairs, bad = find_pairs(module)
+    except UntraceableError as e:
+        cause = e.__cause__ or e
+        report.untraced[prefix] = f"{type(cause).__name__}: {cause}".splitlines()[0].split(". ")[0]
+        for name, child in module.named_children():
+            _find_pairs_deep(child, _join(prefix, name), report, unfoldable)
+        return
+    report.traced.append(prefix)
+    report.folded.update({_join(prefix, n): _join(prefix, c) for n, c in pairs.items()})
+    unfoldable.update({_join(prefix, n): reason for n, reason in bad})
+
+
+def _why_left(name: str, report: FoldReport, unfoldable: dict) -> str:
+    """Why the normalization ``name`` was not folded."""
+    if name in unfoldable:
+        return unfoldable[name]
+    inside = [m for m in report.untraced if m == "" or name.startswith(m + ".")]
+    if inside:
+        where = max(inside, key=len)
+        caller = f"the forward of {where!r}" if where else "the model's forward"
+        return f"it is called by {caller}, which torch.fx cannot trace ({report.untraced[where]})"
+    return "it is not called in the traced forward"
+
+
+def _log_left(model: nn.Module, report: FoldReport) -> None:
+    """One WARNING listing the normalizations not folded (none: nothing is logged)."""
+    if not report.left:
+        return
+    lines = "".join(f"\n  {name}: {why}" for name, why in report.left.items())
+    traced = ", ".join(t or "<the model>" for t in report.traced) or "none"
+    logger.warning("fold_model(%s): %d normalization layer(s) NOT folded (%d folded, in the traced "
+                   "module(s): %s):%s", type(model).__name__, len(report.left), len(report.folded),
+                   traced, lines)
+
+
+def fold_model(model: nn.Module, strict: bool = True, *, return_report: bool = False):
     """
     Fold every eval-mode normalization that directly follows a convolution into it.
+
+    The model is traced with torch.fx (pairing rule of :mod:`mabn.fold`). When the whole model
+    does not trace (torchvision's detectors: their control flow iterates over inputs), its
+    children are traced instead, recursively, and every traceable submodule holding
+    normalizations is folded in place (e.g. a detector's ``backbone.body``, a
+    ``FastRCNNConvFCHead`` / ``MaskRCNNHeads`` box or mask head, a RetinaNet head's conv
+    towers). The normalizations left unfolded are logged (one WARNING, logger ``mabn.fold``) and
+    listed in the :class:`FoldReport` (``return_report=True``).
 
     Args:
         model: an eval-mode model (``model.eval()``), e.g. a torchvision ResNet after
             ``mabn.convert_model``. It is not modified.
-        strict: if True, raise ValueError when a normalization cannot be folded (see the pairing
-            rule in the module docstring). If False, such a normalization is kept as an eval-mode
-            ``nn.BatchNorm2d`` with the same statistics (still linear at inference).
+        strict: if True, raise ValueError when a normalization of a traced graph cannot be folded
+            (see the pairing rule in the module docstring). If False, such a normalization is kept
+            as an eval-mode ``nn.BatchNorm2d`` with the same statistics (still linear at
+            inference). Normalizations in code that torch.fx cannot trace are never an error:
+            they are kept the same way and reported.
+        return_report: also return the :class:`FoldReport`.
 
     Returns:
         A deep copy of ``model`` (same class, same submodule names) in which every folded
         convolution is a plain ``nn.Conv{1,2,3}d`` with bias, every folded normalization is
-        ``nn.Identity``, and every remaining ``CenConv2d`` is a plain convolution with its centered
-        weight. Its forward equals the eval-mode forward of ``model`` up to float rounding. It
-        contains no mabn classes, so it can be scripted, exported or loaded without mabn.
+        ``nn.Identity``, every mabn normalization left is an eval-mode ``nn.BatchNorm2d`` and
+        every remaining ``CenConv2d`` is a plain convolution with its centered weight. Its
+        forward equals the eval-mode forward of ``model`` up to float rounding, and it contains
+        no mabn classes. With ``return_report``: ``(folded_model, report)``.
     """
     check_eval(model, "fold_model")
-    pairs, unfoldable = find_pairs(model)
+    report, unfoldable = FoldReport(), {}
+    _find_pairs_deep(model, "", report, unfoldable)
     if unfoldable and strict:
-        lines = "\n".join(f"  {name}: {reason}" for name, reason in unfoldable)
+        lines = "\n".join(f"  {name}: {reason}" for name, reason in unfoldable.items())
         raise ValueError(
             "fold_model: these normalizations do not directly follow a convolution they can be "
             f"folded into:\n{lines}\nPass strict=False to keep them as eval-mode nn.BatchNorm2d "
@@ -162,15 +251,17 @@ def fold_model(model: nn.Module, strict: bool = True) -> nn.Module:
         )
     folded = copy.deepcopy(model)
     modules = dict(folded.named_modules())
-    for norm_name, conv_name in pairs.items():
+    for norm_name, conv_name in report.folded.items():
         set_submodule(folded, conv_name, fold_conv_norm(modules[conv_name], modules[norm_name]))
         set_submodule(folded, norm_name, nn.Identity())
-    for name, _ in unfoldable:
-        norm = modules[name]
-        if isinstance(norm, BatchStatNorm2d) and is_foldable_norm(norm):
-            set_submodule(folded, name, bn_from_norm(norm))
-    done = set(pairs.values())
+    for name, norm in modules.items():
+        if _is_norm(norm) and name not in report.folded:
+            report.left[name] = _why_left(name, report, unfoldable)
+            if isinstance(norm, (BatchStatNorm2d, SyncBatchNorm2d)) and is_foldable_norm(norm):
+                set_submodule(folded, name, bn_from_norm(norm))
+    done = set(report.folded.values())
     for name, m in modules.items():
         if isinstance(m, CenConv2d) and name not in done:
             set_submodule(folded, name, fold_conv_norm(m, None))
-    return folded.eval()
+    _log_left(model, report)
+    return (folded.eval(), report) if return_report else folded.eval()

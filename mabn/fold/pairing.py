@@ -12,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..conv import CenConv2d
 from ..norm import BatchStatNorm2d
 
-__all__ = ["is_foldable_norm", "find_pairs"]
+__all__ = ["is_foldable_norm", "find_pairs", "UntraceableError"]
 
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -49,6 +49,11 @@ def is_foldable_norm(norm: nn.Module) -> bool:
     return getattr(norm, "running_mean", None) is not None and getattr(norm, "running_var", None) is not None
 
 
+class UntraceableError(ValueError):
+    """``torch.fx`` could not trace a module (data-dependent control flow, iteration over an
+    input, unsupported Python): :func:`mabn.fold.fold_model` then folds its traceable children."""
+
+
 class _LeafTracer(torch.fx.Tracer):
     """fx tracer that keeps convolutions and normalizations as single call_module nodes."""
 
@@ -68,7 +73,7 @@ def find_pairs(model: nn.Module) -> tuple[dict[str, str], list[tuple[str, str]]]
     try:
         graph = _LeafTracer().trace(model)
     except Exception as e:  # data-dependent control flow, unsupported Python, ...
-        raise ValueError(
+        raise UntraceableError(
             f"fold_model traces the model with torch.fx to find conv -> norm pairs, and tracing "
             f"{type(model).__name__} failed: {type(e).__name__}: {e}"
         ) from e

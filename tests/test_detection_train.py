@@ -1,0 +1,208 @@
+"""The detection trainer (scripts/train_detection.py, mabn.detection): detectors built with every
+norm of the group, training lowers the loss, metrics.json holds the COCO numbers, resume is
+exact, a 2-rank gloo run with SyncBN, and every bad input stops with one line (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from torch import nn
+
+from _train_utils import CONFIGS, PYTHON, REPO, run_script
+
+import mabn
+from mabn.detection import config as det_config
+from mabn.detection.models import build_detector, norm_layers
+
+SCRIPT = os.path.join(REPO, "scripts", "train_detection.py")
+
+
+def _source(root) -> str:
+    """A tiny ImageFolder of patterned 64 px JPEG "photographs" (3 classes), as the builder reads."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for c in range(3):
+            folder = os.path.join(root, split, f"n0{c}")
+            os.makedirs(folder)
+            for i in range(n):
+                base = rng.integers(0, 255, 3)
+                img = (base + rng.integers(-40, 40, (64, 64, 3))).clip(0, 255).astype(np.uint8)
+                Image.fromarray(img).save(os.path.join(folder, f"{i}.JPEG"))
+    with open(os.path.join(root, "classes.txt"), "w") as f:
+        f.write("".join(f"n0{c}\tclass {c}\n" for c in range(3)))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    from mabn.detection.synthetic import build_detection_dataset
+    base = tmp_path_factory.mktemp("det")
+    out = base / "data"
+    build_detection_dataset(str(out), seed=0, source=_source(base / "src"), train_images=24, val_images=8,
+                            image_size=64, max_objects=3, min_object_size=16, max_object_size=40)
+    return str(out)
+
+
+def small(data_root, out_dir=None, iterations=4, **extra) -> list[str]:
+    """Overrides for a detection run of seconds: the small Mask R-CNN at 64 px, steps of 4 images
+    in groups of 2, CPU."""
+    o = {"data.root": data_root, "device": "cpu", "data.batch_size": 4, "data.eval_batch_size": 4,
+         "model.min_size": 64, "model.max_size": 64, "model.backbone_width": 8, "model.fpn_channels": 32,
+         "model.fc_dim": 64, "schedule.iterations": iterations, "schedule.milestones": "[]",
+         "schedule.warmup_iters": 0, "schedule.log_every": 1, "schedule.eval_every": 0,
+         "schedule.ckpt_every": 100, "norm.buffer_size": 4, "progress_bar": "false", "optim.lr": 0.01}
+    if out_dir is not None:
+        o["out_dir"] = str(out_dir)
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def compose_det(overrides):
+    from hydra.core.config_store import ConfigStore
+    ConfigStore.instance().store(name="detection_schema", node=det_config.DetectionConfig)
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose(config_name="detection", overrides=list(overrides))
+
+
+def load_det(overrides):
+    return det_config.load(compose_det(overrides))
+
+
+def train_det(overrides) -> dict:
+    from mabn.detection.task import DetectionTask
+    from mabn.engine import trainer
+    return trainer.train(load_det(overrides), DetectionTask())
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+
+EXPECTED = {"bn": mabn.BatchStatNorm2d, "bn_small": mabn.BatchStatNorm2d, "brn": mabn.BatchStatNorm2d,
+            "modified": mabn.BatchStatNorm2d, "mabn": mabn.BatchStatNorm2d, "gn": nn.GroupNorm,
+            "torch_bn": nn.BatchNorm2d, "syncbn": mabn.SyncBatchNorm2d}
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED))
+@pytest.mark.parametrize("heads", [False, True])
+def test_every_norm_builds_a_detector_holding_only_that_norm(data_root, preset, heads):
+    extra = {"model.norm_in": "backbone_and_heads", "model.box_head": "4conv1fc",
+             "model.head_warmup_iters": 7} if heads else {}
+    if preset == "gn":
+        extra.update({"norm.num_groups": 8})
+    cfg = load_det(small(data_root, norm=preset, **extra))
+    model = build_detector(cfg.model, cfg.norm, 4)
+    layers = norm_layers(model)
+    kinds = {type(m) for m in layers.values()}
+    assert kinds == {EXPECTED[preset]}, (preset, kinds)  # no FrozenBatchNorm2d, no stray BatchNorm2d
+    body = [n for n in layers if n.startswith("backbone.body.")]
+    fpn = [n for n in layers if n.startswith("backbone.fpn.")]
+    box = [n for n in layers if n.startswith("roi_heads.box_head.")]
+    mask = [n for n in layers if n.startswith("roi_heads.mask_head.")]
+    assert len(body) == 20 and len(fpn) == 8  # ResNet-18: stem + 16 in blocks + 3 shortcuts; 4 + 4 FPN convs
+    assert (len(box), len(mask)) == ((4, 4) if heads else (0, 0))
+    if preset in ("bn_small", "mabn", "brn", "modified"):
+        assert all(layers[n].norm_batch_size == 2 for n in body + fpn)
+        assert all(layers[n].norm_batch_size is None and layers[n].warmup_iters == 7 for n in box + mask)
+    centralized = [n for n, m in model.named_modules() if isinstance(m, mabn.CenConv2d)]
+    assert bool(centralized) == bool(cfg.norm.weight_centralization)
+
+
+def test_retinanet_head_takes_only_group_norm(data_root):
+    cfg = load_det(small(data_root, norm="gn", **{"norm.num_groups": 8, "model.arch": "retinanet",
+                                                   "model.norm_in": "backbone_and_heads"}))
+    model = build_detector(cfg.model, cfg.norm, 4)
+    assert sum(isinstance(m, nn.GroupNorm) for m in model.head.modules()) == 8
+    with pytest.raises(det_config.ConfigError, match="needs norm.layer=gn"):
+        load_det(small(data_root, norm="mabn", **{"model.arch": "retinanet", "model.norm_in": "backbone_and_heads"}))
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+
+def _log(out) -> list[dict]:
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_lowers_the_loss_and_writes_the_coco_numbers(data_root, tmp_path):
+    out = tmp_path / "run"
+    m = train_det(small(data_root, out, iterations=24, **{"schedule.log_every": 6, "data.val_images": 4}))
+    assert m["status"] == "finished"
+    for t in ("bbox", "segm"):
+        for k in ("AP", "AP50", "AP75"):
+            assert m[f"{t}_{k}"] is not None and 0.0 <= m[f"{t}_{k}"] <= 100.0
+    rows = _log(out)
+    assert len(rows) == 4 and rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} <= set(rows[0])
+    with open(out / "metrics.json") as f:
+        assert json.load(f)["segm_AP50"] == m["segm_AP50"]
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet"])
+def test_the_box_only_detectors_train_and_report_box_ap(data_root, tmp_path, arch):
+    m = train_det(small(data_root, tmp_path / "run", iterations=2, **{"model.arch": arch, "data.val_images": 4}))
+    assert m["status"] == "finished" and m["bbox_AP"] is not None and "segm_AP" not in m
+
+
+def test_a_stopped_run_resumes_to_the_same_weights(data_root, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    extra = {"schedule.eval_every": 0, "data.val_images": 2}
+    train_det(small(data_root, whole, iterations=6, **extra))
+    first = train_det(small(data_root, parts, iterations=6, stop_after=3, **extra))
+    assert first["status"] == "interrupted"
+    train_det(small(data_root, parts, iterations=6, resume="auto", **extra))
+    a = torch.load(whole / "checkpoints" / "ckpt_0000006.pt", weights_only=False)
+    b = torch.load(parts / "checkpoints" / "ckpt_0000006.pt", weights_only=False)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("images_per_s", "data_time_s")} for r in rows]  # noqa: E731
+    assert strip(_log(whole)) == strip(_log(parts))
+
+
+def test_two_rank_gloo_run_with_syncbn(data_root, tmp_path):
+    out = tmp_path / "run"
+    args = small(data_root, out, iterations=2, norm="syncbn", **{"data.batch_size": 2, "data.val_images": 4})
+    r = run_script([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT] + args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out / "metrics.json") as f:
+        m = json.load(f)
+    assert m["status"] == "finished" and m["bbox_AP"] is not None
+    with open(out / "log.txt") as f:
+        assert "world size 2" in f.read()
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing written
+
+def _refused(args, message, out):
+    r = run_script([PYTHON, SCRIPT] + args)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert message in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not os.path.exists(out)
+
+
+def test_bad_inputs_stop_with_one_line_naming_the_key_or_file(data_root, tmp_path):
+    out = tmp_path / "run"
+    _refused(small(data_root, out, **{"model.num_classes": 7}), "model.num_classes=7 disagrees with the data", out)
+    _refused(small(data_root, out, **{"data.batch_size": 3}),
+             "data.batch_size=3 is not divisible by norm.norm_batch_size=2", out)
+    _refused(small(str(tmp_path / "nowhere"), out), "data.root=", out)
+    bad = tmp_path / "bad"
+    os.makedirs(bad / "annotations")
+    os.symlink(os.path.join(data_root, "train"), bad / "train")
+    os.symlink(os.path.join(data_root, "val"), bad / "val")
+    (bad / "annotations" / "instances_train.json").write_text("{not json")
+    with open(os.path.join(data_root, "annotations", "instances_val.json")) as f:
+        val = json.load(f)
+    (bad / "annotations" / "instances_val.json").write_text(json.dumps(val))
+    _refused(small(str(bad), out), "instances_train.json", out)
+    val["annotations"][0]["category_id"] = 999
+    (bad / "annotations" / "instances_train.json").write_text(json.dumps(val))
+    _refused(small(str(bad), out, **{"data.train_split": "train"}), "999", out)
