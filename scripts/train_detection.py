@@ -13,18 +13,13 @@ SIGTERM, the out_dir lock, metrics.json (bbox_AP, bbox_AP50, ..., segm_AP, ...),
 the exit statuses (mabn/engine/cli.py) are the shared trainer's.
 """
 
-import os
-import sys
-
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from mabn.detection import config  # noqa: E402
-from mabn.detection.task import DetectionTask  # noqa: E402
-from mabn.engine import cli  # noqa: E402
+from mabn.detection import config
+from mabn.detection.task import DetectionTask
+from mabn.engine import cli
 
 # The schema: every field with its type and documentation (mabn/detection/config.py).
 ConfigStore.instance().store(name="detection_schema", node=config.DetectionConfig)

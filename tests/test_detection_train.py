@@ -206,3 +206,59 @@ def test_bad_inputs_stop_with_one_line_naming_the_key_or_file(data_root, tmp_pat
     val["annotations"][0]["category_id"] = 999
     (bad / "annotations" / "instances_train.json").write_text(json.dumps(val))
     _refused(small(str(bad), out, **{"data.train_split": "train"}), "999", out)
+
+
+def test_backbone_initialised_from_an_imagenet_checkpoint_of_the_same_norm(data_root, tmp_path):
+    """Table 6: the body of a train_imagenet.py ResNet-18 (ImageNet stem) checkpoint loads into the
+    detector's backbone; a checkpoint of another normalization is refused, naming the key."""
+    from _train_utils import tiny, train_in_process
+    out = tmp_path / "imagenet"
+    train_in_process(tiny(out, iterations=2, model="resnet18", **{"model.small_input": "false"}))
+    path = out / "checkpoints" / "ckpt_0000002.pt"
+    saved = torch.load(path, weights_only=False)["model"]
+    cfg = load_det(small(data_root, **{"model.backbone_checkpoint": path, "model.backbone_width": 64}))
+    body = build_detector(cfg.model, cfg.norm, 4).backbone.body.state_dict()
+    loaded = {k: v for k, v in saved.items() if not k.startswith("fc.")}
+    assert loaded.keys() == body.keys()
+    for k, v in loaded.items():
+        assert torch.equal(body[k], v), k
+    cfg = load_det(small(data_root, norm="gn", **{"model.backbone_checkpoint": path, "model.backbone_width": 64}))
+    with pytest.raises(det_config.ConfigError, match="norm.layer='gn' \\(the checkpoint's: 'batchstat'\\)"):
+        build_detector(cfg.model, cfg.norm, 4)
+
+
+def test_validation_of_a_perfect_detector_gives_ap_100(data_root):
+    """The task's validation path (detections -> COCO records with RLE masks -> gathered ->
+    evaluator) on a "detector" that returns the ground truth: every AP is 100."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from mabn.detection.coco import CocoDetection, collate
+    from mabn.detection.task import DetectionTask
+    from mabn.engine.distributed import DistInfo
+
+    val = CocoDetection(data_root, "val", masks=True)
+    truth = {int(t["image_id"]): t for _, t in (val[i] for i in range(len(val)))}
+    image_ids = iter([])
+
+    class Oracle(nn.Module):
+        def forward(self, images):
+            outs = []
+            for _ in images:
+                t = truth[next(image_ids)]
+                outs.append({"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"])),
+                             "masks": t["masks"][:, None].float()})
+            return outs
+
+    loader = DataLoader(val, batch_size=3, collate_fn=collate)
+    image_ids = iter(int(t["image_id"]) for _, targets in loader for t in targets)
+    s = SimpleNamespace(model=Oracle(), val_loader=loader, val_set=val, it=5, writer=None,
+                        di=DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")),
+                        autocast=contextlib.nullcontext)
+    task = DetectionTask()
+    task.iou_types = ("bbox", "segm")
+    res = task.evaluate(s)
+    assert res["bbox_AP"] == pytest.approx(100.0) and res["segm_AP"] == pytest.approx(100.0)
+    assert res["bbox_AP50"] == pytest.approx(100.0) and res["segm_AP75"] == pytest.approx(100.0)
