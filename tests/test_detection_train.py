@@ -262,3 +262,21 @@ def test_validation_of_a_perfect_detector_gives_ap_100(data_root):
     res = task.evaluate(s)
     assert res["bbox_AP"] == pytest.approx(100.0) and res["segm_AP"] == pytest.approx(100.0)
     assert res["bbox_AP50"] == pytest.approx(100.0) and res["segm_AP75"] == pytest.approx(100.0)
+
+
+def test_table9_benchmark_prints_its_tables(data_root, tmp_path):
+    """scripts/bench_detection.py on a tiny detector: training, peak memory, the 2-rank gloo SyncBN
+    run and inference (as trained and folded), each a table of measured numbers."""
+    out = tmp_path / "table9.md"
+    r = run_script([PYTHON, "scripts/bench_detection.py", "--data", data_root, "--batch", "4", "--iters", "1",
+                    "--warmup", "0", "--infer-images", "1", "--mem-steps", "1", "--networks", "BN", "MABN",
+                    "--out", str(out), "+protocol=det_small", "model.min_size=64", "model.max_size=64",
+                    "model.backbone_width=8", "model.fpn_channels=32", "model.fc_dim=64"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    for title in ("## Training", "## SyncBN: 2-rank gloo", "## Inference"):
+        assert title in text
+    rows = [line for line in text.splitlines() if line.startswith("| MABN folded |") or line.startswith("| SyncBN |")]
+    assert len(rows) == 2 and all(float(line.split("|")[2]) > 0 for line in rows), rows
+    r = run_script([PYTHON, "scripts/bench_detection.py", "--data", str(tmp_path / "none")])
+    assert r.returncode == 2 and "make_detection_data.py" in r.stderr

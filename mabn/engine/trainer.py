@@ -455,7 +455,8 @@ def _start(s: _State) -> None:
         from torch.utils.tensorboard import SummaryWriter  # heavy; only rank 0 of a starting run needs it
         s.writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=s.it + 1)
         # Drop the log lines written after the checkpoint (this run redoes those iterations).
-        _truncate_after(os.path.join(out_dir, "train_log.jsonl"), s.it, lambda ln: json.loads(ln)["iteration"])
+        for log_name in ("train_log.jsonl", "val_log.jsonl"):
+            _truncate_after(os.path.join(out_dir, log_name), s.it, lambda ln: json.loads(ln)["iteration"])
     if s.recorder:
         _truncate_after(os.path.join(out_dir, "statistics.csv"), s.it, lambda ln: int(ln.split(",", 1)[0]), header=1)
         s.recorder.writer = s.writer
@@ -570,9 +571,12 @@ def _on_schedule(s: _State, lr: float, stop_requested: bool, stop_at: int, bar) 
 
 
 def _evaluate(s: _State) -> dict:
-    """The task's validation of the model at the current iteration (logged, and to TensorBoard)."""
+    """The task's validation of the model at the current iteration (logged, to TensorBoard and,
+    on rank 0, as one line of out_dir/val_log.jsonl: the curve of the validation numbers)."""
     res = s.task.evaluate(s)
     res["iteration"] = s.it
+    if s.di.is_main:
+        run.append_jsonl(os.path.join(s.cfg.out_dir, "val_log.jsonl"), res)
     return res
 
 
