@@ -190,3 +190,22 @@ def test_resume_free_keys_are_real_keys_with_reasons():
     keys = {k for k, _ in config._flat(OmegaConf.to_container(OmegaConf.structured(config.Config)))}
     for key, reason in config.RESUME_FREE_KEYS:
         assert reason and (key in keys or (key.endswith(".") and any(k.startswith(key) for k in keys))), key
+
+
+def test_a_resume_ignores_the_norm_keys_its_layer_does_not_read():
+    """norm.num_groups does not change a batch-statistics layer (nor norm.buffer_size a GroupNorm):
+    a checkpoint's config that differs only there fits; one that differs in a key the layer reads
+    does not."""
+    from omegaconf import OmegaConf
+    cfg = load_cfg(["norm=mabn"])
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    saved["norm"]["num_groups"] = 8
+    assert config.check_checkpoint_fits(saved, cfg, 1, "ckpt") == []
+    saved["norm"]["buffer_size"] = 3
+    with pytest.raises(config.ConfigError, match=r"norm.buffer_size=16 \(the checkpoint's: 3\)"):
+        config.check_checkpoint_fits(saved, cfg, 1, "ckpt")
+    gn = load_cfg(["norm=gn"])
+    saved = OmegaConf.to_container(gn, resolve=True)
+    saved["norm"]["buffer_size"] = 3
+    assert config.check_checkpoint_fits(saved, gn, 1, "ckpt") == []
+    assert config.unused_norm_keys(gn) >= {"norm.buffer_size", "norm.alpha", "norm.r_max"}

@@ -626,6 +626,8 @@ def check_checkpoint_fits(saved: dict, cfg, iteration: int, source: str, scope: 
     """Refuse (:class:`ConfigError`, one line naming every key) a checkpoint of ``iteration``,
     trained with the config ``saved``, that ``cfg`` would not continue as the same run.
 
+    Keys of ``norm`` that the configured layer does not read (:func:`unused_norm_keys`, e.g.
+    norm.num_groups of a batch-statistics layer) are not compared.
     ``scope="resume"`` (training): every key but :data:`RESUME_FREE_KEYS` must be the checkpoint's,
     except schedule.iterations, which may grow when the lr of every iteration done stays the same
     (schedule.policy=step: the lr does not depend on the length) and never goes below
@@ -633,6 +635,7 @@ def check_checkpoint_fits(saved: dict, cfg, iteration: int, source: str, scope: 
     belong to. ``source`` names the checkpoint in the message. Returns the keys the checkpoint's
     config lacks (not checked; the caller warns)."""
     changes, unchecked = config_changes(saved, cfg)
+    changes = {k: v for k, v in changes.items() if k not in unused_norm_keys(cfg)}
     if scope == "model":
         bad = {k: v for k, v in changes.items() if _covered(k, MODEL_KEYS)}
         advice = "evaluate it with the settings it was trained with"
@@ -646,6 +649,14 @@ def check_checkpoint_fits(saved: dict, cfg, iteration: int, source: str, scope: 
         shown += _iterations_misfit(cfg.schedule, changes.get("schedule.iterations"), iteration)
     _check(not shown, f"{source} (iteration {iteration}) does not fit this config: {'; '.join(shown)}; {advice}")
     return unchecked
+
+
+def unused_norm_keys(cfg) -> set[str]:
+    """The ``norm.*`` keys that ``cfg.norm.layer`` does not read (``mabn.LAYER_OPTIONS``: e.g.
+    norm.num_groups of layer=batchstat, norm.buffer_size of layer=gn): they cannot change what is
+    built, so a resume or an evaluation may differ in them."""
+    used = {"layer", "weight_centralization", *LAYER_OPTIONS[cfg.norm.layer]}
+    return {f"norm.{k}" for k in cfg.norm if k not in used}
 
 
 def _iterations_misfit(schedule, change: tuple | None, iteration: int) -> list[str]:
