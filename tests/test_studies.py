@@ -266,10 +266,67 @@ def test_claim_verdicts_against_the_t_interval():
 def test_every_claim_names_rows_of_its_study():
     from mabn.lab.studies import CLAIMS, STUDIES
     for study, claims in CLAIMS.items():
-        paper = {(r.key, r.swept_value): r.paper_err for r in STUDIES[study]}
+        paper = {(r.key, r.swept_value): r.paper for r in STUDIES[study]}
         for c in claims:
             assert c.a in paper and (c.b is None or c.b in paper), (study, c)
             assert c.kind in ("higher", "lower", "equal", "diverges")
             if c.b is not None and None not in (paper[c.a], paper[c.b]) and c.kind != "equal":
                 gap = paper[c.a] - paper[c.b]
                 assert (gap > 0) == (c.kind == "higher"), c  # the paper's own numbers agree
+
+
+def make_det_run(root, name, seed, box, mask, iterations=3000, status="finished"):
+    """A fabricated detection run directory: box / mask AP (and AP50 = AP + 20, AP75 = AP - 5)."""
+    d = root / name / f"seed{seed}"
+    d.mkdir(parents=True)
+    cfg = {"name": name, "seed": seed, "norm": {"norm_batch_size": 2},
+           "model": {"arch": "mask_rcnn", "backbone": "resnet18", "backbone_width": 16, "min_size": 128},
+           "data": {"name": "det-tiny10", "root": "data/det-tiny10", "batch_size": 8},
+           "schedule": {"iterations": iterations}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    metrics = {"status": status, "iteration": iterations, "wall_time_s": 60.0}
+    for kind, ap in (("bbox", box), ("segm", mask)):
+        metrics.update({f"{kind}_AP": ap, f"{kind}_AP50": ap + 20, f"{kind}_AP75": ap - 5})
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    (d / "env.json").write_text(json.dumps({"host": "box", "git_commit": "abcdef0123456", "git_dirty": False,
+                                            "packages": {"torch": "2.x"}}))
+
+
+def test_collector_detection_table3_and_claims(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, (bn, sync, mabn) in enumerate([(10.0, 14.0, 13.5), (11.0, 15.0, 15.0), (12.0, 16.0, 15.7)]):
+        make_det_run(runs, "table3_bn", seed, bn, bn - 1)
+        make_det_run(runs, "table3_syncbn", seed, sync, sync - 1)
+        make_det_run(runs, "table3_mabn", seed, mabn, mabn - 1)
+    out = tmp_path / "table3.md"
+    assert collect_results.main(["det_table3", str(runs), "--out", str(out)]) == 0
+    text = out.read_text()
+    lines = table_lines(text)
+    # BN: box 10, 11, 12 -> 11.00 ± 1.00, AP50 31.00, AP75 6.00; mask 10.00; paired gap to SyncBN
+    # (14, 15, 16): -4 each -> -4.00 ± 0.00; the paper's 30.41 / 27.91.
+    assert lines["BN(2)"] == ("| BN(2) | 11.00 ± 1.00 | 31.00 ± 1.00 | 6.00 ± 1.00 | 10.00 ± 1.00 | 30.00 ± 1.00 "
+                              "| 5.00 ± 1.00 | -4.00 ± 0.00 | 30.41 / 27.91 | 0,1,2 | 3 finished |")
+    assert lines["BRN(2)"].startswith("| BRN(2) | - |") and "`table3_brn`" in text
+    # MABN - BN, box: 3.5, 4.0, 3.7 -> mean 3.733, std 0.2517, half-width 4.303 * 0.2517 / sqrt(3)
+    # = 0.625: above 0, agrees; the paper's gap 34.85 - 30.41 = +4.44.
+    assert "| 5.2: MABN(2) clearly outperforms BN(2), box AP | +4.44 | +3.73 | ± 0.63 | 3 | agrees |" in text
+    # The mask claim uses the mask APs (the same differences here) and the paper's 31.61 - 27.91.
+    assert "| 5.2: MABN(2) clearly outperforms BN(2), mask AP | +3.70 | +3.73 | ± 0.63 | 3 | agrees |" in text
+    # MABN - SyncBN: -0.5, 0, -0.3 -> mean -0.267, std 0.2517: interval [-0.89, +0.36] holds 0.
+    assert "| 5.2: MABN(2) is comparable with SyncBN, box AP | +0.04 | -0.27 | ± 0.63 | 3 | agrees (no difference resolved) |" in text
+    assert "| 5.2: MABN(2) outperforms BRN(2), box AP | +2.92 | - | - | 0 | not run |" in text
+
+
+def test_collector_detection_convergence(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        make_det_run(runs / "x1", "table3_bn", seed, 10.0 + seed, 9.0, iterations=3000)
+        make_det_run(runs / "x2", "table3_bn", seed, 10.5 + seed, 9.0, iterations=6000)
+        make_det_run(runs / "x1", "table3_mabn", seed, 12.0 + seed, 11.0, iterations=3000)
+        make_det_run(runs / "x2", "table3_mabn", seed, 14.0 + seed, 13.0, iterations=6000)
+    out = tmp_path / "conv.md"
+    assert collect_results.main(["det_convergence", str(runs), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| BN(2) | 6000 | 11.00 | 0.71 | +0.50 | 0.71 | 0,1 | 2 finished |" in text
+    assert "changes the mean box AP by +0.50 points: converged." in text
+    assert "changes the mean box AP by +2.00 points: NOT converged (|change| >= 1.0)." in text

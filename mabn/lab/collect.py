@@ -16,6 +16,14 @@ length for the convergence check) and writes ``results/<study>.md`` (or ``--out`
   our runs agree, disagree, or cannot tell (the interval straddles zero).
 - convergence: each row's error at each schedule length and the change when it is doubled,
   with the verdict (converged when every change is below 1.5 points).
+- det_table3 (scripts/train_detection.py, configs/study/det_table3.yaml): one line per row of the
+  paper's Table 3 with box and mask AP, AP50, AP75 (mean ± std over seeds), the paired box-AP gap
+  to SyncBN, the paper's box / mask AP, and the claims (higher is better here: a claim "higher"
+  says the first row's AP is larger); det_convergence: the detection protocol's convergence
+  check on box AP (converged when every change is below 1 point).
+
+Each study compares one measure (``studies.MEASURE``: the top-1 error, or the box AP); a claim may
+name another (the mask AP).
 
 The command line is ``scripts/collect_results.py``, which calls :func:`main`. The output depends
 only on the runs (no time stamps of its own), so re-running the collector on the same runs gives
@@ -46,8 +54,8 @@ import yaml
 
 from mabn.engine import files
 
-from .studies import (CLAIMS, CONVERGENCE_TOLERANCE, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE, SAME_AS,
-                      STUDIES, SWEPT_KEY, Row)
+from .studies import (CLAIMS, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE, SAME_AS, SHOWN, STUDIES, SWEPT_KEY,
+                      TOLERANCE, Measure, Row, measure_of)
 
 
 def find_runs(root: str) -> list[dict]:
@@ -96,46 +104,63 @@ def fmt(x, digits=2, signed=False):
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
-def _summary(row: Row, rs: list[dict], same_as: str | None = None) -> dict:
+def _summary(row: Row, rs: list[dict], measures: tuple[Measure, ...], same_as: str | None = None) -> dict:
+    """A row's runs and its numbers: per seed, mean and std of the study's measure (``errs``,
+    ``by_seed``, ``mean``, ``std``: measures[0], the error for the classifier's studies) and of
+    every measure shown (``of[key]``: the same entries)."""
     rs = sorted(rs, key=lambda r: r["config"]["seed"])
-    finished = [r for r in rs if r["metrics"].get("status") == "finished"
-                and r["metrics"].get("val_top1_err") is not None]
+    key = measures[0].key
+    finished = [r for r in rs if r["metrics"].get("status") == "finished" and r["metrics"].get(key) is not None]
     diverged = [r for r in rs if r["metrics"].get("status") == "diverged"]
-    errs = [float(r["metrics"]["val_top1_err"]) for r in finished]
+    of = {m.key: _values(finished, m.key) for m in measures}
     return {
-        "row": row, "runs": rs, "errs": errs, "diverged": diverged,
-        "by_seed": {r["config"]["seed"]: float(r["metrics"]["val_top1_err"]) for r in finished},
+        "row": row, "runs": rs, "diverged": diverged, **of[key], "of": of,
         "other": [r for r in rs if r not in finished and r not in diverged],
-        "mean": statistics.mean(errs) if errs else None,
-        "std": statistics.stdev(errs) if len(errs) > 1 else None,
         "same_as": same_as,  # the preset whose runs these are (studies.SAME_AS), or None
     }
 
 
+def _values(finished: list[dict], key: str) -> dict:
+    """``errs`` (the values of metrics.json ``key`` in seed order), ``by_seed``, ``mean``, ``std``."""
+    done = [r for r in finished if r["metrics"].get(key) is not None]
+    values = [float(r["metrics"][key]) for r in done]
+    return {"errs": values, "by_seed": {r["config"]["seed"]: float(r["metrics"][key]) for r in done},
+            "mean": statistics.mean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def measures_of(study: str) -> tuple[Measure, ...]:
+    """The measures a study's table shows, the one it compares first."""
+    return SHOWN.get(study, (measure_of(study),))
+
+
 def summarize(rows: list[Row], runs: list[dict], study: str) -> list[dict]:
-    """One summary per row of the study (per row and schedule length for the convergence check)."""
+    """One summary per row of the study (per row and schedule length for a convergence check)."""
+    measures = measures_of(study)
     by_key = {}
     for run in runs:
         by_key.setdefault(run_key(run, study), []).append(run)
-    if study == "convergence":
-        return [_summary(dataclasses.replace(row, swept_value=iters), by_key[(row.key, iters)])
+    if study in TOLERANCE:
+        return [_summary(dataclasses.replace(row, swept_value=iters), by_key[(row.key, iters)], measures)
                 for row in rows for iters in sorted(k[1] for k in by_key if k[0] == row.key)]
     out = []
     for row in rows:
         key = row_key(row)
         alias = SAME_AS.get(key)
         if not by_key.get(key) and alias and by_key.get(alias):
-            out.append(_summary(row, by_key[alias], same_as=alias[0]))
+            out.append(_summary(row, by_key[alias], measures, same_as=alias[0]))
         else:
-            out.append(_summary(row, by_key.get(key, [])))
+            out.append(_summary(row, by_key.get(key, []), measures))
     return out
 
 
-def paired_diffs(s: dict | None, ref: dict | None) -> list[float]:
-    """err(row, seed) - err(reference, seed) for each seed both finished, in seed order."""
+def paired_diffs(s: dict | None, ref: dict | None, key: str | None = None) -> list[float]:
+    """m(row, seed) - m(reference, seed) for each seed both finished, in seed order, of the study's
+    measure m (or of metrics.json ``key``)."""
     if s is None or ref is None:
         return []
-    return [s["by_seed"][k] - ref["by_seed"][k] for k in sorted(s["by_seed"]) if k in ref["by_seed"]]
+    a, b = (s, ref) if key is None else (s["of"][key], ref["of"][key])
+    return [a["by_seed"][k] - b["by_seed"][k] for k in sorted(a["by_seed"]) if k in b["by_seed"]]
 
 
 def paired_gap(s: dict, ref: dict | None) -> tuple[float | None, float | None, int]:
@@ -172,7 +197,7 @@ def _table_lines(study: str, summary: list[dict]) -> tuple[list[str], list[Row]]
     """Table 2 / Table 4: row, our mean, std, paired gap to the reference row, paper, seeds, status."""
     ref_key = REFERENCE[study]
     ref = next((s for s in summary if row_key(s["row"]) == ref_key), None)
-    ref_paper = ref["row"].paper_err if ref else None
+    ref_paper = ref["row"].paper if ref else None
     ref_label = ref["row"].label if ref else "?"
     lines = [
         f"Top-1 validation error (%): mean over seeds and sample std. \"Gap\" is to row {ref_label}: "
@@ -194,8 +219,8 @@ def _table_lines(study: str, summary: list[dict]) -> tuple[list[str], list[Row]]
             ours, std = fmt(s["mean"]), fmt(s["std"])
             g, gstd, _ = paired_gap(s, ref)
             gap = fmt(g, signed=True) + (f" ± {gstd:.2f}" if gstd is not None else "")
-        paper = fmt(row.paper_err)
-        paper_gap = fmt(row.paper_err - ref_paper, signed=True) if row.paper_err is not None and ref_paper is not None else "-"
+        paper = fmt(row.paper)
+        paper_gap = fmt(row.paper - ref_paper, signed=True) if row.paper is not None and ref_paper is not None else "-"
         lines.append(f"| {row.label} | {ours} | {std} | {gap} | {paper} | {paper_gap} | {_seeds(s)} | {status_text(s)} |")
     return lines, missing
 
@@ -231,15 +256,16 @@ def _figure1b_lines(summary: list[dict]) -> tuple[list[str], list[Row]]:
     return lines, missing
 
 
-def _convergence_lines(summary: list[dict]) -> tuple[list[str], list[Row]]:
-    """The convergence check: each row's error at every schedule length, and the change when
-    the schedule is doubled."""
-    lines = [f"Top-1 validation error (%) at the protocol's schedule and at longer ones, mean over seeds "
-             f"(± sample std). A schedule is converged when doubling it changes each row's mean error by "
-             f"less than {CONVERGENCE_TOLERANCE} points. The change's standard error is "
+def _convergence_lines(summary: list[dict], study: str = "convergence") -> tuple[list[str], list[Row]]:
+    """A convergence check: each row's value of the study's measure at every schedule length, and
+    the change when the schedule is doubled."""
+    m, tolerance = measure_of(study), TOLERANCE[study]
+    lines = [f"{m.title} at the protocol's schedule and at longer ones, mean over seeds "
+             f"(± sample std). A schedule is converged when doubling it changes each row's mean {m.noun} by "
+             f"less than {tolerance} points. The change's standard error is "
              f"sqrt(std_1^2 / n_1 + std_2^2 / n_2) from the two lengths' seed spreads (n seeds each): a "
              f"change within about two of them is not distinguishable from seed noise.", "",
-             "| row | iterations | ours: top-1 err | ours: std | change from half as long | std. error of the change | seeds | status |",
+             f"| row | iterations | ours: {m.column} | ours: std | change from half as long | std. error of the change | seeds | status |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
     by_len = {row_key(s["row"]): s for s in summary}
     verdicts = []
@@ -256,9 +282,9 @@ def _convergence_lines(summary: list[dict]) -> tuple[list[str], list[Row]]:
                      f"{fmt(change, signed=True)} | {fmt(se)} | {_seeds(s)} | {status_text(s)} |")
     lines.append("")
     for label, short, long_, change in verdicts:
-        ok = abs(change) < CONVERGENCE_TOLERANCE
-        lines.append(f"- {label}: {short} -> {long_} iterations changes the mean error by {change:+.2f} points: "
-                     + ("converged" if ok else f"NOT converged (|change| >= {CONVERGENCE_TOLERANCE})") + ".")
+        ok = abs(change) < tolerance
+        lines.append(f"- {label}: {short} -> {long_} iterations changes the mean {m.noun} by {change:+.2f} points: "
+                     + ("converged" if ok else f"NOT converged (|change| >= {tolerance})") + ".")
     return lines, []
 
 
@@ -298,12 +324,13 @@ def _claims_lines(study: str, summary: list[dict]) -> list[str]:
     if not claims:
         return []
     by_key = {row_key(s["row"]): s for s in summary}
+    m = measure_of(study)
     lines = ["## The paper's claims against these runs", "",
-             "Gap: err(first row) - err(second row), paired over the seeds both finished, with the "
-             "half-width of its 95% confidence interval (Student's t, n - 1 degrees of freedom). "
-             "Claims that one row's error is higher or lower agree when the whole interval is on "
-             "the paper's side of 0; claims of no difference agree when it contains 0 (then its "
-             "width says how small a difference the runs could have seen).", "",
+             f"Gap: {m.short}(first row) - {m.short}(second row), paired over the seeds both finished, with the "
+             f"half-width of its 95% confidence interval (Student's t, n - 1 degrees of freedom). "
+             f"Claims that one row's {m.noun} is higher or lower agree when the whole interval is on "
+             f"the paper's side of 0; claims of no difference agree when it contains 0 (then its "
+             f"width says how small a difference the runs could have seen).", "",
              "| claim | paper: gap | ours: gap | 95% interval | seeds | verdict |",
              "|---|---:|---:|---:|---:|---|"]
     for c in claims:
@@ -319,13 +346,47 @@ def _claims_lines(study: str, summary: list[dict]) -> list[str]:
             lines.append(f"| {c.text} | - (cannot converge) | {ours} | | {_seeds(sa) if sa else 'none'} | {verdict} |")
             continue
         sb = by_key.get(c.b)
-        diffs = paired_diffs(sa, sb)
+        key = c.measure.key if c.measure else None
+        diffs = paired_diffs(sa, sb, key)
         verdict, g, half = claim_verdict(c.kind, diffs)
-        paper_gap = (sa["row"].paper_err - sb["row"].paper_err
-                     if sa and sb and None not in (sa["row"].paper_err, sb["row"].paper_err) else None)
+        pa, pb = (_paper(sa["row"], key), _paper(sb["row"], key)) if sa and sb else (None, None)
+        paper_gap = pa - pb if None not in (pa, pb) else None
         lines.append(f"| {c.text} | {fmt(paper_gap, signed=True)} | {fmt(g, signed=True)} | "
                      f"{'± ' + fmt(half) if half is not None else '-'} | {len(diffs)} | {verdict} |")
     return lines + [""]
+
+
+def _paper(row: Row, key: str | None) -> float | None:
+    """The paper's value of the study's measure (``key`` None) or of metrics.json ``key``."""
+    return row.paper if key is None else dict(row.paper_more).get(key)
+
+
+def _detection_lines(study: str, summary: list[dict]) -> tuple[list[str], list[Row]]:
+    """A detection table: per row, box and mask AP (AP, AP50, AP75: mean ± std over seeds), the
+    paired gap of the compared measure to the reference row, the paper's AP, seeds, status."""
+    ref_key = REFERENCE[study]
+    ref = next((s for s in summary if row_key(s["row"]) == ref_key), None)
+    shown = measures_of(study)
+    kinds = [(m, suffix) for m in shown for suffix in ("", "50", "75")]
+    lines = [f"COCO AP (%) on the validation split: mean over seeds ± sample std (AP, AP50, AP75 of boxes "
+             f"and masks). \"Gap\" is the paired {shown[0].noun} gap to {ref['row'].label if ref else '?'} (the "
+             f"mean over shared seeds of the per-seed difference, ± its std). \"-\": diverged or missing.", "",
+             "| row | " + " | ".join(f"{m.column}{suffix}" for m, suffix in kinds)
+             + " | gap (paired) | paper: " + " / ".join(m.column for m in shown) + " | seeds | status |",
+             "|---|" + "---:|" * (len(kinds) + 2) + "---|---|"]
+    missing = []
+    for s in summary:
+        if not s["runs"]:
+            missing.append(s["row"])
+        cells = []
+        for m, suffix in kinds:
+            v = _values([r for r in s["runs"] if r["metrics"].get("status") == "finished"], m.key + suffix)
+            cells.append(fmt(v["mean"]) + (f" ± {v['std']:.2f}" if v["std"] is not None else ""))
+        g, gstd, _ = paired_gap(s, ref)
+        gap = fmt(g, signed=True) + (f" ± {gstd:.2f}" if gstd is not None else "")
+        paper = " / ".join(fmt(_paper(s["row"], None if i == 0 else m.key)) for i, m in enumerate(shown))
+        lines.append(f"| {s['row'].label} | " + " | ".join(cells) + f" | {gap} | {paper} | {_seeds(s)} | {status_text(s)} |")
+    return lines, missing
 
 
 def render(study: str, summary: list[dict], runs_dir: str, title: str | None, notes: str | None,
@@ -336,8 +397,14 @@ def render(study: str, summary: list[dict], runs_dir: str, title: str | None, no
     if notes:
         lines += [notes.rstrip(), ""]
     lines += [f"Collected by `{command}` from the run directories under {runs_dir}.", ""]
-    body = {"figure1b": _figure1b_lines, "convergence": _convergence_lines}.get(study)
-    table, missing = body(summary) if body else _table_lines(study, summary)
+    if study in TOLERANCE:
+        table, missing = _convergence_lines(summary, study)
+    elif study in SHOWN:
+        table, missing = _detection_lines(study, summary)
+    elif study == "figure1b":
+        table, missing = _figure1b_lines(summary)
+    else:
+        table, missing = _table_lines(study, summary)
     lines += table + [""]
     lines += _claims_lines(study, summary)
     if missing:
@@ -361,10 +428,13 @@ def _provenance(all_runs: list[dict]) -> list[str]:
     wall = sum(float(r["metrics"].get("wall_time_s") or 0) for r in all_runs)
     iters = sorted({r["config"]["schedule"]["iterations"] for r in all_runs})
     cfg0 = all_runs[0]["config"]
+    model, data = cfg0["model"], cfg0["data"]
+    shape = (f"(small_input={model['small_input']})" if "small_input" in model
+             else f"({model.get('backbone')} at base width {model.get('backbone_width')})")
     return [
         "Runs: " + f"{len(all_runs)} run directories; host(s) {', '.join(hosts)}; git {', '.join(commits)}; "
-        f"torch {', '.join(torch_v)}; model {cfg0['model']['arch']} (small_input={cfg0['model']['small_input']}), "
-        f"data {cfg0['data']['name']} {cfg0['data'].get('root') or ''} at {cfg0['data']['image_size']} px, "
+        f"torch {', '.join(torch_v)}; model {model['arch']} {shape}, "
+        f"data {data['name']} {data.get('root') or ''} at {data.get('image_size') or model.get('min_size')} px, "
         f"{'/'.join(map(str, iters))} iterations of {cfg0['data']['batch_size']} images"
         + (f"; first start {starts[0]}, last end {ends[-1]}" if starts and ends else "")
         + (f"; summed wall time {wall / 60:.1f} min" if wall else "") + ".",

@@ -12,19 +12,41 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Measure:
+    """The number a study compares: a key of the runs' metrics.json and how tables name it."""
+    key: str  # metrics.json key
+    title: str  # the table's caption: "Top-1 validation error (%)"
+    column: str  # a column: "top-1 err"
+    noun: str  # in sentences: "error"
+    short: str  # in formulas: "err"
+    higher_is_better: bool
+
+
+#: The classifier's studies compare the top-1 error; the detection studies the box AP (and the
+#: mask AP in their tables and claims).
+TOP1 = Measure("val_top1_err", "Top-1 validation error (%)", "top-1 err", "error", "err", False)
+BOX_AP = Measure("bbox_AP", "Box AP (%)", "box AP", "box AP", "AP", True)
+MASK_AP = Measure("segm_AP", "Mask AP (%)", "mask AP", "mask AP", "mask AP", True)
+
+
+@dataclass(frozen=True)
 class Row:
-    key: str  # the experiment preset (configs/experiment/<key>.yaml)
+    key: str  # the experiment preset (configs/experiment/<key>.yaml, configs/det_experiment/<key>.yaml)
     label: str  # the row as the paper prints it
-    paper_err: float | None  # top-1 error (%) in the paper; None = "-" (did not converge)
+    paper: float | None  # the paper's value of the study's measure (top-1 error, box AP); None = "-"
     #: The value of the setting the study sweeps besides the preset (``SWEPT_KEY[study]``): the
     #: normalization batch size in Figure 1(b), the schedule length in the convergence check;
     #: None in a study that sweeps only presets (Tables 2 and 4).
     swept_value: int | None = None
+    #: The paper's values of the other measures the table shows (metrics.json key, value): e.g.
+    #: the mask AP of a detection row.
+    paper_more: tuple[tuple[str, float], ...] = ()
 
 
 #: The config key each study sweeps besides the preset (dotted: section.field); studies not named
 #: here sweep only presets. The collector groups a study's runs by (preset, this key's value).
-SWEPT_KEY = {"figure1b": "norm.norm_batch_size", "convergence": "schedule.iterations"}
+SWEPT_KEY = {"figure1b": "norm.norm_batch_size", "convergence": "schedule.iterations",
+             "det_convergence": "schedule.iterations"}
 
 
 TABLE2 = [
@@ -84,11 +106,36 @@ SAME_AS = {
     ("table2_row3_bn_small", 32): ("table2_row1_bn_regular", 32),  # Figure 1(b): BN at b = 32
 }
 
-STUDIES = {"table2": TABLE2, "table4": TABLE4, "figure1b": FIGURE1B, "convergence": CONVERGENCE}
+# The detection studies (scripts/train_detection.py, configs/study/det_*.yaml): the paper's
+# Table 3 (Mask R-CNN R50-FPN from scratch on COCO, 2x, norm in the backbone; box / mask AP),
+# with GN beside it (not in the paper's table), and the convergence check of the small protocol.
+DET_TABLE3 = [
+    Row("table3_bn", "BN(2)", 30.41, paper_more=(("segm_AP", 27.91),)),
+    Row("table3_brn", "BRN(2)", 31.93, paper_more=(("segm_AP", 29.16),)),
+    Row("table3_syncbn", "SyncBN(16); one process: SyncBN(2k)", 34.81, paper_more=(("segm_AP", 31.69),)),
+    Row("table3_mabn", "MABN(2)", 34.85, paper_more=(("segm_AP", 31.61),)),
+    Row("table3_gn", "GN (not in the paper's table)", None),
+]
+DET_CONVERGENCE = [DET_TABLE3[0], DET_TABLE3[3]]
+
+STUDIES = {"table2": TABLE2, "table4": TABLE4, "figure1b": FIGURE1B, "convergence": CONVERGENCE,
+           "det_table3": DET_TABLE3, "det_convergence": DET_CONVERGENCE}
+#: The measure each study compares (TOP1 unless named here).
+MEASURE = {"det_table3": BOX_AP, "det_convergence": BOX_AP}
+#: The measures a study's table shows, its own first.
+SHOWN = {"det_table3": (BOX_AP, MASK_AP), "det_convergence": (BOX_AP, MASK_AP)}
+#: A schedule is converged when doubling it moves each row's mean by less than this (points).
+TOLERANCE = {"convergence": CONVERGENCE_TOLERANCE, "det_convergence": 1.0}
+
+
+def measure_of(study: str) -> Measure:
+    """The measure ``study`` compares."""
+    return MEASURE.get(study, TOP1)
 
 #: The regular-batch BN row that the "gap" column is measured against, per study.
 REFERENCE = {"table2": ("table2_row1_bn_regular", None), "table4": ("table4_row11_modified_regular", None),
-             "figure1b": ("table2_row3_bn_small", 32), "convergence": ("table2_row1_bn_regular", None)}
+             "figure1b": ("table2_row3_bn_small", 32), "convergence": ("table2_row1_bn_regular", None),
+             "det_table3": ("table3_syncbn", None), "det_convergence": ("table3_bn", None)}
 
 
 @dataclass(frozen=True)
@@ -96,15 +143,17 @@ class Claim:
     """One comparison the paper's text makes, checked on our runs by the collector.
 
     ``a`` and ``b`` are rows (keyed as the collector's run keys: preset, and the swept value:
-    the normalization batch size for Figure 1(b)); the claim is about err(a) - err(b), the paired gap over the seeds
-    both finished. ``kind`` is what the paper says of it: "higher" (a's error is larger), "lower",
+    the normalization batch size for Figure 1(b)); the claim is about m(a) - m(b) of the study's
+    measure m (or ``measure``), the paired gap over the seeds both finished. ``kind`` is what the
+    paper says of it: "higher" (a's value is larger: a larger error, a larger AP), "lower",
     "equal" (no real difference), or "diverges" (``a``'s training cannot converge; ``b`` unused).
-    The paper's own gap is the difference of the two rows' ``paper_err`` (none where either is
+    The paper's own gap is the difference of the two rows' paper values (none where either is
     None)."""
     text: str
     kind: str
     a: tuple[str, int | None]
     b: tuple[str, int | None] | None = None
+    measure: Measure | None = None
 
 
 def _t2(n: int) -> tuple[str, None]:
@@ -117,6 +166,10 @@ def _t4(n: int) -> tuple[str, None]:
 
 def _f1b(method: str, b: int) -> tuple[str, int]:
     return (FIGURE1B_METHODS[method][0], b)
+
+
+def _t3(name: str) -> tuple[str, None]:
+    return (f"table3_{name}", None)
 
 
 #: The paper's claims per study: Table 1 and section 5.1's text (Table 2's rows; Table 1 is rows
@@ -150,5 +203,14 @@ CLAIMS = {
         Claim("5.1: BRN performs better than vanilla BN (b=2)", "lower", _f1b("BRN", 2), _f1b("BN", 2)),
         Claim("5.1: MABN retains its error regardless of the batch size (MABN b=2 vs b=32)", "equal",
               _f1b("MABN", 2), _f1b("MABN", 32)),
+    ],
+    "det_table3": [
+        Claim("5.2: MABN(2) clearly outperforms BN(2), box AP", "higher", _t3("mabn"), _t3("bn")),
+        Claim("5.2: MABN(2) clearly outperforms BN(2), mask AP", "higher", _t3("mabn"), _t3("bn"), MASK_AP),
+        Claim("5.2: MABN(2) outperforms BRN(2), box AP", "higher", _t3("mabn"), _t3("brn")),
+        Claim("5.2: MABN(2) is comparable with SyncBN, box AP", "equal", _t3("mabn"), _t3("syncbn")),
+        Claim("5.2: MABN(2) is comparable with SyncBN, mask AP", "equal", _t3("mabn"), _t3("syncbn"), MASK_AP),
+        Claim("Table 3: BRN(2) above BN(2), box AP", "higher", _t3("brn"), _t3("bn")),
+        Claim("Table 3: BRN(2) below SyncBN, box AP", "lower", _t3("brn"), _t3("syncbn")),
     ],
 }
