@@ -330,3 +330,31 @@ def test_collector_detection_convergence(tmp_path):
     assert "| BN(2) | 6000 | 11.00 | 0.71 | +0.50 | 0.71 | 0,1 | 2 finished |" in text
     assert "changes the mean box AP by +0.50 points: converged." in text
     assert "changes the mean box AP by +2.00 points: NOT converged (|change| >= 1.0)." in text
+
+
+def test_validation_curves_from_val_logs(tmp_path):
+    """scripts/plot_curves.py: each row's curve is the mean over its seeds at every iteration."""
+    from mabn.lab.curves import plot_curves, study_curves
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        make_det_run(runs, "table3_mabn", seed, 10.0, 9.0)
+        with open(runs / "table3_mabn" / f"seed{seed}" / "val_log.jsonl", "w") as f:
+            for it, ap in ((1000, 2.0 + seed), (2000, 6.0 + seed), (3000, 10.0)):
+                f.write(json.dumps({"iteration": it, "bbox_AP": ap, "segm_AP": ap - 1}) + "\n")
+    curves = study_curves([str(runs)], "bbox_AP", ["table3_mabn", "table3_bn"])
+    assert curves == {"table3_mabn": {1000: [2.0, 3.0], 2000: [6.0, 7.0], 3000: [10.0, 10.0]}, "table3_bn": {}}
+    out = tmp_path / "curves.png"
+    plot_curves(curves, {"table3_mabn": "MABN(2)"}, "box AP", str(out))
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_without_val_log_has_its_curve_from_tensorboard(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from mabn.lab.curves import run_curve
+    w = SummaryWriter(str(tmp_path / "tb"))
+    for it, ap in ((1000, 3.5), (2000, 8.5)):
+        w.add_scalar("val/bbox_AP", ap, it)
+    w.close()
+    assert run_curve(str(tmp_path), "bbox_AP") == [(1000, 3.5), (2000, 8.5)]
+    assert run_curve(str(tmp_path), "segm_AP") == []
