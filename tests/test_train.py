@@ -145,3 +145,15 @@ def test_channels_last_and_bf16_autocast(tmp_path):
     out = tmp_path / "amp"
     r = train_in_process(tiny(out, iterations=3, amp="bf16", channels_last="true"))
     assert r["status"] == "finished" and all(x["loss"] < 100 for x in read_log(out))
+
+
+def test_the_final_validation_keeps_every_images_prediction(tmp_path):
+    """val_predictions.csv: one line per validation image (index, target, top-1 class), whose
+    errors give metrics.json's top-1 error exactly."""
+    from mabn.engine.classification import read_predictions
+    out = tmp_path / "run"
+    m = train_in_process(tiny(out, iterations=2, **{"data.val_size": 25}))
+    preds = read_predictions(out / "val_predictions.csv")
+    assert sorted(preds) == list(range(25))
+    wrong = sum(t != p for t, p in preds.values())
+    assert m["val_top1_err"] == pytest.approx(100.0 * wrong / 25)

@@ -8,16 +8,17 @@ of each logging window and of the validation set.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
 
-from . import data, models
+from . import data, distributed, files, models
 from .config import check_num_classes
 from .meters import evaluate, topk_correct
 from .task import Task
 
-__all__ = ["ClassificationTask"]
+__all__ = ["ClassificationTask", "write_predictions", "read_predictions"]
 
 log = logging.getLogger("mabn.engine.trainer")
 
@@ -63,7 +64,10 @@ class ClassificationTask(Task):
         return f"top-1 error {row['top1_err']:.2f}%, top-5 error {row['top5_err']:.2f}%"
 
     def evaluate(self, s) -> dict:
-        res = evaluate(s.model, s.val_loader, s.di.device, s.cfg.channels_last, s.autocast())
+        final = s.it == s.cfg.schedule.iterations
+        res = evaluate(s.model, s.val_loader, s.di.device, s.cfg.channels_last, s.autocast(), keep_predictions=final)
+        if final:  # the final model's prediction of every validation image, for per-image paired tests
+            write_predictions(os.path.join(s.cfg.out_dir, "val_predictions.csv"), res.pop("predictions"), s.di.is_main)
         log.info("iter %d: val top-1 error %.2f%%, top-5 error %.2f%% (%d images)", s.it,
                  res["top1_err"], res["top5_err"], res["samples"])
         if s.writer:
@@ -73,3 +77,20 @@ class ClassificationTask(Task):
 
     def result_metrics(self, val: dict) -> dict:
         return {"val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"]}
+
+
+def write_predictions(path: str, predictions: list[tuple[int, int, int]], is_main: bool) -> None:
+    """Gather every rank's (dataset index, target, top-1 class) and write them, by index, to
+    ``path`` (CSV ``index,target,prediction``; atomically, on rank 0). Two runs validated on the
+    same images give two files whose lines pair image by image (McNemar, paired bootstrap)."""
+    every = sorted(p for rank in distributed.all_gather_objects(predictions) for p in rank)
+    if is_main:
+        files.atomic_write({path: "index,target,prediction\n" + "".join(f"{i},{t},{p}\n" for i, t, p in every)})
+
+
+def read_predictions(path: str) -> dict[int, tuple[int, int]]:
+    """{dataset index: (target, top-1 class)} of a ``val_predictions.csv``."""
+    with open(path) as f:
+        next(f)
+        rows = (line.strip().split(",") for line in f if line.strip())
+        return {int(i): (int(t), int(p)) for i, t, p in rows}

@@ -66,12 +66,15 @@ class WindowMeter:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool = False,
-             autocast: contextlib.AbstractContextManager | None = None) -> dict:
+             autocast: contextlib.AbstractContextManager | None = None, keep_predictions: bool = False) -> dict:
     """Top-1/top-5 error (%) of ``model`` in eval mode over the loader, summed over all ranks
-    (each rank evaluates its own shard). Restores the model's train/eval mode."""
+    (each rank evaluates its own shard). Restores the model's train/eval mode. With
+    ``keep_predictions``, also ``"predictions"``: this rank's (dataset index, target, top-1
+    class) of every image, in loader order (the loader's sampler gives the indices)."""
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64)  # top-1 correct, top-5 correct, samples
+    targets, top1 = [], []
     for images, target in loader:
         images = images.to(device, non_blocking=True)
         if channels_last:
@@ -81,6 +84,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
             logits = model(images)
         c1, c5 = topk_correct(logits.float(), target)
         counts += torch.tensor([c1, c5, target.shape[0]], dtype=torch.float64)
+        if keep_predictions:
+            targets += target.tolist()
+            top1 += logits.float().argmax(1).tolist()
     model.train(was_training)
     c1, c5, n = distributed.all_reduce_sum(counts, device).tolist()
-    return {"top1_err": 100.0 * (1 - c1 / n), "top5_err": 100.0 * (1 - c5 / n), "samples": int(n)}
+    res = {"top1_err": 100.0 * (1 - c1 / n), "top5_err": 100.0 * (1 - c5 / n), "samples": int(n)}
+    if keep_predictions:
+        res["predictions"] = list(zip(list(loader.sampler), targets, top1))
+    return res
