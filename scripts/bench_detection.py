@@ -42,7 +42,7 @@ from hydra.core.config_store import ConfigStore
 
 import mabn
 from mabn.detection import config as det_config
-from mabn.detection.coco import CocoDetection, collate
+from mabn.detection.coco import CocoDetection, batch_to, collate
 from mabn.detection.models import build_detector
 from mabn.lab import bench
 
@@ -89,9 +89,8 @@ def make_step(model, images, targets):
 
 def train_times(args, data, device) -> dict[str, list[float]]:
     """Seconds per training step of every network, round-robin."""
-    images, targets, _, num_classes = data
-    images = [im.to(device) for im in images]
-    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    images, targets = batch_to(*data[:2], device)
+    num_classes = data[3]
     steps = {name: make_step(build(name, args, num_classes, device), images, targets) for name in args.networks}
     for step in steps.values():  # the first step allocates: not timed
         step()
@@ -103,15 +102,15 @@ def infer_times(args, data, device) -> dict[str, list[float]]:
     """Seconds per validation image of every network as trained and folded, round-robin over
     rounds of all the images. The trained weights do not matter for the time: each network
     takes a few training steps first, so that its running statistics are not the initial ones."""
-    images, targets, val_images, num_classes = data
-    val_images = [im.to(device) for im in val_images]
+    images, targets = batch_to(*data[:2], device)
+    val_images, num_classes = [im.to(device) for im in data[2]], data[3]
     fns = {}
     for name in args.networks:
         model = build(name, args, num_classes, device)
         with torch.enable_grad():
-            make_step(model, [im.to(device) for im in images], targets)()
+            make_step(model, images, targets)()
         model.eval()
-        folded, report = mabn.fold.fold_model(model, return_report=True)
+        folded = mabn.fold.fold_model(model)
         for label, net in ((name, model), (f"{name} folded", folded)):
             fns[label] = (lambda net=net: [net([im]) for im in val_images])
     rounds = bench.round_robin(fns, args.iters, args.warmup, device)
@@ -164,9 +163,7 @@ def peak_memory(args) -> dict[str, tuple[float, float]]:
 def _cuda_peak(name: str, args) -> tuple[float, float]:
     device = torch.device(args.device)
     data = samples(args, masks=True)
-    images = [im.to(device) for im in data[0]]
-    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in data[1]]
-    step = make_step(build(name, args, data[3], device), images, targets)
+    step = make_step(build(name, args, data[3], device), *batch_to(*data[:2], device))
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device) / 2 ** 20
     torch.cuda.reset_peak_memory_stats(device)

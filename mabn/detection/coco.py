@@ -26,7 +26,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-__all__ = ["DatasetError", "CocoDetection", "collate", "load_annotations", "annotation_file"]
+__all__ = ["DatasetError", "CocoDetection", "collate", "batch_to", "load_annotations", "annotation_file"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,15 @@ def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor],
     differ in size; torchvision's detectors take lists)."""
     images, targets = zip(*batch) if batch else ((), ())
     return list(images), list(targets)
+
+
+def batch_to(images: list[torch.Tensor], targets: list[dict], device, non_blocking: bool = False
+             ) -> tuple[list[torch.Tensor], list[dict]]:
+    """A collated batch on ``device``: every image and every tensor of the targets (the other
+    target entries, e.g. ``image_id``, as they are)."""
+    return ([im.to(device, non_blocking=non_blocking) for im in images],
+            [{k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in t.items()}
+             for t in targets])
 
 
 class CocoDetection(Dataset):

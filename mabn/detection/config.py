@@ -138,15 +138,14 @@ def load(cfg: Any = None) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
-    """The classifier's rules for the shared groups, then the detector's and its data's."""
-    base.validate_norm(cfg.norm, cfg.model, cfg.data)
+    """The classifier's rules for the shared groups (mabn.engine.config.validate), with the
+    detector's and its data's for model and data."""
+    base.validate(cfg, _detector_groups)
+
+
+def _detector_groups(cfg: DictConfig) -> None:
     validate_model(cfg.model, cfg.norm)
     validate_data(cfg.data)
-    base.validate_schedule(cfg.schedule)
-    base.validate_optim(cfg.optim)
-    base.validate_stats(cfg.stats, cfg.compile)
-    base.validate_debug(cfg.debug)
-    base.validate_run(cfg)
     _check(not cfg.compile, "compile=true is not supported for detectors (their control flow depends on "
                             "the data); use compile=false")
 

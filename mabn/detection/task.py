@@ -18,7 +18,7 @@ from ..engine import data, distributed
 from ..engine.config import ConfigError
 from ..engine.task import Task
 from . import coco_eval
-from .coco import CocoDetection, DatasetError, collate
+from .coco import CocoDetection, DatasetError, batch_to, collate
 from .models import build_detector
 
 __all__ = ["DetectionTask", "METRICS"]
@@ -63,11 +63,7 @@ class DetectionTask(Task):
                 f"per rank per epoch")
 
     def to_device(self, s, batch):
-        images, targets = batch
-        dev = s.di.device
-        return ([im.to(dev, non_blocking=True) for im in images],
-                [{k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                 for t in targets])
+        return batch_to(*batch, s.di.device, non_blocking=True)
 
     def forward(self, s, inputs) -> tuple[torch.Tensor, dict, int]:
         images, targets = inputs

@@ -366,18 +366,24 @@ def _at_least(key: str, value, minimum) -> None:
     _check(value >= minimum, f"{key}={value} must be >= {minimum}")
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, task_groups=None) -> None:
     """Check every value that could make the run fail or be meaningless later, one config group
     at a time; no side effects beyond reading whether the data roots and out_dir exist. (What
-    depends on the machine that runs it is checked by :func:`check_machine`.)"""
+    depends on the machine that runs it is checked by :func:`check_machine`.) The groups the
+    task defines, model and data, are checked by ``task_groups(cfg)``: the classifier's
+    :func:`validate_model` and :func:`validate_data` by default."""
     validate_norm(cfg.norm, cfg.model, cfg.data)
-    validate_model(cfg.model)
-    validate_data(cfg.data)
+    (task_groups or _classifier_groups)(cfg)
     validate_schedule(cfg.schedule)
     validate_optim(cfg.optim)
     validate_stats(cfg.stats, cfg.compile)
     validate_debug(cfg.debug)
     validate_run(cfg)
+
+
+def _classifier_groups(cfg: DictConfig) -> None:
+    validate_model(cfg.model)
+    validate_data(cfg.data)
 
 
 def validate_norm(n, model, data) -> None:

@@ -354,8 +354,11 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _loader_kwargs(cfg, device: torch.device) -> dict:
+def _loader_kwargs(cfg, device: torch.device, collate_fn=None) -> dict:
+    """The DataLoader settings of a data config (workers, pinned memory, the collate function)."""
     kw = {"num_workers": cfg.workers, "pin_memory": cfg.pin_memory and device.type == "cuda"}
+    if collate_fn is not None:
+        kw["collate_fn"] = collate_fn
     if cfg.workers > 0:
         kw.update(prefetch_factor=4, worker_init_fn=_ignore_stop_signals)
     return kw
@@ -376,9 +379,7 @@ class TrainStream:
         self.sampler = ResumableDistributedSampler(self.data, num_replicas=world_size, rank=rank,
                                                    shuffle=True, seed=seed, drop_last=True)
         self.batch_size, self.seed, self.rank = cfg.batch_size, seed, rank
-        self.kwargs = _loader_kwargs(cfg, device)
-        if collate_fn is not None:
-            self.kwargs["collate_fn"] = collate_fn
+        self.kwargs = _loader_kwargs(cfg, device, collate_fn)
         self.batches_per_epoch = self.sampler.num_samples // self.batch_size
         if self.batches_per_epoch == 0:
             raise ConfigError(f"data: {len(dataset)} training images are too few for data.batch_size="
@@ -409,8 +410,5 @@ class TrainStream:
 def build_val_loader(dataset: Dataset, cfg, rank: int, world_size: int, device: torch.device,
                      collate_fn=None) -> DataLoader:
     """Validation loader over this rank's shard (no padding, no shuffling)."""
-    kwargs = _loader_kwargs(cfg, device)
-    if collate_fn is not None:
-        kwargs["collate_fn"] = collate_fn
     return DataLoader(dataset, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                      sampler=ShardSampler(len(dataset), rank, world_size), **kwargs)
+                      sampler=ShardSampler(len(dataset), rank, world_size), **_loader_kwargs(cfg, device, collate_fn))

@@ -14,7 +14,7 @@ from torch import nn
 from ..conv import CenConv2d
 from ..norm import BatchStatNorm2d
 from ..sync import SyncBatchNorm2d
-from .pairing import UntraceableError, _is_norm, find_pairs, is_foldable_norm
+from .pairing import UntraceableError, is_norm, find_pairs, is_foldable_norm
 
 __all__ = ["fold_conv_norm", "fold_model", "FoldReport"]
 
@@ -171,7 +171,7 @@ def _join(prefix: str, name: str) -> str:
 def _find_pairs_deep(module: nn.Module, prefix: str, report: FoldReport, unfoldable: dict) -> None:
     """The pairs of ``module`` (named ``prefix``) into ``report.folded``, its unfoldable norms
     into ``unfoldable``; where torch.fx cannot trace ``module``, those of its children."""
-    if _is_norm(module) or not any(_is_norm(m) for m in module.modules()):
+    if is_norm(module) or not any(is_norm(m) for m in module.modules()):
         return  # nothing to fold here (a lone norm outside a traced graph is reported as left)
     try:
         pairs, bad = find_pairs(module)
@@ -255,7 +255,7 @@ def fold_model(model: nn.Module, strict: bool = True, *, return_report: bool = F
         set_submodule(folded, conv_name, fold_conv_norm(modules[conv_name], modules[norm_name]))
         set_submodule(folded, norm_name, nn.Identity())
     for name, norm in modules.items():
-        if _is_norm(norm) and name not in report.folded:
+        if is_norm(norm) and name not in report.folded:
             report.left[name] = _why_left(name, report, unfoldable)
             if isinstance(norm, (BatchStatNorm2d, SyncBatchNorm2d)) and is_foldable_norm(norm):
                 set_submodule(folded, name, bn_from_norm(norm))

@@ -12,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..conv import CenConv2d
 from ..norm import BatchStatNorm2d
 
-__all__ = ["is_foldable_norm", "find_pairs", "UntraceableError"]
+__all__ = ["is_norm", "is_foldable_norm", "find_pairs", "UntraceableError"]
 
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -29,7 +29,8 @@ def _frozen_bn_type():
 _NORM_TYPES = (_BatchNorm, BatchStatNorm2d) + _frozen_bn_type()
 
 
-def _is_norm(module: nn.Module) -> bool:
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization the folding knows (a torch BatchNorm or a mabn layer)."""
     return isinstance(module, _NORM_TYPES)
 
 
@@ -44,7 +45,7 @@ def is_foldable_norm(norm: nn.Module) -> bool:
     running statistics (true for every mabn family layer, nn.BatchNorm*d/SyncBatchNorm that track
     running stats, and torchvision's FrozenBatchNorm2d).
     """
-    if not _is_norm(norm):
+    if not is_norm(norm):
         return False
     return getattr(norm, "running_mean", None) is not None and getattr(norm, "running_var", None) is not None
 
@@ -58,7 +59,7 @@ class _LeafTracer(torch.fx.Tracer):
     """fx tracer that keeps convolutions and normalizations as single call_module nodes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _is_conv(m) or _is_norm(m) or super().is_leaf_module(m, qualname)
+        return _is_conv(m) or is_norm(m) or super().is_leaf_module(m, qualname)
 
 
 def find_pairs(model: nn.Module) -> tuple[dict[str, str], list[tuple[str, str]]]:
@@ -87,7 +88,7 @@ def find_pairs(model: nn.Module) -> tuple[dict[str, str], list[tuple[str, str]]]
     unfoldable: list[tuple[str, str]] = []
     seen = set()
     for node in graph.nodes:
-        if node.op != "call_module" or not _is_norm(modules[node.target]):
+        if node.op != "call_module" or not is_norm(modules[node.target]):
             continue
         name = node.target
         if name in seen:
