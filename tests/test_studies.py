@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -110,6 +111,7 @@ def make_run(root, name, seed, status, err=None, nbs=2, diverged_at=None, iterat
     (d / "metrics.json").write_text(json.dumps(metrics))
     (d / "env.json").write_text(json.dumps({"host": "box", "git_commit": "abcdef0123456", "git_dirty": False,
                                             "packages": {"torch": "2.x"}}))
+    return d
 
 
 def table_lines(text):
@@ -151,10 +153,11 @@ def test_collector_on_fabricated_runs(tmp_path):
     # The claims table: 3 vs 1 over seeds 0, 1: differences 15, 16 -> mean 15.50, std 0.7071,
     # half-width t(0.975, 1) * 0.7071 / sqrt(2) = 12.706 * 0.5 = 6.35; interval above 0: agrees.
     assert ("| Table 1 / 5.1: BN with a small batch severely worsens the model (3 vs 1) | +11.81 | +15.50 "
-            "| ± 6.35 | 2 | agrees |") in text
-    assert "| 5.1: SMAS in BP with BRN collapses during training (row 5) | - (cannot converge) | 1 of 1 diverged | | 0 | agrees |" in text
-    assert "(8 vs 1) | +0.17 | - | - | 0 | not run |" in text  # row 8 missing
-    assert "(2 vs 1) | +0.12 | +1.50 | - | 1 | one seed: cannot tell |" in text
+            "| t (95%) | ± 6.35 | 2 | agrees | - | - | 0 | no predictions |") in text
+    assert ("| 5.1: SMAS in BP with BRN collapses during training (row 5) | - (cannot converge) | 1 of 1 diverged "
+            "| runs | | 0 | agrees | | | |") in text
+    assert "(8 vs 1) | +0.17 | - | TOST ± 1.5 (90%) | - | 0 | not run |" in text  # row 8 missing
+    assert "(2 vs 1) | +0.12 | +1.50 | TOST ± 1.5 (90%) | - | 1 | one seed: cannot tell |" in text
     # Deterministic: the same runs give the same file.
     assert collect_results.main(args) == 0
     assert out.read_text() == text
@@ -247,20 +250,52 @@ def test_collector_takes_same_configuration_runs_from_another_folder_and_filters
     assert collect_results.main(["table4", str(t4), str(tmp_path / "nowhere")]) == 2
 
 
-def test_claim_verdicts_against_the_t_interval():
-    """claim_verdict against a hand computation of the 95% Student-t interval."""
+def test_claim_verdicts_against_the_t_interval_and_tost():
+    """claim_verdict against a hand computation of the Student-t intervals: 95% for the
+    directional claims, 90% (two one-sided tests at 5%) against the margin for claims of no
+    difference."""
     from mabn.lab.collect import claim_verdict
     diffs = [8.0, 10.0, 12.0]  # mean 10, sample std 2, se 2 / sqrt(3); t(0.975, 2) = 4.303
     half = 4.303 * 2.0 / math.sqrt(3.0)  # 4.969: interval [5.03, 14.97]
-    v, g, h = claim_verdict("higher", diffs)
-    assert v == "agrees" and g == pytest.approx(10.0) and h == pytest.approx(half, rel=1e-6)
-    assert claim_verdict("lower", diffs)[0].startswith("**disagrees**")
-    assert claim_verdict("equal", diffs)[0].startswith("**disagrees**")  # 0 outside [5.03, 14.97]
-    # [-1, 1, 3]: mean 1, std 2: the interval [-3.97, 5.97] contains 0.
-    assert claim_verdict("equal", [-1.0, 1.0, 3.0])[0].startswith("agrees")
-    assert claim_verdict("higher", [-1.0, 1.0, 3.0])[0] == "cannot tell (same sign, interval includes 0)"
-    assert claim_verdict("lower", [-1.0, 1.0, 3.0])[0] == "cannot tell (opposite sign, interval includes 0)"
-    assert claim_verdict("higher", [])[0] == "not run"
+    v, test, g, h = claim_verdict("higher", diffs, 1.5)
+    assert (v, test) == ("agrees", "t (95%)") and g == pytest.approx(10.0) and h == pytest.approx(half, rel=1e-4)
+    assert claim_verdict("lower", diffs, 1.5)[0].startswith("**disagrees**")
+    # t(0.95, 2) = 2.920: 90% interval 10 ± 3.37 = [6.63, 13.37], wholly beyond 1.5.
+    v, test, g, h = claim_verdict("equal", diffs, 1.5)
+    assert v == "**disagrees** (a gap beyond ± 1.5 resolved)" and test == "TOST ± 1.5 (90%)"
+    assert h == pytest.approx(2.920 * 2.0 / math.sqrt(3.0), rel=1e-3)
+    # [-1, 1, 3]: mean 1, std 2: the 90% interval [-2.37, 4.37] reaches past the margin.
+    assert claim_verdict("equal", [-1.0, 1.0, 3.0], 1.5)[0] == "cannot tell (the interval reaches past ± 1.5)"
+    # ten gaps of 0.2 ± 0.5: 90% interval within (-1.5, 1.5): equivalent. An interval that contains 0
+    # but is wide is not: "no difference resolved" is no longer "agrees".
+    tight = [0.2 + 0.5 * (-1) ** k for k in range(10)]
+    assert claim_verdict("equal", tight, 1.5)[0] == "agrees (equivalent within ± 1.5)"
+    assert claim_verdict("higher", [-1.0, 1.0, 3.0], 1.5)[0] == "cannot tell (same sign, interval includes 0)"
+    assert claim_verdict("lower", [-1.0, 1.0, 3.0], 1.5)[0] == "cannot tell (opposite sign, interval includes 0)"
+    assert claim_verdict("higher", [], 1.5)[0] == "not run"
+
+
+def test_collector_per_image_bootstrap_columns(tmp_path):
+    """Runs that kept val_predictions.csv get the per-image (seeds x images) bootstrap cells; the
+    observed gap is the error gap computed from the predictions directly."""
+    runs = tmp_path / "runs"
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 10, 200)
+    for seed in range(3):
+        for name, p_wrong in (("table2_row1_bn_regular", 0.30), ("table2_row3_bn_small", 0.45)):
+            wrong = rng.random(200) < p_wrong
+            pred = np.where(wrong, (target + 1) % 10, target)
+            d = make_run(runs, name, seed, "finished", 100 * wrong.mean(), nbs=32 if "row1" in name else 2)
+            with open(d / "val_predictions.csv", "w") as f:
+                f.write("index,target,prediction\n" + "".join(f"{i},{t},{q}\n" for i, (t, q) in enumerate(zip(target, pred))))
+    out = tmp_path / "t2.md"
+    assert collect_results.main(["table2", str(runs), "--out", str(out)]) == 0
+    line = next(l for l in out.read_text().splitlines() if l.startswith("| Table 1 / 5.1: BN with a small batch"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    ours, image_gap = float(cells[2]), float(cells[7])
+    assert image_gap == pytest.approx(ours, abs=0.005)  # same images, same errors: the same mean gap
+    lo, hi = (float(x) for x in cells[8].strip("[]").split(","))
+    assert lo < image_gap < hi and cells[9] == "3" and cells[10] == "agrees"
 
 
 def test_every_claim_names_rows_of_its_study():
@@ -309,12 +344,14 @@ def test_collector_detection_table3_and_claims(tmp_path):
     assert lines["BRN(2)"].startswith("| BRN(2) | - |") and "`table3_brn`" in text
     # MABN - BN, box: 3.5, 4.0, 3.7 -> mean 3.733, std 0.2517, half-width 4.303 * 0.2517 / sqrt(3)
     # = 0.625: above 0, agrees; the paper's gap 34.85 - 30.41 = +4.44.
-    assert "| 5.2: MABN(2) clearly outperforms BN(2), box AP | +4.44 | +3.73 | ± 0.63 | 3 | agrees |" in text
+    assert "| 5.2: MABN(2) clearly outperforms BN(2), box AP | +4.44 | +3.73 | t (95%) | ± 0.63 | 3 | agrees |" in text
     # The mask claim uses the mask APs (the same differences here) and the paper's 31.61 - 27.91.
-    assert "| 5.2: MABN(2) clearly outperforms BN(2), mask AP | +3.70 | +3.73 | ± 0.63 | 3 | agrees |" in text
-    # MABN - SyncBN: -0.5, 0, -0.3 -> mean -0.267, std 0.2517: interval [-0.89, +0.36] holds 0.
-    assert "| 5.2: MABN(2) is comparable with SyncBN, box AP | +0.04 | -0.27 | ± 0.63 | 3 | agrees (no difference resolved) |" in text
-    assert "| 5.2: MABN(2) outperforms BRN(2), box AP | +2.92 | - | - | 0 | not run |" in text
+    assert "| 5.2: MABN(2) clearly outperforms BN(2), mask AP | +3.70 | +3.73 | t (95%) | ± 0.63 | 3 | agrees |" in text
+    # MABN - SyncBN: -0.5, 0, -0.3 -> mean -0.267, std 0.2517; the 90% interval (t(0.95, 2) = 2.920)
+    # is -0.267 ± 0.424 = [-0.69, +0.16], inside the margin of ± 1 box AP: equivalent.
+    assert ("| 5.2: MABN(2) is comparable with SyncBN, box AP | +0.04 | -0.27 | TOST ± 1 (90%) | ± 0.42 | 3 "
+            "| agrees (equivalent within ± 1) |") in text
+    assert "| 5.2: MABN(2) outperforms BRN(2), box AP | +2.92 | - | t (95%) | - | 0 | not run |" in text
 
 
 def test_collector_detection_convergence(tmp_path):

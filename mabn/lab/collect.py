@@ -42,6 +42,7 @@ says so in the status column. ``--seeds`` keeps only the runs of those seeds.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import math
@@ -50,12 +51,14 @@ import shlex
 import statistics
 import sys
 
+import numpy as np
 import yaml
 
 from mabn.engine import files
 
-from .studies import (CLAIMS, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE, SAME_AS, SHOWN, STUDIES, SWEPT_KEY,
-                      TOLERANCE, Measure, Row, measure_of)
+from .studies import (CLAIMS, EQUIVALENCE_MARGIN, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE, SAME_AS, SHOWN,
+                      STUDIES, SWEPT_KEY, TOLERANCE, TOP1, Measure, Row, measure_of)
+from .verdicts import BOOTSTRAP_REPLICATES, decide, paired_bootstrap, t_interval
 
 
 def find_runs(root: str) -> list[dict]:
@@ -72,8 +75,22 @@ def find_runs(root: str) -> list[dict]:
             if os.path.exists(os.path.join(dirpath, "env.json")):
                 with open(os.path.join(dirpath, "env.json")) as f:
                     env = json.load(f)
-            runs.append({"dir": os.path.relpath(dirpath, root), "metrics": metrics, "config": config, "env": env})
+            runs.append({"dir": os.path.relpath(dirpath, root), "metrics": metrics, "config": config, "env": env,
+                         "predictions": read_predictions(os.path.join(dirpath, "val_predictions.csv"))})
     return runs
+
+
+def read_predictions(path: str) -> np.ndarray | None:
+    """A run's final validation predictions (``val_predictions.csv``: index, target, prediction),
+    as an (images, 2) array of target and prediction in index order; None without the file."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    rows.sort(key=lambda r: int(r["index"]))
+    if [int(r["index"]) for r in rows] != list(range(len(rows))):
+        raise ValueError(f"{path}: the index column is not 0..{len(rows) - 1}")
+    return np.array([[int(r["target"]), int(r["prediction"])] for r in rows], dtype=np.int64)
 
 
 def run_key(run: dict, study: str) -> tuple[str, int | None]:
@@ -117,7 +134,15 @@ def _summary(row: Row, rs: list[dict], measures: tuple[Measure, ...], same_as: s
         "row": row, "runs": rs, "diverged": diverged, **of[key], "of": of,
         "other": [r for r in rs if r not in finished and r not in diverged],
         "same_as": same_as,  # the preset whose runs these are (studies.SAME_AS), or None
+        "wrong": _wrong_by_seed(finished),  # seed -> 0/1 per validation image, where predictions were kept
     }
+
+
+def _wrong_by_seed(finished: list[dict]) -> dict[int, np.ndarray]:
+    """Per seed, 1 for each validation image the run's final prediction got wrong (runs with
+    val_predictions.csv only)."""
+    return {r["config"]["seed"]: (r["predictions"][:, 0] != r["predictions"][:, 1]).astype(np.int64)
+            for r in finished if r.get("predictions") is not None}
 
 
 def _values(finished: list[dict], key: str) -> dict:
@@ -288,72 +313,89 @@ def _convergence_lines(summary: list[dict], study: str = "convergence") -> tuple
     return lines, []
 
 
-#: Two-sided 95% quantiles of Student's t by degrees of freedom (n seeds - 1), from the t table.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+def claim_verdict(kind: str, diffs: list[float], margin: float) -> tuple[str, str, float | None, float | None]:
+    """Our verdict on one paper claim from the per-seed differences m(a) - m(b): the verdict, the
+    test that gave it, the mean difference and the half-width of the test's interval (None below
+    2 seeds).
 
-
-def claim_verdict(kind: str, diffs: list[float]) -> tuple[str, float | None, float | None]:
-    """Our verdict on one paper claim from the per-seed differences err(a) - err(b): the verdict,
-    the mean difference and the half-width of its 95% confidence interval (None below 2 seeds).
-
-    "higher" / "lower" agree when the whole interval lies on the claimed side of zero and
-    disagree when it lies on the other side; "equal" agrees when the interval contains zero
-    (no difference resolved: read its width) and disagrees when it does not. Otherwise, and with a
-    single seed, the runs cannot tell."""
+    "higher" / "lower": the 95% Student's t interval over seeds (:func:`verdicts.t_interval`);
+    "equal": two one-sided tests against +-``margin`` (:func:`verdicts.tost`, the 90% interval).
+    The decision itself is :func:`verdicts.decide`."""
+    test = f"TOST ± {margin:g} (90%)" if kind == "equal" else "t (95%)"
     if not diffs:
-        return "not run", None, None
-    g = statistics.mean(diffs)
-    if len(diffs) < 2:
-        return "one seed: cannot tell", g, None
-    half = T95.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    lo, hi = g - half, g + half
-    if kind == "equal":
-        return ("agrees (no difference resolved)" if lo <= 0 <= hi else "**disagrees** (a difference resolved)"), g, half
-    sign = 1 if kind == "higher" else -1
-    if sign * lo > 0 and sign * hi > 0:
-        return "agrees", g, half
-    if sign * lo < 0 and sign * hi < 0:
-        return "**disagrees** (the opposite difference resolved)", g, half
-    return ("cannot tell (same sign, interval includes 0)" if sign * g > 0
-            else "cannot tell (opposite sign, interval includes 0)"), g, half
+        return "not run", test, None, None
+    g, half = t_interval(diffs, level=0.90 if kind == "equal" else 0.95)
+    if half is None:
+        return "one seed: cannot tell", test, g, None
+    return decide(kind, g - half, g + half, margin), test, g, half
+
+
+def image_verdict(kind: str, sa: dict | None, sb: dict | None, margin: float) -> str:
+    """The claim's cells of the per-image test: the two-way (seeds x images) paired bootstrap of
+    the error gap on the validation images both rows predicted (:func:`verdicts.paired_bootstrap`),
+    its interval (95%; 90% for a claim of no difference), the seeds it used and its verdict."""
+    wa, wb = (sa or {}).get("wrong", {}), (sb or {}).get("wrong", {})
+    if not set(wa) & set(wb):
+        return "- | - | 0 | no predictions"
+    g, lo, hi, n = paired_bootstrap(wa, wb, level=0.90 if kind == "equal" else 0.95)
+    return f"{fmt(g, signed=True)} | [{fmt(lo, signed=True)}, {fmt(hi, signed=True)}] | {n} | {decide(kind, lo, hi, margin)}"
 
 
 def _claims_lines(study: str, summary: list[dict]) -> list[str]:
-    """The paper's claims (studies.CLAIMS) against our runs: paired gap, 95% interval, verdict."""
+    """The paper's claims (studies.CLAIMS) against our runs: paired gap, its test, interval and
+    verdict over seeds; for the classifier's studies also the per-image bootstrap's."""
     claims = CLAIMS.get(study)
     if not claims:
         return []
     by_key = {row_key(s["row"]): s for s in summary}
-    m = measure_of(study)
+    m, margin = measure_of(study), EQUIVALENCE_MARGIN[study]
+    per_image = m == TOP1
     lines = ["## The paper's claims against these runs", "",
-             f"Gap: {m.short}(first row) - {m.short}(second row), paired over the seeds both finished, with the "
-             f"half-width of its 95% confidence interval (Student's t, n - 1 degrees of freedom). "
-             f"Claims that one row's {m.noun} is higher or lower agree when the whole interval is on "
-             f"the paper's side of 0; claims of no difference agree when it contains 0 (then its "
-             f"width says how small a difference the runs could have seen).", "",
-             "| claim | paper: gap | ours: gap | 95% interval | seeds | verdict |",
-             "|---|---:|---:|---:|---:|---|"]
+             f"Gap: {m.short}(first row) - {m.short}(second row), paired over the seeds both finished. "
+             f"Claims that one row's {m.noun} is higher or lower are tested with the 95% Student's t "
+             f"interval of the mean gap over seeds: they agree when the whole interval is on the paper's "
+             f"side of 0. Claims of no difference are equivalence claims, tested with two one-sided tests "
+             f"against a margin of ± {margin:g} points (TOST at 5% each: the 90% interval): they agree when "
+             f"the interval lies inside the margin and disagree when it lies wholly beyond it."]
+    if per_image:
+        lines += ["", "The last four columns compare the two rows' final predictions on the same validation "
+                  "images: a paired bootstrap that resamples seeds and images together "
+                  f"({BOOTSTRAP_REPLICATES} replicates, percentile interval, 95%; 90% for the equivalence "
+                  "claims), over the seeds whose runs kept `val_predictions.csv`. It treats the 500 images "
+                  "as a sample once for both rows, where the seed-level test takes them as fixed."]
+    head = "| claim | paper: gap | ours: gap | test | interval | seeds | verdict |"
+    rule = "|---|---:|---:|---|---:|---:|---|"
+    if per_image:
+        head += " images x seeds: gap | interval | seeds | verdict |"
+        rule += "---:|---:|---:|---|"
+    lines += ["", head, rule]
     for c in claims:
-        sa = by_key.get(c.a)
-        if c.kind == "diverges":
-            if sa is None or not sa["runs"]:
-                verdict, ours = "not run", "-"
-            else:
-                nd, nf = len(sa["diverged"]), len(sa["errs"])
-                ours = f"{nd} of {len(sa['runs'])} diverged" + (f"; finished at {fmt(sa['mean'])}" if nf else "")
-                verdict = ("agrees" if nd and not nf and not sa["other"] else
-                           "**disagrees** (it converges)" if nf and not nd else "mixed")
-            lines.append(f"| {c.text} | - (cannot converge) | {ours} | | {_seeds(sa) if sa else 'none'} | {verdict} |")
-            continue
-        sb = by_key.get(c.b)
-        key = c.measure.key if c.measure else None
-        diffs = paired_diffs(sa, sb, key)
-        verdict, g, half = claim_verdict(c.kind, diffs)
-        pa, pb = (_paper(sa["row"], key), _paper(sb["row"], key)) if sa and sb else (None, None)
-        paper_gap = pa - pb if None not in (pa, pb) else None
-        lines.append(f"| {c.text} | {fmt(paper_gap, signed=True)} | {fmt(g, signed=True)} | "
-                     f"{'± ' + fmt(half) if half is not None else '-'} | {len(diffs)} | {verdict} |")
+        lines.append(_claim_line(c, by_key, margin, per_image))
     return lines + [""]
+
+
+def _claim_line(c, by_key: dict, margin: float, per_image: bool) -> str:
+    """One claim's line of the claims table."""
+    sa = by_key.get(c.a)
+    if c.kind == "diverges":
+        if sa is None or not sa["runs"]:
+            verdict, ours = "not run", "-"
+        else:
+            nd, nf = len(sa["diverged"]), len(sa["errs"])
+            ours = f"{nd} of {len(sa['runs'])} diverged" + (f"; finished at {fmt(sa['mean'])}" if nf else "")
+            verdict = ("agrees" if nd and not nf and not sa["other"] else
+                       "**disagrees** (it converges)" if nf and not nd else "mixed")
+        line = f"| {c.text} | - (cannot converge) | {ours} | runs | | {_seeds(sa) if sa else 'none'} | {verdict} |"
+        return line + (" | | | |" if per_image else "")
+    sb = by_key.get(c.b)
+    key = c.measure.key if c.measure else None
+    diffs = paired_diffs(sa, sb, key)
+    verdict, test, g, half = claim_verdict(c.kind, diffs, margin)
+    pa, pb = (_paper(sa["row"], key), _paper(sb["row"], key)) if sa and sb else (None, None)
+    paper_gap = pa - pb if None not in (pa, pb) else None
+    line = (f"| {c.text} | {fmt(paper_gap, signed=True)} | {fmt(g, signed=True)} | {test} | "
+            f"{'± ' + fmt(half) if half is not None else '-'} | {len(diffs)} | {verdict} |")
+    return line + (f" {image_verdict(c.kind, sa, sb, margin)} |" if per_image else "")
 
 
 def _paper(row: Row, key: str | None) -> float | None:
