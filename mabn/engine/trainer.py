@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torch.autograd.profiler import record_function
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -328,7 +329,8 @@ def _build(s: _State) -> None:
     random.seed(cfg.seed)
     if np is not None:
         np.random.seed(cfg.seed)
-    s.task.build(s)
+    with record_function("trainer::build"):
+        s.task.build(s)
     s.net = s.model
     s.lr0 = base_lr(cfg, di.world_size)
     s.optimizer = build_optimizer(s.model, cfg, s.lr0)
@@ -490,7 +492,8 @@ def _train_step(s: _State, batches, stop_at: int, bar) -> None:
     (logging, validation, checkpoints; a stop request or stop_after ends the run after a
     checkpoint, status interrupted)."""
     t0 = time.perf_counter()
-    inputs = s.task.to_device(s, next(batches))
+    with record_function("trainer::data"):  # a named range in a torch profile (scripts/profile_run.py)
+        inputs = s.task.to_device(s, next(batches))
     data_time = time.perf_counter() - t0
     s.it += 1
     lr = lr_at(s.cfg, s.it, s.lr0)
@@ -573,7 +576,8 @@ def _on_schedule(s: _State, lr: float, stop_requested: bool, stop_at: int, bar) 
 def _evaluate(s: _State) -> dict:
     """The task's validation of the model at the current iteration (logged, to TensorBoard and,
     on rank 0, as one line of out_dir/val_log.jsonl: the curve of the validation numbers)."""
-    res = s.task.evaluate(s)
+    with record_function("trainer::validation"):
+        res = s.task.evaluate(s)
     res["iteration"] = s.it
     if s.di.is_main:
         run.append_jsonl(os.path.join(s.cfg.out_dir, "val_log.jsonl"), res)
