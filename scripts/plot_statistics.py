@@ -8,6 +8,8 @@ holds one, or a TensorBoard event directory with ``statistics/<layer>/<stat>/<ki
 * Figure 3 (modified form): 2 panels chi^2_B, Psi_B; small against regular batch.
 * Figure 4 (modified form with moving averages, e.g. MABN): chi^2, Psi; the statistic the layer
   used (SMA) against the regular batch.
+* 2-used (vanilla form with moving averages in the backward pass, Table 2's row 5): g, Psi; the
+  statistic the layer used against the regular batch.
 
     python scripts/plot_statistics.py outputs/run/statistics.csv --figure 2 --out results/figure2.png
 """
@@ -31,6 +33,7 @@ FIGURES = {
     "2": (("mu", "sigma2", "g", "psi"), ("small", "regular")),
     "3": (("chi2", "psi"), ("small", "regular")),
     "4": (("chi2", "psi"), ("used", "regular")),
+    "2-used": (("g", "psi"), ("used", "regular")),
 }
 LABELS = {"small": "small batch (first group)", "regular": "regular batch (whole per-device batch)",
           "used": "moving average used by the layer"}
