@@ -32,6 +32,11 @@ def test_quickstart_smoke(tmp_path):
         assert (out / f).exists(), f
     env = json.loads((out / "env.json").read_text())  # the machine every figure must name
     assert env["cpu"] and env["cpu_capability"] and env["torch_threads"] == 2, env
+    if os.path.exists("/proc/cpuinfo"):  # Linux: family and model number tell one "AMD EPYC" from another
+        assert env["cpu_id"]["family"] and env["cpu_id"]["model"], env
+    # the process's CPU time over the same span as the wall time: below the wall time for two
+    # threads only if the machine was busy; never above twice it
+    assert 0 < m["cpu_time_s"] <= 2 * m["wall_time_s"] + 1, m
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = EventAccumulator(str(out / "tb")).Reload().Tags()["scalars"]
     for tag in ("train/loss", "train/top1_err", "train/top5_err", "train/lr", "perf/images_per_s",

@@ -9,7 +9,7 @@ import platform
 
 import torch
 
-__all__ = ["cpu_model", "cpu_capability", "load_average"]
+__all__ = ["cpu_model", "cpu_identity", "cpu_capability", "load_average", "steal_seconds"]
 
 
 def cpu_model() -> str:
@@ -22,6 +22,37 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def cpu_identity() -> dict:
+    """What tells CPUs of one model name apart ("AMD EPYC" is Zen 3 or Zen 4 or Zen 5): the
+    family and model numbers and the per-core cache size /proc/cpuinfo reports (L2 on AMD, the
+    last level on Intel); empty off Linux."""
+    keys = {"cpu family": "family", "model": "model", "cache size": "cache_size"}
+    out = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                if key.strip() in keys:
+                    out[keys[key.strip()]] = value.strip()
+    except OSError:
+        pass
+    return out
+
+
+def steal_seconds() -> float | None:
+    """CPU time the hypervisor gave to other guests, summed over this machine's CPUs since boot
+    (/proc/stat's steal column), or None where it is not known. A run's share of it says whether
+    the virtual machine itself was starved."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def cpu_capability() -> str:

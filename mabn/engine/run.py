@@ -32,7 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from . import files
-from .machine import cpu_capability, cpu_model
+from .machine import cpu_capability, cpu_identity, cpu_model
 
 __all__ = ["setup_logging", "start_log_file", "lock_out_dir", "OutDirInUse", "write_provenance",
            "write_json", "read_json", "append_jsonl", "one_line"]
@@ -177,6 +177,7 @@ def write_provenance(cfg, out_dir: str, world_size: int) -> None:
         "host": socket.gethostname(),
         "cpu": cpu_model(),
         "cpu_capability": cpu_capability(),
+        "cpu_id": cpu_identity(),
         "torch_threads": torch.get_num_threads(),
         "command": sys.argv,
     }

@@ -51,6 +51,7 @@ from . import checkpoint, data, distributed, files, models, run
 from .classification import ClassificationTask
 from .compiling import compile_module
 from .config import ConfigError, check_checkpoint_fits, check_machine, config_changes
+from .machine import steal_seconds
 from .meters import WindowMeter
 from .task import Task
 from .registry import norm_options
@@ -233,6 +234,8 @@ class _State:
     last_val: dict | None = None
     started_at: str = ""
     t_start: float = 0.0
+    cpu_start: float = 0.0  # time.process_time() at the start: metrics.json cpu_time_s
+    steal_start: float | None = None  # the VM's steal time then (machine.steal_seconds)
     compile_logged: bool = False  # the first (compiling) iteration's time is in log.txt
 
     @property
@@ -274,6 +277,7 @@ def _train(s: _State) -> dict:
     """The run, phase by phase: nothing is written to out_dir before :func:`_start`."""
     cfg = s.cfg
     s.started_at, s.t_start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
+    s.cpu_start, s.steal_start = time.process_time(), steal_seconds()
     run.setup_logging(cfg.out_dir, s.di.is_main, defer_file=True)  # log.txt once the run starts
     if _finished_record(s):
         log.info("the run in %s already finished (metrics.json: status finished at iteration %d); "
@@ -610,7 +614,11 @@ def _finish(s: _State) -> dict:
     result = s.record.result
     result.update(status=s.status, iteration=s.it, train_loss=s.meter.last_loss, started_at=s.started_at,
                   ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  wall_time_s=round(time.perf_counter() - s.t_start, 1))  # of this invocation
+                  wall_time_s=round(time.perf_counter() - s.t_start, 1),  # of this invocation
+                  cpu_time_s=round(time.process_time() - s.cpu_start, 1))  # this process's, same span
+    steal = steal_seconds()
+    if steal is not None and s.steal_start is not None:
+        result["machine_steal_s"] = round(steal - s.steal_start, 1)  # all of the VM's CPUs
     if s.status == "finished":
         s.last_val = _evaluate(s)
         _save_checkpoint(s)
