@@ -20,7 +20,7 @@ import torch
 
 from mabn import kernels
 from mabn.engine import files
-from mabn.engine.machine import cpu_capability, cpu_model, load_average
+from mabn.engine.machine import cpu_capability, cpu_identity, cpu_model, load_average
 
 __all__ = ["write_report", "resolve_device", "sync", "timed", "round_robin", "spread", "cpu_model", "cpu_capability",
            "load_average", "machine_description", "ALLOCATORS", "set_allocator", "add_allocator_argument",
@@ -192,7 +192,9 @@ def kernels_description() -> str:
 def machine_description(device: torch.device) -> str:
     """CPU model, logical cores, torch version and intra-op threads, the CPU allocator, the path
     of eager mabn layers on the CPU (mabn.kernels), plus the GPU on CUDA."""
-    s = (f"{cpu_model()} (torch CPU kernels: {cpu_capability()}), {os.cpu_count()} logical cores, "
+    ident = cpu_identity()
+    family = f"family {ident['family']} model {ident['model']}, " if ident.get("family") else ""
+    s = (f"{cpu_model()} ({family}torch CPU kernels: {cpu_capability()}), {os.cpu_count()} logical cores, "
          f"torch {torch.__version__}, "
          f"{torch.get_num_threads()} intra-op threads; CPU memory: {allocator_description()}; "
          f"eager mabn layers on the CPU: {kernels_description()}")
