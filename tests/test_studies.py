@@ -395,3 +395,14 @@ def test_a_run_without_val_log_has_its_curve_from_tensorboard(tmp_path):
     w.close()
     assert run_curve(str(tmp_path), "bbox_AP") == [(1000, 3.5), (2000, 8.5)]
     assert run_curve(str(tmp_path), "segm_AP") == []
+
+
+def test_read_predictions_orders_by_index_and_refuses_gaps(tmp_path):
+    from mabn.lab.collect import read_predictions
+    p = tmp_path / "val_predictions.csv"
+    p.write_text("index,target,prediction\n1,3,3\n0,2,5\n")
+    assert read_predictions(str(p)).tolist() == [[2, 5], [3, 3]]
+    p.write_text("index,target,prediction\n0,2,5\n2,3,3\n")
+    with pytest.raises(ValueError, match="index column"):
+        read_predictions(str(p))
+    assert read_predictions(str(tmp_path / "none.csv")) is None
