@@ -104,12 +104,15 @@ def test_protocol_options_are_validated(overrides, message):
         config.load(overrides)
 
 
-def test_crop_flip_cache_gives_the_same_samples(tmp_path):
-    """data.cache_images changes where the resize happens, not the samples: the same seeded
-    stream gives identical batches with and without the cache (train and validation)."""
+@pytest.mark.parametrize("decoder", ["pil", "tensor"])
+def test_crop_flip_cache_gives_the_same_samples(tmp_path, decoder):
+    """data.cache_images changes where the resize happens and that the crop, flip and
+    normalization run on the whole batch (data.CropFlipDraws / CropFlipBatch), not the samples:
+    the same seeded stream gives identical batches with and without the cache (train and
+    validation) as torchvision's per-sample transforms."""
     root = make_image_folder(tmp_path / "img", classes=2, train_per_class=4, val_per_class=2, size=20)
     base = {"name": "imagefolder", "root": root, "image_size": 12, "val_resize": 12, "augment": "crop_flip",
-            "crop_padding": 2, "workers": 0, "batch_size": 4}
+            "crop_padding": 2, "workers": 0, "batch_size": 4, "decoder": decoder}
     batches = []
     for cache in (False, True):
         cfg = config.load({"data": {**base, "cache_images": cache}})

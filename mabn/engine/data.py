@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 from .config import ConfigError
 
 __all__ = ["Lighting", "PILColorJitter", "ToFloat", "read_image", "pil_read_image", "image_loader", "CachedResizedLoader",
-           "train_transform", "val_transform", "SyntheticImages", "RobustImageFolder", "SeededSamples",
+           "CropFlipDraws", "CropFlipBatch", "train_transform", "val_transform", "SyntheticImages", "RobustImageFolder", "SeededSamples",
            "ResumableDistributedSampler", "ShardSampler", "build_datasets", "TrainStream", "build_val_loader"]
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,50 @@ def image_loader(decoder: str):
     return datasets.folder.default_loader if decoder == "pil" else read_image
 
 
-def train_transform(cfg) -> transforms.Compose | v2.Compose:
+class CropFlipDraws:
+    """augment=crop_flip on cached images, the per-sample half: the image as a uint8 tensor and
+    the random draws of ``RandomCrop(size, padding)`` then ``RandomHorizontalFlip()`` (the same
+    calls, so the same numbers from the same seed); :class:`CropFlipBatch` does the pixel work
+    for a whole batch at once. Together they give exactly the per-sample transform's batches
+    (tests/test_protocol.py), at a fraction of its cost."""
+
+    def __init__(self, size: int, padding: int, mean, std):
+        self.size, self.padding = size, padding
+        self.collate = CropFlipBatch(size, padding, mean, std)  # TrainStream's collate function
+
+    def __call__(self, img) -> tuple[torch.Tensor, int, int, bool]:
+        t = img if isinstance(img, torch.Tensor) else transforms.functional.pil_to_tensor(img)
+        c, h, w = t.shape
+        padded = torch.zeros(()).expand(c, h + 2 * self.padding, w + 2 * self.padding)  # its size only
+        top, left, _, _ = transforms.RandomCrop.get_params(padded, (self.size, self.size))
+        return t, top, left, bool(torch.rand(1) < 0.5)
+
+    def __repr__(self) -> str:
+        return f"CropFlipDraws(size={self.size}, padding={self.padding})"
+
+
+class CropFlipBatch:
+    """The batch half of :class:`CropFlipDraws`: zero padding, the drawn crops and flips, the
+    conversion to [0, 1] (ToTensor's x / 255) and the normalization (Normalize's (x - mean) /
+    std), on the whole batch; returns (images, targets) as the default collate would."""
+
+    def __init__(self, size: int, padding: int, mean, std):
+        self.size, self.padding = size, padding
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, samples) -> tuple[torch.Tensor, torch.Tensor]:
+        p, n = self.padding, self.size
+        padded = torch.nn.functional.pad(torch.stack([draws[0] for draws, _ in samples]), (p, p, p, p))
+        out = torch.empty(padded.shape[0], padded.shape[1], n, n, dtype=torch.uint8)
+        for b, ((_, top, left, flip), _) in enumerate(samples):
+            crop = padded[b, :, top:top + n, left:left + n]
+            out[b] = crop.flip(-1) if flip else crop
+        images = out.to(torch.float32).div(255).sub_(self.mean).div_(self.std)
+        return images, torch.tensor([target for _, target in samples])
+
+
+def train_transform(cfg) -> transforms.Compose | v2.Compose | CropFlipDraws:
     """Training augmentation at ``cfg.image_size``, on PIL images (data.decoder=pil) or on uint8
     tensors (data.decoder=tensor; the same random draws and the same arithmetic, up to the
     resize's rounding, see the data.decoder field).
@@ -161,14 +204,17 @@ def train_transform(cfg) -> transforms.Compose | v2.Compose:
     augment=fb: fb.resnet.torch's ImageNet augmentation (random-resized crop, colour jitter, PCA
     lighting, normalization, horizontal flip). augment=crop_flip: the CIFAR recipe (resize to
     image_size, random crop of image_size after ``crop_padding`` zero pixels on each side,
-    horizontal flip, normalization).
+    horizontal flip, normalization); with data.cache_images the per-sample draws of it only
+    (:class:`CropFlipDraws`: the batch's collate function does the rest, with the same result).
     """
     tensor = cfg.decoder == "tensor"
     T, compose = (v2, v2.Compose) if tensor else (transforms, transforms.Compose)
     to_float = ToFloat() if tensor else transforms.ToTensor()
     normalize = transforms.Normalize(list(cfg.mean), list(cfg.std))
+    if cfg.augment == "crop_flip" and cfg.cache_images:
+        return CropFlipDraws(cfg.image_size, cfg.crop_padding, cfg.mean, cfg.std)
     if cfg.augment == "crop_flip":
-        resize = [] if cfg.cache_images else _resize_crop(cfg.image_size, cfg.image_size, cfg.decoder)
+        resize = _resize_crop(cfg.image_size, cfg.image_size, cfg.decoder)
         return compose(resize + [T.RandomCrop(cfg.image_size, padding=cfg.crop_padding),
                                  T.RandomHorizontalFlip(), to_float, normalize])
     crop = (v2.RandomResizedCrop(cfg.image_size, scale=(cfg.min_crop_area, 1.0), antialias=True) if tensor
@@ -370,7 +416,8 @@ class TrainStream:
     Epoch e visits a DistributedSampler permutation (seeded by the run seed and e; each rank its
     own shard) in batches of ``batch_size`` (last partial batch dropped, so every batch splits
     into normalization groups). :meth:`state_dict` is the position of the next batch.
-    ``collate_fn``: the DataLoader's (e.g. a detector's lists of images and targets).
+    ``collate_fn``: the DataLoader's (e.g. a detector's lists of images and targets); by default
+    the dataset's transform's own ``collate`` where it has one (:class:`CropFlipDraws`).
     """
 
     def __init__(self, dataset: Dataset, cfg, seed: int, rank: int, world_size: int, device: torch.device,
@@ -379,6 +426,7 @@ class TrainStream:
         self.sampler = ResumableDistributedSampler(self.data, num_replicas=world_size, rank=rank,
                                                    shuffle=True, seed=seed, drop_last=True)
         self.batch_size, self.seed, self.rank = cfg.batch_size, seed, rank
+        collate_fn = collate_fn or getattr(getattr(dataset, "transform", None), "collate", None)
         self.kwargs = _loader_kwargs(cfg, device, collate_fn)
         self.batches_per_epoch = self.sampler.num_samples // self.batch_size
         if self.batches_per_epoch == 0:
