@@ -123,7 +123,6 @@ def main(argv=None) -> int:
             return 2
         os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
         os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
-    sys.path.insert(0, REPO)
     from mabn.engine import config
     from mabn.lab import bench
     try:
