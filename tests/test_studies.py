@@ -406,3 +406,33 @@ def test_read_predictions_orders_by_index_and_refuses_gaps(tmp_path):
     with pytest.raises(ValueError, match="index column"):
         read_predictions(str(p))
     assert read_predictions(str(tmp_path / "none.csv")) is None
+
+
+def test_collector_keys_probe_runs_by_a_tuple_of_settings(tmp_path):
+    """A probe study sweeps several settings: each run belongs to the row of its (policy, lr,
+    r_max); the row "as in Table 2" is found among Table 2's runs."""
+    probe, t2 = tmp_path / "probe", tmp_path / "t2"
+    for root, name, seed, err, policy, lr, rmax, status in [
+            (t2, "table2_row5_brn_sma", 0, 40.0, "linear", 0.05, 3.0, "finished"),
+            (t2, "table2_row8_mabn", 0, 39.0, "linear", 0.05, 5.0, "finished"),
+            (t2, "table2_row4_brn", 0, 41.0, "linear", 0.05, 3.0, "finished"),  # not a probe row
+            (probe, "table2_row5_brn_sma", 0, 46.0, "step", 0.05, 3.0, "finished"),
+            (probe, "table2_row8_mabn", 0, 41.0, "step", 0.05, 5.0, "finished"),
+            (probe, "table2_row5_brn_sma", 0, None, "linear", 0.2, 3.0, "diverged")]:
+        d = make_run(root / f"{policy}_{lr}", name, seed, status, err, diverged_at=900 if status == "diverged" else None)
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        cfg.update(schedule={"iterations": 600, "policy": policy}, optim={"lr": lr})
+        cfg["norm"]["r_max"] = rmax
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "probe.md"
+    assert collect_results.main(["row5_probe", str(probe), str(t2), "--out", str(out)]) == 0
+    lines = table_lines(out.read_text())
+    assert lines["row 5 (BRN + SMA in BP), as in Table 2"].startswith("| row 5 (BRN + SMA in BP), as in Table 2 | 40.00 |")
+    assert lines["row 5, the paper's step schedule"].startswith("| row 5, the paper's step schedule | 46.00 | - | +7.00 |")
+    assert "1 diverged (iteration 900)" in lines["row 5, lr 0.2"]
+    assert lines["row 5, no renorm clipping (r_max = d_max = 1000)"].startswith(
+        "| row 5, no renorm clipping (r_max = d_max = 1000) | missing |")
+    text = out.read_text()
+    assert "| 5.1: row 5 collapses, lr 0.2 | - (cannot converge) | 1 of 1 diverged | runs | | 0 | agrees |" in text
+    assert "| row 5 worse than MABN (row 8), the paper's step schedule | - | +5.00 | t (95%) | - | 1 |" in text
+    assert "(policy, lr, r_max=('linear', 0.05, 1000.0))" in text

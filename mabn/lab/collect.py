@@ -22,6 +22,9 @@ length for the convergence check) and writes ``results/<study>.md`` (or ``--out`
   says the first row's AP is larger); det_convergence: the detection protocol's convergence
   check on box AP (converged when every change is below 1 point).
 
+- row5_probe / brn_b32_probe: Table 2's BRN rows with one setting changed at a time, keyed by a
+  tuple of settings (``studies.SWEPT_KEY``), laid out as Table 2, with their claims.
+
 Each study compares one measure (``studies.MEASURE``: the top-1 error, or the box AP); a claim may
 name another (the mask AP).
 
@@ -93,20 +96,27 @@ def read_predictions(path: str) -> np.ndarray | None:
     return np.array([[int(r["target"]), int(r["prediction"])] for r in rows], dtype=np.int64)
 
 
-def run_key(run: dict, study: str) -> tuple[str, int | None]:
+def run_key(run: dict, study: str) -> tuple[str, object]:
     """The configuration a run belongs to: its preset and the value of the study's swept setting
     (``studies.SWEPT_KEY``: Figure 1(b)'s normalization batch size, the convergence check's
-    schedule length; None for a study that sweeps only presets)."""
+    schedule length, a probe's tuple of settings; None for a study that sweeps only presets)."""
     cfg = run["config"]
     if study not in SWEPT_KEY:
         return cfg["name"], None
-    section, field = SWEPT_KEY[study].split(".")
-    return cfg["name"], cfg[section][field]
+    keys = SWEPT_KEY[study]
+    values = tuple(_config_value(cfg, k) for k in (keys if isinstance(keys, tuple) else (keys,)))
+    return cfg["name"], values if isinstance(keys, tuple) else values[0]
+
+
+def _config_value(cfg: dict, dotted: str):
+    section, field = dotted.split(".")
+    return cfg[section][field]
 
 
 def swept_name(study: str) -> str:
-    """The swept setting's field name as the tables print it (``norm_batch_size``)."""
-    return SWEPT_KEY[study].rsplit(".", 1)[-1]
+    """The swept setting's field name(s) as the tables print them (``norm_batch_size``)."""
+    keys = SWEPT_KEY[study]
+    return ", ".join(k.rsplit(".", 1)[-1] for k in (keys if isinstance(keys, tuple) else (keys,)))
 
 
 def row_key(row: Row) -> tuple[str, int | None]:
@@ -338,7 +348,9 @@ def image_verdict(kind: str, sa: dict | None, sb: dict | None, margin: float) ->
     if not set(wa) & set(wb):
         return "- | - | 0 | no predictions"
     g, lo, hi, n = paired_bootstrap(wa, wb, level=0.90 if kind == "equal" else 0.95)
-    return f"{fmt(g, signed=True)} | [{fmt(lo, signed=True)}, {fmt(hi, signed=True)}] | {n} | {decide(kind, lo, hi, margin)}"
+    # With one seed the interval holds the images' sampling error only, not the training's.
+    verdict = decide(kind, lo, hi, margin) if n > 1 else "one seed: cannot tell"
+    return f"{fmt(g, signed=True)} | [{fmt(lo, signed=True)}, {fmt(hi, signed=True)}] | {n} | {verdict}"
 
 
 def _claims_lines(study: str, summary: list[dict]) -> list[str]:

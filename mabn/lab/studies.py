@@ -37,16 +37,19 @@ class Row:
     #: The value of the setting the study sweeps besides the preset (``SWEPT_KEY[study]``): the
     #: normalization batch size in Figure 1(b), the schedule length in the convergence check;
     #: None in a study that sweeps only presets (Tables 2 and 4).
-    swept_value: int | None = None
+    swept_value: int | tuple | None = None
     #: The paper's values of the other measures the table shows (metrics.json key, value): e.g.
     #: the mask AP of a detection row.
     paper_more: tuple[tuple[str, float], ...] = ()
 
 
-#: The config key each study sweeps besides the preset (dotted: section.field); studies not named
-#: here sweep only presets. The collector groups a study's runs by (preset, this key's value).
+#: The config key each study sweeps besides the preset (dotted: section.field), or a tuple of
+#: keys (a row's swept_value is then the tuple of their values); studies not named here sweep only
+#: presets. The collector groups a study's runs by (preset, this key's value).
 SWEPT_KEY = {"figure1b": "norm.norm_batch_size", "convergence": "schedule.iterations",
-             "det_convergence": "schedule.iterations"}
+             "det_convergence": "schedule.iterations",
+             "row5_probe": ("schedule.policy", "optim.lr", "norm.r_max"),
+             "brn_b32_probe": ("norm.norm_batch_size", "norm.r_max", "norm.alpha")}
 
 
 TABLE2 = [
@@ -106,6 +109,26 @@ SAME_AS = {
     ("table2_row3_bn_small", 32): ("table2_row1_bn_regular", 32),  # Figure 1(b): BN at b = 32
 }
 
+# The probes of Table 2's BRN rows (configs/study/row5_probe.yaml, brn_b32_probe.yaml): one
+# setting of a row changed at a time; the rows "as in Table 2" / "as in Figure 1(b)" are those
+# studies' runs (give their folders too). Row 5: (lr policy, lr, r_max); BRN at b = 32:
+# (normalization batch, r_max, alpha).
+ROW5_PROBE = [
+    Row("table2_row5_brn_sma", "row 5 (BRN + SMA in BP), as in Table 2", None, ("linear", 0.05, 3.0)),
+    Row("table2_row5_brn_sma", "row 5, the paper's step schedule", None, ("step", 0.05, 3.0)),
+    Row("table2_row5_brn_sma", "row 5, lr 0.2", None, ("linear", 0.2, 3.0)),
+    Row("table2_row5_brn_sma", "row 5, no renorm clipping (r_max = d_max = 1000)", None, ("linear", 0.05, 1000.0)),
+    Row("table2_row8_mabn", "row 8 (MABN), as in Table 2", 23.58, ("linear", 0.05, 5.0)),
+    Row("table2_row8_mabn", "row 8, the paper's step schedule", None, ("step", 0.05, 5.0)),
+    Row("table2_row8_mabn", "row 8, lr 0.2", None, ("linear", 0.2, 5.0)),
+]
+BRN_B32_PROBE = [
+    Row("table2_row1_bn_regular", "BN(32), as in Table 2", 23.41, (32, 5.0, 0.9)),
+    Row("table2_row4_brn", "BRN at b = 32, as in Figure 1(b)", None, (32, 3.0, 0.9)),
+    Row("table2_row4_brn", "BRN at b = 32, no renormalization (r_max 1, d_max 0)", None, (32, 1.0, 0.9)),
+    Row("table2_row4_brn", "BRN at b = 32, alpha 0.99", None, (32, 3.0, 0.99)),
+]
+
 # The detection studies (scripts/train_detection.py, configs/study/det_*.yaml): the paper's
 # Table 3 (Mask R-CNN R50-FPN from scratch on COCO, 2x, norm in the backbone; box / mask AP),
 # with GN beside it (not in the paper's table), and the convergence check of the small protocol.
@@ -133,7 +156,7 @@ DET_TABLE7 = [
 
 STUDIES = {"table2": TABLE2, "table4": TABLE4, "figure1b": FIGURE1B, "convergence": CONVERGENCE,
            "det_table3": DET_TABLE3, "det_convergence": DET_CONVERGENCE, "det_table5": DET_TABLE5,
-           "det_table7": DET_TABLE7}
+           "det_table7": DET_TABLE7, "row5_probe": ROW5_PROBE, "brn_b32_probe": BRN_B32_PROBE}
 #: The measure each study compares (TOP1 unless named here).
 MEASURE = {"det_table3": BOX_AP, "det_convergence": BOX_AP, "det_table5": BOX_AP, "det_table7": BOX_AP}
 #: The measures a study's table shows, its own first.
@@ -147,6 +170,7 @@ TOLERANCE = {"convergence": CONVERGENCE_TOLERANCE, "det_convergence": 1.0}
 #: half the gap MABN closes between rows 7 and 8 of Table 2 (3.45); 1 point of box AP is a tenth
 #: of the small detection protocol's AP.
 EQUIVALENCE_MARGIN = {"table2": 1.5, "table4": 1.5, "figure1b": 1.5, "convergence": 1.5,
+                      "row5_probe": 1.5, "brn_b32_probe": 1.5,
                       "det_table3": 1.0, "det_convergence": 1.0, "det_table5": 1.0, "det_table7": 1.0}
 
 
@@ -158,7 +182,9 @@ def measure_of(study: str) -> Measure:
 REFERENCE = {"table2": ("table2_row1_bn_regular", None), "table4": ("table4_row11_modified_regular", None),
              "figure1b": ("table2_row3_bn_small", 32), "convergence": ("table2_row1_bn_regular", None),
              "det_table3": ("table3_syncbn", None), "det_convergence": ("table3_bn", None),
-             "det_table5": ("table5_syncbn", None), "det_table7": ("table7_syncbn", None)}
+             "det_table5": ("table5_syncbn", None), "det_table7": ("table7_syncbn", None),
+             "row5_probe": (ROW5_PROBE[4].key, ROW5_PROBE[4].swept_value),
+             "brn_b32_probe": (BRN_B32_PROBE[0].key, BRN_B32_PROBE[0].swept_value)}
 
 
 @dataclass(frozen=True)
@@ -226,6 +252,23 @@ CLAIMS = {
         Claim("5.1: BRN performs better than vanilla BN (b=2)", "lower", _f1b("BRN", 2), _f1b("BN", 2)),
         Claim("5.1: MABN retains its error regardless of the batch size (MABN b=2 vs b=32)", "equal",
               _f1b("MABN", 2), _f1b("MABN", 32)),
+    ],
+    "row5_probe": [
+        Claim("5.1: row 5 collapses, the paper's step schedule", "diverges", (ROW5_PROBE[1].key, ROW5_PROBE[1].swept_value)),
+        Claim("5.1: row 5 collapses, lr 0.2", "diverges", (ROW5_PROBE[2].key, ROW5_PROBE[2].swept_value)),
+        Claim("5.1: row 5 collapses, no renorm clipping", "diverges", (ROW5_PROBE[3].key, ROW5_PROBE[3].swept_value)),
+        Claim("row 5 worse than MABN (row 8), the paper's step schedule", "higher",
+              (ROW5_PROBE[1].key, ROW5_PROBE[1].swept_value), (ROW5_PROBE[5].key, ROW5_PROBE[5].swept_value)),
+        Claim("row 5 worse than MABN (row 8), lr 0.2", "higher",
+              (ROW5_PROBE[2].key, ROW5_PROBE[2].swept_value), (ROW5_PROBE[6].key, ROW5_PROBE[6].swept_value)),
+    ],
+    "brn_b32_probe": [
+        Claim("BRN at a large batch trains like BN (Ioffe 2017): BRN vs BN(32)", "equal",
+              (BRN_B32_PROBE[1].key, BRN_B32_PROBE[1].swept_value), (BRN_B32_PROBE[0].key, BRN_B32_PROBE[0].swept_value)),
+        Claim("without renormalization BRN is BN: BRN (r = 1, d = 0) vs BN(32)", "equal",
+              (BRN_B32_PROBE[2].key, BRN_B32_PROBE[2].swept_value), (BRN_B32_PROBE[0].key, BRN_B32_PROBE[0].swept_value)),
+        Claim("renormalization costs error at b = 32: BRN vs BRN (r = 1, d = 0)", "higher",
+              (BRN_B32_PROBE[1].key, BRN_B32_PROBE[1].swept_value), (BRN_B32_PROBE[2].key, BRN_B32_PROBE[2].swept_value)),
     ],
     "det_table3": [
         Claim("5.2: MABN(2) clearly outperforms BN(2), box AP", "higher", _t3("mabn"), _t3("bn")),
