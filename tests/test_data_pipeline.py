@@ -6,9 +6,11 @@ import io
 import math
 import os
 import re
+import textwrap
 
 import numpy as np
 import pytest
+
 import torch
 from PIL import Image, ImageEnhance
 from torchvision import transforms
@@ -296,6 +298,24 @@ def test_cache_and_workers_give_the_same_tensor_samples(tmp_path):
         assert levels(a[0] - b[0]).abs().max() < 1 + 1e-3
         if len(a) > 1:
             assert torch.equal(a[1], b[1])  # labels
+
+
+def test_a_script_holding_a_stream_with_workers_exits(tmp_path):
+    """A stream still alive at interpreter exit (here a global) has workers that ignore SIGTERM;
+    the process must still exit, and with status 0 (mabn.engine.data's exit hook kills them)."""
+    script = tmp_path / "hold.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        from mabn.engine import config, data
+        cfg = config.load({"data": {"name": "synthetic", "image_size": 8, "train_size": 16, "val_size": 4,
+                                    "batch_size": 4, "workers": 2}}).data
+        train, _, _ = data.build_datasets(cfg, seed=0)
+        stream = iter(data.TrainStream(train, cfg, 0, 0, 1, torch.device("cpu")))
+        batches = [next(stream) for _ in range(2)]
+        print("read", len(batches), "batches")
+    """))
+    r = run_script([PYTHON, str(script)], timeout=300)
+    assert r.returncode == 0 and "read 2 batches" in r.stdout, r.stderr[-3000:]
 
 
 def test_default_decoder_and_validation(tmp_path):

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import re
 import signal
@@ -91,10 +92,21 @@ def test_crash_is_recorded_as_failed(tmp_path, monkeypatch):
 
 
 def test_injected_failure(tmp_path):
-    r = run_script([PYTHON, "train_imagenet.py", *tiny(tmp_path / "f", iterations=6, **{"debug.fail_at": 3})])
+    """With worker processes too: they ignore SIGTERM, so a loader left alive by the failure would
+    keep the process from ever exiting (multiprocessing's exit hook joins them)."""
+    r = run_script([PYTHON, "train_imagenet.py", *tiny(tmp_path / "f", iterations=6,
+                                                       **{"debug.fail_at": 3, "data.workers": 2})])
     assert r.returncode == 1 and "injected failure" in r.stderr
     m = metrics(tmp_path / "f")
     assert m["status"] == "failed" and m["iteration"] == 3 and m["error"] == "RuntimeError: debug.fail_at=3: injected failure"
+
+
+def test_a_failed_run_leaves_no_worker_processes(tmp_path):
+    """The training stream is closed on the way out of a failed step: its workers are gone when
+    train() raises (a notebook or a test calling train() again does not accumulate them)."""
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train_in_process(tiny(tmp_path / "f", iterations=6, **{"debug.fail_at": 3, "data.workers": 2}))
+    assert [p for p in multiprocessing.active_children() if p.is_alive()] == []
 
 
 # 3. Ctrl-C: a checkpoint at the next iteration boundary, status interrupted; a second one exits at once.

@@ -8,9 +8,13 @@ gets the same crop whatever worker or resume point loads it. The position in the
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit hook before ours (atexit runs last-in first)
 import os
 import signal
+import time
 import warnings
 from typing import Iterator
 
@@ -398,6 +402,29 @@ def _ignore_stop_signals(worker_id: int) -> None:
     them down (a scheduler, or Ctrl-C in a terminal, signals the whole process group)."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_workers_at_exit() -> None:
+    """Workers ignore SIGTERM (:func:`_ignore_stop_signals`), and multiprocessing's own exit hook
+    stops daemonic children (DataLoader workers are) with SIGTERM and then joins them: a loader
+    still alive at interpreter exit (a stream held by a global, or by the traceback of an exception
+    leaving the script) would make the process wait forever instead of exiting. This hook runs
+    first and does what that one does, then kills the daemonic children still alive after 2 s."""
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    for p in children:
+        p.terminate()
+    deadline = time.monotonic() + 2.0
+    for p in children:
+        p.join(max(0.0, deadline - time.monotonic()))
+    stuck = [p for p in children if p.is_alive()]
+    if stuck and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills as failures
+    for p in stuck:
+        p.kill()
+        p.join()
+
+
+atexit.register(_kill_workers_at_exit)
 
 
 def _loader_kwargs(cfg, device: torch.device, collate_fn=None) -> dict:

@@ -294,10 +294,13 @@ def _train(s: _State) -> dict:
     bar = tqdm(total=cfg.schedule.iterations, initial=s.it, dynamic_ncols=True, desc=cfg.name,
                disable=not (s.di.is_main and cfg.progress_bar))
     s.net.train()
-    with logging_redirect_tqdm():
-        while s.it < stop_at and s.status == "running":
-            _train_step(s, batches, stop_at, bar)
-    bar.close()
+    try:
+        with logging_redirect_tqdm():
+            while s.it < stop_at and s.status == "running":
+                _train_step(s, batches, stop_at, bar)
+    finally:
+        batches.close()  # shuts the loader's worker processes down now, also when a step raised
+        bar.close()
     return _finish(s)
 
 
