@@ -10,14 +10,19 @@ holds one, or a TensorBoard event directory with ``statistics/<layer>/<stat>/<ki
   used (SMA) against the regular batch.
 * 2-used (vanilla form with moving averages in the backward pass, Table 2's row 5): g, Psi; the
   statistic the layer used against the regular batch.
+* deviation (several runs side by side): each run's training loss, and the relative error of the
+  backward statistics the layer used, |used - regular| / regular of g and Psi (a running median
+  over 11 recorded iterations); the inputs are run directories, each as LABEL=DIR or DIR.
 
     python scripts/plot_statistics.py outputs/run/statistics.csv --figure 2 --out results/figure2.png
+    python scripts/plot_statistics.py --figure deviation "row 5=runs/a" "row 8=runs/b" --out dev.png
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import sys
@@ -34,6 +39,7 @@ FIGURES = {
     "3": (("chi2", "psi"), ("small", "regular")),
     "4": (("chi2", "psi"), ("used", "regular")),
     "2-used": (("g", "psi"), ("used", "regular")),
+    "deviation": (("g", "psi"), ("used", "regular")),  # several runs: plot_deviation
 }
 LABELS = {"small": "small batch (first group)", "regular": "regular batch (whole per-device batch)",
           "used": "moving average used by the layer"}
@@ -100,6 +106,74 @@ def plot(series, layer, figure, out, title=None):
     print(f"wrote {out}")
 
 
+def relative_deviation(series, layer, stat, kind="used") -> list[tuple[int, float]]:
+    """|kind - regular| / regular at each iteration both were recorded (regular > 0)."""
+    other = dict(series[(layer, stat)].get(kind, []))
+    regular = dict(series[(layer, stat)].get("regular", []))
+    return [(i, abs(other[i] - regular[i]) / regular[i]) for i in sorted(other) if regular.get(i, 0) > 0]
+
+
+def running_median(points, width=11):
+    """Each point's value replaced by the median of the ``width`` points centred on it (fewer at the ends)."""
+    values, half, out = [v for _, v in points], width // 2, []
+    for k, (it, _) in enumerate(points):
+        window = sorted(values[max(0, k - half):k + half + 1])
+        out.append((it, window[len(window) // 2]))
+    return out
+
+
+def training_loss(run_dir) -> list[tuple[int, float]]:
+    path = os.path.join(run_dir, "train_log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [(r["iteration"], r["loss"]) for r in rows if "loss" in r]
+
+
+def plot_deviation(runs, layer, out, title=None):
+    """Figure "deviation": one line per run in each panel (loss; g's and Psi's relative error)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for label, run_dir in runs:
+        series = load(run_dir)
+        line = axes[0].plot(*zip(*training_loss(run_dir)), lw=1, label=label)[0] if training_loss(run_dir) else None
+        for ax, stat in zip(axes[1:], ("g", "psi")):
+            if (layer, stat) in series and series[(layer, stat)].get("used"):
+                pts = running_median(relative_deviation(series, layer, stat))
+                ax.plot(*zip(*[(i, 100 * v) for i, v in pts]), lw=1, label=label,
+                        color=line.get_color() if line else None)
+    axes[0].set_ylabel("training loss (50-iteration mean)")
+    for ax, stat in zip(axes[1:], ("g", "psi")):
+        ax.set_title(f"{TITLES[stat]}: moving average used vs regular batch")
+        ax.set_ylabel("|used - regular| / regular (%)")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or f"backward statistics' error, {layer}", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
+def deviation_summary(runs, layer) -> str:
+    """Per run and statistic: the median relative error of the used statistic in each third of the run."""
+    lines = []
+    for label, run_dir in runs:
+        series = load(run_dir)
+        for stat in ("g", "psi"):
+            pts = relative_deviation(series, layer, stat) if (layer, stat) in series else []
+            if not pts:
+                continue
+            last = pts[-1][0]
+            thirds = [[v for i, v in pts if k * last / 3 < i <= (k + 1) * last / 3] for k in range(3)]
+            lines.append(f"{label}: {stat} " + " / ".join(f"{100 * sorted(t)[len(t) // 2]:.0f}%" for t in thirds if t)
+                         + " (median |used - regular| / regular, thirds of the run)")
+    return "\n".join(lines)
+
+
 def summary(series, layer, figure) -> str:
     """Mean relative deviation |other - regular| / regular over the recorded iterations, per panel."""
     stats, kinds = FIGURES[figure]
@@ -115,15 +189,24 @@ def summary(series, layer, figure) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="statistics.csv, a run directory, or a TensorBoard event directory")
+    p.add_argument("input", nargs="+", help="statistics.csv, a run directory, or a TensorBoard event directory "
+                   "(figure deviation: run directories, each LABEL=DIR or DIR)")
     p.add_argument("--figure", choices=sorted(FIGURES), required=True)
     p.add_argument("--layer", default="layer1.0.bn1")
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--title")
     args = p.parse_args(argv)
-    if not os.path.exists(args.input):
-        raise SystemExit(f"input {args.input!r} does not exist")
-    series = load(args.input)
+    runs = [tuple(x.split("=", 1)) if "=" in x else (os.path.basename(os.path.normpath(x)), x) for x in args.input]
+    for _, path in runs:
+        if not os.path.exists(path):
+            raise SystemExit(f"input {path!r} does not exist")
+    if args.figure == "deviation":
+        plot_deviation(runs, args.layer, args.out, args.title)
+        print(deviation_summary(runs, args.layer))
+        return
+    if len(runs) > 1:
+        raise SystemExit(f"figure {args.figure} takes one input; got {len(runs)}")
+    series = load(runs[0][1])
     plot(series, args.layer, args.figure, args.out, args.title)
     print(summary(series, args.layer, args.figure))
 

@@ -161,3 +161,39 @@ def test_trainer_records_statistics_when_enabled(tmp_path):
     # Off (the default): no CSV.
     train_in_process(tiny(tmp_path / "off", iterations=2))
     assert not (tmp_path / "off" / "statistics.csv").exists()
+
+
+def test_deviation_figure_of_several_runs(tmp_path, capsys):
+    """--figure deviation: the relative error of the used statistic against explicit values, the
+    running median, and the figure and per-third summary of two runs."""
+    import importlib.util
+    import json
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "plot_statistics", os.path.join(os.path.dirname(__file__), "..", "scripts", "plot_statistics.py"))
+    ps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ps)
+    runs = []
+    for name, scale in (("a", 0.1), ("b", 0.5)):
+        run = tmp_path / name
+        run.mkdir()
+        with open(run / "statistics.csv", "w") as f:
+            f.write("iteration,layer,statistic,small,regular,used\n")
+            for it in range(1, 31):
+                for stat in ("g", "psi"):
+                    f.write(f"{it},bn,{stat},1.0,2.0,{2.0 * (1 + scale * (it % 3 - 1))}\n")
+        (run / "train_log.jsonl").write_text("".join(json.dumps({"iteration": i, "loss": 1.0 / i}) + "\n" for i in (10, 20, 30)))
+        runs.append(f"{name}={run}")
+    series = ps.load(str(tmp_path / "b"))
+    dev = ps.relative_deviation(series, "bn", "psi")
+    assert [i for i, _ in dev] == list(range(1, 31))
+    assert all(abs(v - 0.5 * abs(i % 3 - 1)) < 1e-12 for i, v in dev)  # |used - 2| / 2
+    assert ps.running_median([(1, 5.0), (2, 1.0), (3, 3.0)], width=3) == [(1, 5.0), (2, 3.0), (3, 3.0)]
+    out = tmp_path / "dev.png"
+    ps.main(["--figure", "deviation", *runs, "--layer", "bn", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = capsys.readouterr().out
+    assert "a: psi 10% / 10% / 10%" in text and "b: g 50% / 50% / 50%" in text, text
+    with pytest.raises(SystemExit, match="figure 4 takes one input; got 2"):
+        ps.main([str(tmp_path / "a"), str(tmp_path / "b"), "--figure", "4", "--layer", "bn", "--out", str(out)])
