@@ -155,7 +155,7 @@ def test_collector_on_fabricated_runs(tmp_path):
     assert ("| Table 1 / 5.1: BN with a small batch severely worsens the model (3 vs 1) | +11.81 | +15.50 "
             "| t (95%) | ± 6.35 | 2 | agrees | - | - | 0 | no predictions |") in text
     assert ("| 5.1: SMAS in BP with BRN collapses during training (row 5) | - (cannot converge) | 1 of 1 diverged "
-            "| runs | | 0 | agrees | | | |") in text
+            "| runs: non-finite loss or a loss rise > 1 | | 0 | agrees | | | |") in text
     assert "(8 vs 1) | +0.17 | - | TOST ± 1.5 (90%) | - | 0 | not run |" in text  # row 8 missing
     assert "(2 vs 1) | +0.12 | +1.50 | TOST ± 1.5 (90%) | - | 1 | one seed: cannot tell |" in text
     # Deterministic: the same runs give the same file.
@@ -408,6 +408,16 @@ def test_read_predictions_orders_by_index_and_refuses_gaps(tmp_path):
     assert read_predictions(str(tmp_path / "none.csv")) is None
 
 
+def test_loss_rise_is_the_largest_rise_above_the_running_minimum(tmp_path):
+    from mabn.lab.collect import loss_rise
+    p = tmp_path / "train_log.jsonl"
+    rows = [(50, 3.0), (100, 2.0), (150, 2.6), (200, float("nan")), (250, 1.0), (300, 1.9), (350, 0.9)]
+    p.write_text("".join(json.dumps({"iteration": i, "loss": v}) + "\n" for i, v in rows) + json.dumps({"iteration": 400}) + "\n")
+    rise, at = loss_rise(str(p))
+    assert at == 300 and abs(rise - 0.9) < 1e-12  # 1.9 - 1.0 beats 2.6 - 2.0
+    assert loss_rise(str(tmp_path / "none.jsonl")) is None
+
+
 def test_collector_keys_probe_runs_by_a_tuple_of_settings(tmp_path):
     """A probe study sweeps several settings: each run belongs to the row of its (policy, lr,
     r_max); the row "as in Table 2" is found among Table 2's runs."""
@@ -424,6 +434,9 @@ def test_collector_keys_probe_runs_by_a_tuple_of_settings(tmp_path):
         cfg.update(schedule={"iterations": 600, "policy": policy}, optim={"lr": lr})
         cfg["norm"]["r_max"] = rmax
         (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        if policy == "step" and name == "table2_row5_brn_sma":  # a loss spike: 2.0 -> 1.8 -> 3.3
+            (d / "train_log.jsonl").write_text("".join(json.dumps({"iteration": i, "loss": v}) + "\n"
+                                                       for i, v in ((100, 2.0), (200, 1.8), (300, 3.3), (400, 1.7))))
     out = tmp_path / "probe.md"
     assert collect_results.main(["row5_probe", str(probe), str(t2), "--out", str(out)]) == 0
     lines = table_lines(out.read_text())
@@ -433,6 +446,9 @@ def test_collector_keys_probe_runs_by_a_tuple_of_settings(tmp_path):
     assert lines["row 5, no renorm clipping (r_max = d_max = 1000)"].startswith(
         "| row 5, no renorm clipping (r_max = d_max = 1000) | missing |")
     text = out.read_text()
-    assert "| 5.1: row 5 collapses, lr 0.2 | - (cannot converge) | 1 of 1 diverged | runs | | 0 | agrees |" in text
+    rule = "runs: non-finite loss or a loss rise > 1"
+    assert f"| 5.1: row 5 collapses, lr 0.2 | - (cannot converge) | 1 of 1 diverged | {rule} | | 0 | agrees |" in text
+    assert (f"| 5.1: row 5 collapses, the paper's step schedule | - (cannot converge) | 0 of 1 diverged, "
+            f"loss +1.50 at iteration 300; finished at 46.00 | {rule} | | 0 | agrees |") in text
     assert "| row 5 worse than MABN (row 8), the paper's step schedule | - | +5.00 | t (95%) | - | 1 |" in text
     assert "(policy, lr, r_max=('linear', 0.05, 1000.0))" in text

@@ -59,7 +59,7 @@ import yaml
 
 from mabn.engine import files
 
-from .studies import (CLAIMS, EQUIVALENCE_MARGIN, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE, SAME_AS, SHOWN,
+from .studies import (CLAIMS, COLLAPSE_RISE, EQUIVALENCE_MARGIN, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE, SAME_AS, SHOWN,
                       STUDIES, SWEPT_KEY, TOLERANCE, TOP1, Measure, Row, measure_of)
 from .verdicts import BOOTSTRAP_REPLICATES, decide, paired_bootstrap, t_interval
 
@@ -79,8 +79,25 @@ def find_runs(root: str) -> list[dict]:
                 with open(os.path.join(dirpath, "env.json")) as f:
                     env = json.load(f)
             runs.append({"dir": os.path.relpath(dirpath, root), "metrics": metrics, "config": config, "env": env,
-                         "predictions": read_predictions(os.path.join(dirpath, "val_predictions.csv"))})
+                         "predictions": read_predictions(os.path.join(dirpath, "val_predictions.csv")),
+                         "loss_rise": loss_rise(os.path.join(dirpath, "train_log.jsonl"))})
     return runs
+
+
+def loss_rise(path: str) -> tuple[float, int] | None:
+    """The largest rise of a run's logged training loss above its lowest value so far, and the
+    iteration it peaked at (``train_log.jsonl``); None without the file."""
+    if not os.path.exists(path):
+        return None
+    lowest, rise, at = math.inf, 0.0, 0
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line) if line.strip() else {}
+            if "loss" in row and math.isfinite(row["loss"]):
+                lowest = min(lowest, row["loss"])
+                if row["loss"] - lowest > rise:
+                    rise, at = row["loss"] - lowest, row["iteration"]
+    return rise, at
 
 
 def read_predictions(path: str) -> np.ndarray | None:
@@ -386,18 +403,30 @@ def _claims_lines(study: str, summary: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _collapse_verdict(sa: dict) -> tuple[str, str]:
+    """A "diverges" claim on a row's runs: each run collapsed when it diverged (a non-finite loss)
+    or finished after a training-loss rise above ``studies.COLLAPSE_RISE``; the claim agrees when
+    every run collapsed and disagrees when none did."""
+    finished = [r for r in sa["runs"] if r not in sa["diverged"] and r not in sa["other"]]
+    spiked = [r for r in finished if (r["loss_rise"] or (0.0, 0))[0] > COLLAPSE_RISE]
+    collapsed = len(sa["diverged"]) + len(spiked)
+    ours = f"{len(sa['diverged'])} of {len(sa['runs'])} diverged"
+    if spiked:
+        ours += ", " + ", ".join(f"loss +{r['loss_rise'][0]:.2f} at iteration {r['loss_rise'][1]}" for r in spiked)
+    if finished:
+        ours += f"; finished at {fmt(sa['mean'])}"
+    if collapsed == len(sa["runs"]):
+        return ours, "agrees"
+    return ours, "**disagrees** (it converges)" if collapsed == 0 and not sa["other"] else "mixed"
+
+
 def _claim_line(c, by_key: dict, margin: float, per_image: bool) -> str:
     """One claim's line of the claims table."""
     sa = by_key.get(c.a)
     if c.kind == "diverges":
-        if sa is None or not sa["runs"]:
-            verdict, ours = "not run", "-"
-        else:
-            nd, nf = len(sa["diverged"]), len(sa["errs"])
-            ours = f"{nd} of {len(sa['runs'])} diverged" + (f"; finished at {fmt(sa['mean'])}" if nf else "")
-            verdict = ("agrees" if nd and not nf and not sa["other"] else
-                       "**disagrees** (it converges)" if nf and not nd else "mixed")
-        line = f"| {c.text} | - (cannot converge) | {ours} | runs | | {_seeds(sa) if sa else 'none'} | {verdict} |"
+        ours, verdict = _collapse_verdict(sa) if sa and sa["runs"] else ("-", "not run")
+        line = (f"| {c.text} | - (cannot converge) | {ours} | runs: non-finite loss or a loss rise > "
+                f"{COLLAPSE_RISE:g} | | {_seeds(sa) if sa else 'none'} | {verdict} |")
         return line + (" | | | |" if per_image else "")
     sb = by_key.get(c.b)
     key = c.measure.key if c.measure else None
