@@ -80,6 +80,15 @@ def load(path):
     return load_csv(path)
 
 
+def save(fig, title, out):
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
 def plot(series, layer, figure, out, title=None):
     stats, kinds = FIGURES[figure]
     missing = [s for s in stats if (layer, s) not in series]
@@ -98,12 +107,7 @@ def plot(series, layer, figure, out, title=None):
         ax.set_ylabel("l2 norm over channels")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(title or f"Figure {figure}: {layer}", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    print(f"wrote {out}")
+    save(fig, title or f"Figure {figure}: {layer}", out)
 
 
 def relative_deviation(series, layer, stat, kind="used") -> list[tuple[int, float]]:
@@ -150,12 +154,7 @@ def plot_deviation(runs, layer, out, title=None):
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title or f"backward statistics' error, {layer}", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    print(f"wrote {out}")
+    save(fig, title or f"backward statistics' error, {layer}", out)
 
 
 def deviation_summary(runs, layer) -> str:
