@@ -408,6 +408,22 @@ def test_read_predictions_orders_by_index_and_refuses_gaps(tmp_path):
     assert read_predictions(str(tmp_path / "none.csv")) is None
 
 
+def test_a_seed_counts_once_the_first_folder_given_wins(tmp_path):
+    """The same configuration and seed under two folders (a run kept twice, or trained again on
+    another machine): the run under the folder given first counts, the other is listed as set aside."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_run(a, "table2_row1_bn_regular", 0, "finished", 40.0, nbs=32)
+    make_run(b, "table2_row1_bn_regular", 0, "finished", 50.0, nbs=32)
+    make_run(b, "table2_row1_bn_regular", 1, "finished", 42.0, nbs=32)
+    out = tmp_path / "t.md"
+    assert collect_results.main(["table2", str(a), str(b), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert table_lines(text)["1 BN, regular (b=32)"].startswith("| 1 BN, regular (b=32) | 41.00 | 1.41 |")  # 40, 42
+    assert f"counts): `{b / 'table2_row1_bn_regular' / 'seed0'}`." in text
+    assert collect_results.main(["table2", str(b), str(a), "--out", str(out)]) == 0
+    assert table_lines(out.read_text())["1 BN, regular (b=32)"].startswith("| 1 BN, regular (b=32) | 46.00 |")  # 50, 42
+
+
 def test_loss_rise_is_the_largest_rise_above_the_running_minimum(tmp_path):
     from mabn.lab.collect import loss_rise
     p = tmp_path / "train_log.jsonl"

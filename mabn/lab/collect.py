@@ -78,7 +78,7 @@ def find_runs(root: str) -> list[dict]:
             if os.path.exists(os.path.join(dirpath, "env.json")):
                 with open(os.path.join(dirpath, "env.json")) as f:
                     env = json.load(f)
-            runs.append({"dir": os.path.relpath(dirpath, root), "metrics": metrics, "config": config, "env": env,
+            runs.append({"dir": os.path.relpath(dirpath, root), "root": root, "metrics": metrics, "config": config, "env": env,
                          "predictions": read_predictions(os.path.join(dirpath, "val_predictions.csv")),
                          "loss_rise": loss_rise(os.path.join(dirpath, "train_log.jsonl"))})
     return runs
@@ -111,6 +111,18 @@ def read_predictions(path: str) -> np.ndarray | None:
     if [int(r["index"]) for r in rows] != list(range(len(rows))):
         raise ValueError(f"{path}: the index column is not 0..{len(rows) - 1}")
     return np.array([[int(r["target"]), int(r["prediction"])] for r in rows], dtype=np.int64)
+
+
+def one_run_per_seed(runs: list[dict], study: str) -> tuple[list[dict], list[dict]]:
+    """(runs kept, runs set aside): of several runs of one configuration and seed (the same run
+    kept in two folders given, or trained again on another machine), the first in the order the
+    folders were given counts; a seed is never counted twice."""
+    kept, seen, set_aside = [], set(), []
+    for r in runs:
+        key = (run_key(r, study), r["config"].get("seed"))
+        (set_aside if key in seen else kept).append(r)
+        seen.add(key)
+    return kept, set_aside
 
 
 def run_key(run: dict, study: str) -> tuple[str, object]:
@@ -473,9 +485,9 @@ def _detection_lines(study: str, summary: list[dict]) -> tuple[list[str], list[R
 
 
 def render(study: str, summary: list[dict], runs_dir: str, title: str | None, notes: str | None,
-           command: str) -> str:
+           command: str, set_aside: list[dict] = ()) -> str:
     """The study's markdown file: title, notes, the command that made it, the study's table, the
-    paper's claims, the missing configurations and the runs' provenance."""
+    paper's claims, the missing configurations, the runs set aside and the runs' provenance."""
     lines = [f"# {title or study}", ""]
     if notes:
         lines += [notes.rstrip(), ""]
@@ -494,6 +506,9 @@ def render(study: str, summary: list[dict], runs_dir: str, title: str | None, no
         lines += ["Missing configurations (no run directory found): "
                   + ", ".join(f"`{m.key}`" + (f" ({swept_name(study)}={m.swept_value})" if m.swept_value else "")
                               for m in missing) + ".", ""]
+    if set_aside:
+        lines += ["Set aside (another run of the same configuration and seed, under a folder given earlier, "
+                  "counts): " + ", ".join(f"`{os.path.join(r['root'], r['dir'])}`" for r in set_aside) + ".", ""]
     lines += _provenance([r for s in summary for r in s["runs"]])
     return "\n".join(lines)
 
@@ -585,8 +600,10 @@ def main(argv=None) -> int:
     command = "python scripts/collect_results.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     runs = [r for d in args.runs_dir for r in find_runs(d)
             if seeds is None or r["config"].get("seed") in seeds]
+    runs, set_aside = one_run_per_seed(runs, args.study)
     summary = summarize(STUDIES[args.study], runs, args.study)
-    text = render(args.study, summary, ", ".join(f"`{d}`" for d in args.runs_dir), args.title, notes, command)
+    text = render(args.study, summary, ", ".join(f"`{d}`" for d in args.runs_dir), args.title, notes, command,
+                  set_aside)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     files.atomic_write({out: text})
     print(text)
