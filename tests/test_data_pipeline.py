@@ -314,7 +314,7 @@ def test_a_script_holding_a_stream_with_workers_exits(tmp_path):
         batches = [next(stream) for _ in range(2)]
         print("read", len(batches), "batches")
     """))
-    r = run_script([PYTHON, str(script)], timeout=300)
+    r = run_script([PYTHON, str(script)])
     assert r.returncode == 0 and "read 2 batches" in r.stdout, r.stderr[-3000:]
 
 
