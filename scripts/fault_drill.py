@@ -155,9 +155,10 @@ def case_1(d):
 
 
 def case_2(d):
-    """a crash (exception at iteration 3) leaves status failed, the iteration and the error"""
+    """a crash (exception at iteration 3) with two data worker processes leaves status failed, the
+    iteration and the error, and the process exits (the workers, which ignore SIGTERM, are shut down)"""
     out = os.path.join(d, "crash")
-    r = train(out, "debug.fail_at=3")
+    r = train(out, "debug.fail_at=3", "data.workers=2")
     m = metrics(out)
     check(r.returncode == 1, f"exit {r.returncode}")
     check(m["status"] == "failed" and m["iteration"] == 3 and "injected failure" in m.get("error", ""), str(m))
