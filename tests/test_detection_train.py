@@ -227,7 +227,7 @@ def test_backbone_initialised_from_an_imagenet_checkpoint_of_the_same_norm(data_
         build_detector(cfg.model, cfg.norm, 4)
 
 
-def test_validation_of_a_perfect_detector_gives_ap_100(data_root):
+def test_validation_of_a_perfect_detector_gives_ap_100(data_root, tmp_path):
     """The task's validation path (detections -> COCO records with RLE masks -> gathered ->
     evaluator) on a "detector" that returns the ground truth: every AP is 100."""
     import contextlib
@@ -255,6 +255,7 @@ def test_validation_of_a_perfect_detector_gives_ap_100(data_root):
     loader = DataLoader(val, batch_size=3, collate_fn=collate)
     image_ids = iter(int(t["image_id"]) for _, targets in loader for t in targets)
     s = SimpleNamespace(model=Oracle(), val_loader=loader, val_set=val, it=5, writer=None,
+                        cfg=SimpleNamespace(schedule=SimpleNamespace(iterations=5), out_dir=str(tmp_path)),
                         di=DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")),
                         autocast=contextlib.nullcontext)
     task = DetectionTask()
@@ -262,6 +263,8 @@ def test_validation_of_a_perfect_detector_gives_ap_100(data_root):
     res = task.evaluate(s)
     assert res["bbox_AP"] == pytest.approx(100.0) and res["segm_AP"] == pytest.approx(100.0)
     assert res["bbox_AP50"] == pytest.approx(100.0) and res["segm_AP75"] == pytest.approx(100.0)
+    from mabn.lab.box_ap import read_box_matches  # the final validation's matches: every box found
+    assert read_box_matches(str(tmp_path)).ap() == pytest.approx({"AP": 100.0, "AP50": 100.0, "AP75": 100.0})
 
 
 def test_table9_benchmark_prints_its_tables(data_root, tmp_path):
@@ -280,3 +283,26 @@ def test_table9_benchmark_prints_its_tables(data_root, tmp_path):
     assert len(rows) == 2 and all(float(line.split("|")[2]) > 0 for line in rows), rows
     r = run_script([PYTHON, "scripts/bench_detection.py", "--data", str(tmp_path / "none")])
     assert r.returncode == 2 and "make_detection_data.py" in r.stderr
+
+
+def test_final_box_matches_reproduce_the_box_ap_and_eval_rewrites_them(data_root, tmp_path):
+    """The final validation writes val_box_matches.json, whose recomputed AP (mabn.lab.box_ap) is
+    metrics.json's box AP; scripts/eval_detection.py --write-matches rewrites the same file from
+    the final checkpoint, and refuses a run whose newest checkpoint is not its final one."""
+    from mabn.lab.box_ap import read_box_matches
+
+    out = tmp_path / "run"
+    m = train_det(small(data_root, out, iterations=3, **{"data.val_images": 6}))
+    first = (out / "val_box_matches.json").read_text()
+    assert abs(read_box_matches(str(out)).ap()["AP"] - m["bbox_AP"]) < 1e-9
+    assert len(json.loads(first)["images"]) == 6
+    (out / "val_box_matches.json").unlink()
+    r = run_script([PYTHON, os.path.join(REPO, "scripts", "eval_detection.py"), str(out), "--write-matches"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.splitlines()[-1])["bbox_AP"] == m["bbox_AP"]
+    assert (out / "val_box_matches.json").read_text() == first
+    part = tmp_path / "part"
+    train_det(small(data_root, part, iterations=4, stop_after=2, **{"data.val_images": 6}))
+    r = run_script([PYTHON, os.path.join(REPO, "scripts", "eval_detection.py"), str(part), "--write-matches"])
+    assert r.returncode == 1 and "not the finished run's final one" in r.stderr, r.stderr[-3000:]
+    assert not (part / "val_box_matches.json").exists()

@@ -468,3 +468,32 @@ def test_collector_keys_probe_runs_by_a_tuple_of_settings(tmp_path):
             f"loss +1.50 at iteration 300; finished at 46.00 | {rule} | | 0 | agrees |") in text
     assert "| row 5 worse than MABN (row 8), the paper's step schedule | - | +5.00 | t (95%) | - | 1 |" in text
     assert "(policy, lr, r_max=('linear', 0.05, 1000.0))" in text
+
+
+def test_detection_claims_get_the_per_image_box_ap_bootstrap(tmp_path):
+    """Runs that kept val_box_matches.json get the images x seeds columns: the observed gap is the
+    mean over seeds of the recomputed box APs' difference; mask AP claims say the test is box only."""
+    from test_box_ap import random_case
+
+    from mabn.detection.coco_eval import match_records
+    from mabn.lab.box_ap import BoxMatches
+
+    runs, aps = tmp_path / "runs", {}
+    for seed in (0, 1):
+        for name, quality in (("table3_bn", 0.5), ("table3_mabn", 0.9), ("table3_syncbn", 0.88)):
+            gt, dets = random_case(10 + seed, quality=quality)
+            record = match_records(gt, dets, [i["id"] for i in gt.dataset["images"]])
+            aps[name, seed] = BoxMatches(record).ap()["AP"]
+            make_det_run(runs, name, seed, aps[name, seed], aps[name, seed] - 1)
+            (runs / name / f"seed{seed}" / "val_box_matches.json").write_text(json.dumps(record))
+    out = tmp_path / "t3.md"
+    assert collect_results.main(["det_table3", str(runs), "--out", str(out)]) == 0
+    text = out.read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("| 5.2: MABN(2) clearly outperforms BN(2), box AP"))
+    gap = sum(aps["table3_mabn", s] - aps["table3_bn", s] for s in (0, 1)) / 2
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[7] == f"{gap:+.2f}" and cells[9] == "2", line
+    assert cells[10] in ("agrees", "cannot tell (same sign, interval includes 0)"), line
+    mask = next(ln for ln in text.splitlines() if ln.startswith("| 5.2: MABN(2) clearly outperforms BN(2), mask AP"))
+    assert mask.endswith("| - | - | 0 | box AP only |"), mask
+    assert "val_box_matches.json" in text

@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 __all__ = ["SUMMARY_NAMES", "MASK_THRESHOLD", "evaluate_coco", "evaluate_coco_with_summary",
-           "evaluate_results", "coco_results"]
+           "evaluate_results", "coco_results", "match_records"]
 
 # The 12 numbers of COCOeval.summarize(), in its order.
 SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -139,3 +139,36 @@ def evaluate_coco(coco_gt: COCO, predictions: Mapping[Any, Mapping[str, Any]],
     or None where the images have no ground truth of that size range (COCOeval's -1).
     """
     return evaluate_coco_with_summary(coco_gt, predictions, label_to_category_id, iou_types)[0]
+
+
+def match_records(coco_gt: COCO, results: list[dict], image_ids: Sequence[int], iou_type: str = "bbox") -> dict:
+    """COCOeval's per-image matching of one iou type, enough to recompute its AP on any resample of
+    the images (``mabn.lab.box_ap``: a paired bootstrap over validation images): for the area range
+    "all" and the largest maxDets, every evaluated image, each (image, category)'s count of ground
+    truth that is not ignored (crowd), and each detection as [image id, category id, score,
+    matched, ignored], matched and ignored being bit masks over the IoU thresholds (bit t: at
+    ``iou_thresholds[t]`` it matched a ground truth / it is ignored). Detections are listed in
+    COCOeval's own order (category, image, descending score), so a stable sort by score gives
+    its ranking. JSON-serializable."""
+    image_ids = sorted({int(i) for i in image_ids})
+    evaluator = COCOeval(coco_gt, _results_index(coco_gt, results), iou_type)
+    evaluator.params.imgIds = image_ids
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+    p = evaluator.params
+    all_range = [list(r) for r in p.areaRng].index(list(p.areaRng[0]))
+    bits = 1 << np.arange(len(p.iouThrs))
+    gt, detections = [], []
+    for e in evaluator.evalImgs:
+        if e is None or list(e["aRng"]) != list(p.areaRng[all_range]) or e["maxDet"] != p.maxDets[-1]:
+            continue
+        n_gt = int(np.count_nonzero(np.asarray(e["gtIgnore"]) == 0))
+        if n_gt:
+            gt.append([int(e["image_id"]), int(e["category_id"]), n_gt])
+        matched = (np.asarray(e["dtMatches"]).reshape(len(bits), -1) > 0).T @ bits
+        ignored = np.asarray(e["dtIgnore"], dtype=bool).reshape(len(bits), -1).T @ bits
+        for score, m, ig in zip(e["dtScores"], matched, ignored):
+            detections.append([int(e["image_id"]), int(e["category_id"]), float(score), int(m), int(ig)])
+    return {"iou_type": iou_type, "iou_thresholds": [round(float(t), 4) for t in p.iouThrs],
+            "recall_thresholds": len(p.recThrs), "max_detections": int(p.maxDets[-1]),
+            "images": image_ids, "gt": gt, "detections": detections}

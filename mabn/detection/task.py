@@ -9,12 +9,14 @@ bbox_AP, bbox_AP50, bbox_AP75, ... and for Mask R-CNN segm_AP, ... in metrics.js
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import torch
 from torch.utils.data import Subset
 
-from ..engine import data, distributed
+from ..engine import data, distributed, files
 from ..engine.config import ConfigError
 from ..engine.task import Task
 from . import coco_eval
@@ -78,13 +80,16 @@ class DetectionTask(Task):
         return ", ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in row.items() if k.startswith("loss_"))
 
     def evaluate(self, s) -> dict:
-        results, image_ids = self._predict(s)
+        results, image_ids = self.predict(s)
         gathered = distributed.all_gather_objects((results, image_ids))
         res = {}
         if s.di.is_main:
             results = {t: [r for rank_results, _ in gathered for r in rank_results[t]] for t in self.iou_types}
             ids = [i for _, rank_ids in gathered for i in rank_ids]
             res, text = coco_eval.evaluate_results(s.val_set.coco, results, ids, self.iou_types)
+            if s.it == s.cfg.schedule.iterations:  # the final model's matches, for per-image paired tests
+                matches = coco_eval.match_records(s.val_set.coco, results["bbox"], ids, "bbox")
+                files.atomic_write({os.path.join(s.cfg.out_dir, "val_box_matches.json"): json.dumps(matches)})
             log.info("iter %d: COCO evaluation of %d images:\n%s", s.it, len(ids), text)
             log.info("iter %d: val %s", s.it, ", ".join(
                 f"{t}_AP {res[f'{t}_AP']:.2f} (AP50 {res[f'{t}_AP50']:.2f}, AP75 {res[f'{t}_AP75']:.2f})"
@@ -96,7 +101,7 @@ class DetectionTask(Task):
         return res
 
     @torch.no_grad()
-    def _predict(self, s) -> tuple[dict, list]:
+    def predict(self, s) -> tuple[dict, list]:
         """This rank's detections on its validation shard, as COCO result records of each iou
         type (masks as RLE, so that what is gathered stays small), and the image ids it evaluated."""
         model, dev = s.model, s.di.device

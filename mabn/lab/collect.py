@@ -59,8 +59,9 @@ import yaml
 
 from mabn.engine import files
 
-from .studies import (CLAIMS, COLLAPSE_RISE, EQUIVALENCE_MARGIN, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE, SAME_AS, SHOWN,
-                      STUDIES, SWEPT_KEY, TOLERANCE, TOP1, Measure, Row, measure_of)
+from .box_ap import AP_REPLICATES, paired_ap_bootstrap, read_box_matches
+from .studies import (BOX_AP, CLAIMS, COLLAPSE_RISE, EQUIVALENCE_MARGIN, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE,
+                      SAME_AS, SHOWN, STUDIES, SWEPT_KEY, TOLERANCE, TOP1, Measure, Row, measure_of)
 from .verdicts import BOOTSTRAP_REPLICATES, decide, paired_bootstrap, t_interval
 
 
@@ -80,7 +81,8 @@ def find_runs(root: str) -> list[dict]:
                     env = json.load(f)
             runs.append({"dir": os.path.relpath(dirpath, root), "root": root, "metrics": metrics, "config": config, "env": env,
                          "predictions": read_predictions(os.path.join(dirpath, "val_predictions.csv")),
-                         "loss_rise": loss_rise(os.path.join(dirpath, "train_log.jsonl"))})
+                         "loss_rise": loss_rise(os.path.join(dirpath, "train_log.jsonl")),
+                         "box_matches": read_box_matches(dirpath)})
     return runs
 
 
@@ -174,6 +176,7 @@ def _summary(row: Row, rs: list[dict], measures: tuple[Measure, ...], same_as: s
         "other": [r for r in rs if r not in finished and r not in diverged],
         "same_as": same_as,  # the preset whose runs these are (studies.SAME_AS), or None
         "wrong": _wrong_by_seed(finished),  # seed -> 0/1 per validation image, where predictions were kept
+        "box_matches": {r["config"]["seed"]: r["box_matches"] for r in finished if r.get("box_matches")},
     }
 
 
@@ -369,14 +372,24 @@ def claim_verdict(kind: str, diffs: list[float], margin: float) -> tuple[str, st
     return decide(kind, g - half, g + half, margin), test, g, half
 
 
-def image_verdict(kind: str, sa: dict | None, sb: dict | None, margin: float) -> str:
+def image_verdict(kind: str, sa: dict | None, sb: dict | None, margin: float, measure: Measure = TOP1) -> str:
     """The claim's cells of the per-image test: the two-way (seeds x images) paired bootstrap of
-    the error gap on the validation images both rows predicted (:func:`verdicts.paired_bootstrap`),
+    the gap on the validation images both rows predicted (the error: :func:`verdicts.paired_bootstrap`
+    over val_predictions.csv; box AP: :func:`box_ap.paired_ap_bootstrap` over val_box_matches.json),
     its interval (95%; 90% for a claim of no difference), the seeds it used and its verdict."""
-    wa, wb = (sa or {}).get("wrong", {}), (sb or {}).get("wrong", {})
-    if not set(wa) & set(wb):
-        return "- | - | 0 | no predictions"
-    g, lo, hi, n = paired_bootstrap(wa, wb, level=0.90 if kind == "equal" else 0.95)
+    level = 0.90 if kind == "equal" else 0.95
+    if measure == TOP1:
+        wa, wb = (sa or {}).get("wrong", {}), (sb or {}).get("wrong", {})
+        if not set(wa) & set(wb):
+            return "- | - | 0 | no predictions"
+        g, lo, hi, n = paired_bootstrap(wa, wb, level=level)
+    elif measure == BOX_AP:
+        ma, mb = (sa or {}).get("box_matches", {}), (sb or {}).get("box_matches", {})
+        if not set(ma) & set(mb):
+            return "- | - | 0 | no box matches"
+        g, lo, hi, n = paired_ap_bootstrap(ma, mb, level=level)
+    else:
+        return "- | - | 0 | box AP only"
     # With one seed the interval holds the images' sampling error only, not the training's.
     verdict = decide(kind, lo, hi, margin) if n > 1 else "one seed: cannot tell"
     return f"{fmt(g, signed=True)} | [{fmt(lo, signed=True)}, {fmt(hi, signed=True)}] | {n} | {verdict}"
@@ -390,7 +403,7 @@ def _claims_lines(study: str, summary: list[dict]) -> list[str]:
         return []
     by_key = {row_key(s["row"]): s for s in summary}
     m, margin = measure_of(study), EQUIVALENCE_MARGIN[study]
-    per_image = m == TOP1
+    per_image = m in (TOP1, BOX_AP)
     lines = ["## The paper's claims against these runs", "",
              f"Gap: {m.short}(first row) - {m.short}(second row), paired over the seeds both finished. "
              f"Claims that one row's {m.noun} is higher or lower are tested with the 95% Student's t "
@@ -398,7 +411,14 @@ def _claims_lines(study: str, summary: list[dict]) -> list[str]:
              f"side of 0. Claims of no difference are equivalence claims, tested with two one-sided tests "
              f"against a margin of ± {margin:g} points (TOST at 5% each: the 90% interval): they agree when "
              f"the interval lies inside the margin and disagree when it lies wholly beyond it."]
-    if per_image:
+    if m == BOX_AP:
+        lines += ["", "The last four columns compare the two rows' final detections on the same validation "
+                  "images: a paired bootstrap of the box AP gap that resamples seeds and images together "
+                  f"({AP_REPLICATES} replicates, percentile interval, 95%; 90% for the equivalence claims; "
+                  "COCOeval's AP recomputed on each resample from the runs' `val_box_matches.json`), over the "
+                  "seeds whose runs kept that file. It treats the validation images as a sample once for both "
+                  "rows, where the seed-level test takes them as fixed."]
+    elif per_image:
         lines += ["", "The last four columns compare the two rows' final predictions on the same validation "
                   "images: a paired bootstrap that resamples seeds and images together "
                   f"({BOOTSTRAP_REPLICATES} replicates, percentile interval, 95%; 90% for the equivalence "
@@ -411,7 +431,7 @@ def _claims_lines(study: str, summary: list[dict]) -> list[str]:
         rule += "---:|---:|---:|---|"
     lines += ["", head, rule]
     for c in claims:
-        lines.append(_claim_line(c, by_key, margin, per_image))
+        lines.append(_claim_line(c, by_key, margin, per_image, m))
     return lines + [""]
 
 
@@ -432,7 +452,7 @@ def _collapse_verdict(sa: dict) -> tuple[str, str]:
     return ours, "**disagrees** (it converges)" if collapsed == 0 and not sa["other"] else "mixed"
 
 
-def _claim_line(c, by_key: dict, margin: float, per_image: bool) -> str:
+def _claim_line(c, by_key: dict, margin: float, per_image: bool, study_measure: Measure) -> str:
     """One claim's line of the claims table."""
     sa = by_key.get(c.a)
     if c.kind == "diverges":
@@ -448,7 +468,7 @@ def _claim_line(c, by_key: dict, margin: float, per_image: bool) -> str:
     paper_gap = pa - pb if None not in (pa, pb) else None
     line = (f"| {c.text} | {fmt(paper_gap, signed=True)} | {fmt(g, signed=True)} | {test} | "
             f"{'± ' + fmt(half) if half is not None else '-'} | {len(diffs)} | {verdict} |")
-    return line + (f" {image_verdict(c.kind, sa, sb, margin)} |" if per_image else "")
+    return line + (f" {image_verdict(c.kind, sa, sb, margin, c.measure or study_measure)} |" if per_image else "")
 
 
 def _paper(row: Row, key: str | None) -> float | None:

@@ -1,0 +1,52 @@
+"""Evaluate a detection checkpoint: COCO AP of the detector as trained, on its validation split,
+and COCOeval's per-image box matches (``val_box_matches.json``, the detection tables' per-image
+paired test), e.g. for a run that finished before the trainer wrote that file."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from types import SimpleNamespace
+
+import torch
+from torch.utils.data import Subset
+
+from ..engine import data, models
+from ..engine.evaluation import resolve_checkpoint, saved_config
+from . import coco_eval, config
+from .coco import CocoDetection, collate
+from .models import build_detector
+from .task import DetectionTask, iou_types
+
+__all__ = ["evaluate_detection_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_detection_checkpoint(path: str, data_root: str | None = None) -> tuple[dict, dict, int]:
+    """(COCO numbers in percent, the box matches of :func:`coco_eval.match_records`, the
+    checkpoint's iteration) of the checkpoint ``path`` (a file, or a run directory: its newest
+    usable checkpoint) on its config's validation split (``data_root`` replaces data.root), on
+    the CPU, as one process of the trainer validates: the same images (the first
+    data.val_images when that is set), batches and autocast, through the task's own prediction
+    code, so that a single-process run's final numbers reproduce exactly."""
+    state, file = resolve_checkpoint(path)
+    cfg = saved_config(state)
+    if data_root is not None:
+        cfg.data.root = data_root
+    cfg = config.load(cfg)
+    task, device = DetectionTask(), torch.device("cpu")
+    task.iou_types = iou_types(cfg.model.arch)
+    val = CocoDetection(cfg.data.root, cfg.data.val_split, masks="segm" in task.iou_types, train=False)
+    shown = val if cfg.data.val_images is None else Subset(val, range(min(cfg.data.val_images, len(val))))
+    model = build_detector(cfg.model, cfg.norm, val.num_classes)
+    models.load_weights({"model": model}, state)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    s = SimpleNamespace(model=model, val_set=val, di=SimpleNamespace(device=device),
+                        val_loader=data.build_val_loader(shown, cfg.data, 0, 1, device, collate_fn=collate),
+                        autocast=lambda: torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext())
+    results, ids = task.predict(s)
+    metrics, _ = coco_eval.evaluate_results(val.coco, results, ids, task.iou_types)
+    log.info("%s (iteration %d): %s", file, state["iteration"],
+             ", ".join(f"{t}_AP {metrics[f'{t}_AP']:.2f}" for t in task.iou_types))
+    return metrics, coco_eval.match_records(val.coco, results["bbox"], ids, "bbox"), int(state["iteration"])

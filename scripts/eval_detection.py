@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Evaluate detection checkpoints (scripts/train_detection.py runs): COCO box (and mask) AP on the
+validation split, one JSON line per run on stdout.
+
+    python scripts/eval_detection.py runs/det_table3/table3_mabn/seed0          # newest checkpoint
+    python scripts/eval_detection.py runs/det_table3/*/seed* --write-matches      # + val_box_matches.json
+
+--write-matches writes the run's ``val_box_matches.json`` (COCOeval's per-image box matches, which
+the detection tables' per-image paired test reads) for runs that finished before the trainer wrote
+it: only from the run's final checkpoint (iteration = schedule.iterations), only when this
+evaluation reproduces the box AP in its metrics.json (to 1e-6), and atomically. Exit status 1 if
+any run could not be evaluated or did not reproduce; 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mabn.detection.evaluation import evaluate_detection_checkpoint
+from mabn.engine import checkpoint, files
+from mabn.engine.config import ConfigError
+
+
+def evaluate_run(run_dir: str, data_root: str | None, write: bool) -> dict:
+    metrics, matches, iteration = evaluate_detection_checkpoint(run_dir, data_root)
+    line = {"run": run_dir, "iteration": iteration, **{k: metrics[k] for k in metrics if k.endswith(("AP", "AP50", "AP75"))}}
+    if not write:
+        return line
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        recorded = json.load(f)
+    if recorded.get("status") != "finished" or iteration != recorded.get("iterations"):
+        raise ValueError(f"{run_dir}: the newest checkpoint is iteration {iteration}, not the finished run's final one")
+    if abs(metrics["bbox_AP"] - recorded["bbox_AP"]) > 1e-6:
+        raise ValueError(f"{run_dir}: box AP {metrics['bbox_AP']:.6f} does not reproduce metrics.json's "
+                         f"{recorded['bbox_AP']:.6f}; nothing written")
+    files.atomic_write({os.path.join(run_dir, "val_box_matches.json"): json.dumps(matches)})
+    return {**line, "wrote": os.path.join(run_dir, "val_box_matches.json")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run directories (their newest checkpoint) or checkpoint files")
+    p.add_argument("--data-root", help="the data set's folder, when it moved since training (data.root)")
+    p.add_argument("--write-matches", action="store_true", help="write val_box_matches.json into each run")
+    args = p.parse_args(argv)
+    failed = 0
+    for run_dir in args.runs:
+        if args.write_matches and not os.path.isdir(run_dir):
+            print(f"--write-matches takes run directories; {run_dir!r} is not one", file=sys.stderr)
+            return 2
+        try:
+            print(json.dumps(evaluate_run(run_dir, args.data_root, args.write_matches)), flush=True)
+        except (checkpoint.CheckpointError, ConfigError, ValueError, OSError) as e:
+            print(f"{run_dir}: {e}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
