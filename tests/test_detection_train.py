@@ -122,6 +122,22 @@ def test_retinanet_head_takes_only_group_norm(data_root):
         load_det(small(data_root, norm="mabn", **{"model.arch": "retinanet", "model.norm_in": "backbone_and_heads"}))
 
 
+def test_retinanet_group_norm_head_under_any_backbone_norm(data_root):
+    """model.retinanet_head_norm=gn puts GroupNorm after each of the head towers' 4 + 4 convs with
+    a MABN backbone; the default keeps torchvision's plain towers; a wrong value is named."""
+    plain = build_detector(load_det(small(data_root, norm="mabn", **{"model.arch": "retinanet"})).model,
+                           load_det(small(data_root, norm="mabn")).norm, 4)
+    assert not any(isinstance(m, nn.GroupNorm) for m in plain.head.modules())
+    cfg = load_det(small(data_root, norm="mabn", **{"norm.num_groups": 8, "model.arch": "retinanet",
+                                                     "model.retinanet_head_norm": "gn"}))
+    model = build_detector(cfg.model, cfg.norm, 4)
+    groups = [m for m in model.head.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(groups) == 8 and all(g.num_groups == 8 for g in groups)
+    assert any(isinstance(m, mabn.BatchStatNorm2d) for m in model.backbone.modules())
+    with pytest.raises(det_config.ConfigError, match="model.retinanet_head_norm"):
+        load_det(small(data_root, norm="mabn", **{"model.arch": "retinanet", "model.retinanet_head_norm": "bn"}))
+
+
 # ------------------------------------------------------------------------------------------------
 # Training
 

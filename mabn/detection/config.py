@@ -76,6 +76,13 @@ class DetectorConfig:
     """Where the normalization goes: "backbone" (body and FPN; Table 3) or "backbone_and_heads"
     (also the 4conv1fc box head and the mask head; Table 5). RetinaNet's head takes only
     norm.layer=gn (it is shared by the five FPN levels)."""
+    retinanet_head_norm: str = "none"
+    """RetinaNet's head towers: "none" (torchvision's plain convolutions) or "gn" (GroupNorm of
+    norm.num_groups after each of the towers' convolutions, whatever the backbone's norm: the head
+    is shared by the five FPN levels, so a batch-statistics norm cannot go there; detectron2's
+    from-scratch RetinaNet uses a GN head). Needed at small widths: the towers' N(0, 0.01) init
+    shrinks a signal ~2,000x through 4 convolutions of 64 channels (~100x at 256). The R-CNN
+    archs ignore it (their heads follow norm_in)."""
     box_head: str = "2fc"
     """R-CNN box head: "2fc" (torchvision's default) or "4conv1fc" (four 3x3 convs + one fc;
     Table 5, needed for norm_in=backbone_and_heads)."""
@@ -156,6 +163,7 @@ def validate_model(m, norm) -> None:
     _one_of("model.backbone", m.backbone, tuple(BACKBONES))
     _one_of("model.norm_in", m.norm_in, ("backbone", "backbone_and_heads"))
     _one_of("model.box_head", m.box_head, ("2fc", "4conv1fc"))
+    _one_of("model.retinanet_head_norm", m.retinanet_head_norm, ("none", "gn"))
     for key in ("backbone_width", "fpn_channels", "fc_dim", "min_size", "rpn_batch_size_per_image",
                 "box_batch_size_per_image", "box_detections_per_img"):
         _at_least(f"model.{key}", m[key], 1)

@@ -12,7 +12,9 @@ FrozenBatchNorm2d, the default of ``resnet_fpn_backbone``):
   ``model.head_warmup_iters`` iterations (the paper: 10,000). The heads see the RoIs of a whole
   step, so their normalization batch is every RoI of the step (norm_batch_size=None there).
   RetinaNet's head is shared by the five FPN levels: a batch-statistics norm there would mix the
-  levels in one running average, so only norm.layer=gn is accepted in RetinaNet's head.
+  levels in one running average, so its head takes GroupNorm only: with norm.layer=gn and
+  ``model.norm_in=backbone_and_heads``, or under any backbone norm with
+  ``model.retinanet_head_norm=gn``.
 
 With ``norm.weight_centralization`` every convolution paired with a normalization becomes a
 ``mabn.CenConv2d`` (eq. 18). The body is built from torchvision's ResNet blocks with torchvision's
@@ -130,8 +132,8 @@ def _retinanet(m, norm, num_classes: int) -> nn.Module:
     backbone = _backbone(m, (2, 3, 4), LastLevelP6P7(m.fpn_channels, m.fpn_channels))
     anchors = _anchors(m, 5, 3)
     head_norm = None
-    if m.norm_in == "backbone_and_heads":
-        head_norm = lambda c: nn.GroupNorm(norm.num_groups, c)  # noqa: E731 (the only norm accepted there)
+    if m.norm_in == "backbone_and_heads" or m.retinanet_head_norm == "gn":
+        head_norm = lambda c: nn.GroupNorm(norm.num_groups, c)  # noqa: E731 (the only norm possible there)
     head = RetinaNetHead(m.fpn_channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=head_norm)
     return RetinaNet(backbone, num_classes, min_size=m.min_size, max_size=m.max_size, anchor_generator=anchors,
                      head=head, detections_per_img=m.box_detections_per_img)
