@@ -125,8 +125,8 @@ def test_retinanet_head_takes_only_group_norm(data_root):
 def test_retinanet_group_norm_head_under_any_backbone_norm(data_root):
     """model.retinanet_head_norm=gn puts GroupNorm after each of the head towers' 4 + 4 convs with
     a MABN backbone; the default keeps torchvision's plain towers; a wrong value is named."""
-    plain = build_detector(load_det(small(data_root, norm="mabn", **{"model.arch": "retinanet"})).model,
-                           load_det(small(data_root, norm="mabn")).norm, 4)
+    default = load_det(small(data_root, norm="mabn", **{"model.arch": "retinanet"}))
+    plain = build_detector(default.model, default.norm, 4)
     assert not any(isinstance(m, nn.GroupNorm) for m in plain.head.modules())
     cfg = load_det(small(data_root, norm="mabn", **{"norm.num_groups": 8, "model.arch": "retinanet",
                                                      "model.retinanet_head_norm": "gn"}))

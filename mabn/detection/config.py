@@ -75,7 +75,8 @@ class DetectorConfig:
     norm_in: str = "backbone"
     """Where the normalization goes: "backbone" (body and FPN; Table 3) or "backbone_and_heads"
     (also the 4conv1fc box head and the mask head; Table 5). RetinaNet's head takes only
-    norm.layer=gn (it is shared by the five FPN levels)."""
+    norm.layer=gn (it is shared by the five FPN levels; retinanet_head_norm=gn puts GN there under
+    any backbone norm)."""
     retinanet_head_norm: str = "none"
     """RetinaNet's head towers: "none" (torchvision's plain convolutions) or "gn" (GroupNorm of
     norm.num_groups after each of the towers' convolutions, whatever the backbone's norm: the head
