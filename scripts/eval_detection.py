@@ -2,8 +2,8 @@
 """Evaluate detection checkpoints (scripts/train_detection.py runs): COCO box (and mask) AP on the
 validation split, one JSON line per run on stdout.
 
-    python scripts/eval_detection.py runs/det_table3/table3_mabn/seed0          # newest checkpoint
-    python scripts/eval_detection.py runs/det_table3/*/seed* --write-matches      # + val_box_matches.json
+    python scripts/eval_detection.py runs/det_table3/det_small_x2/table3_mabn/seed0        # newest checkpoint
+    python scripts/eval_detection.py runs/det_table3/det_small_x2/*/seed* --write-matches     # + val_box_matches.json
 
 --write-matches writes the run's ``val_box_matches.json`` (COCOeval's per-image box matches, which
 the detection tables' per-image paired test reads) for runs that finished before the trainer wrote

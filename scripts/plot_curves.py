@@ -2,7 +2,7 @@
 """Plot a study's validation curves: a measure against the iteration, one line per row (mean
 over seeds, band: lowest to highest seed), from the runs' val_log.jsonl (or TensorBoard events).
 
-    python scripts/plot_curves.py det_table3 runs/det_table3 --key bbox_AP --out results/table3_box_ap.png
+    python scripts/plot_curves.py det_table3 runs/det_table3/det_small_x2 --key bbox_AP --out results/table3_box_ap.png
 """
 
 import argparse
