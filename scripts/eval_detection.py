@@ -3,12 +3,13 @@
 validation split, one JSON line per run on stdout.
 
     python scripts/eval_detection.py runs/det_table3/det_small_x2/table3_mabn/seed0        # newest checkpoint
-    python scripts/eval_detection.py runs/det_table3/det_small_x2/*/seed* --write-matches     # + val_box_matches.json
+    python scripts/eval_detection.py runs/det_table3/det_small_x2/*/seed* --write-matches     # + val_*_matches.json
 
---write-matches writes the run's ``val_box_matches.json`` (COCOeval's per-image box matches, which
-the detection tables' per-image paired test reads) for runs that finished before the trainer wrote
-it: only from the run's final checkpoint (iteration = schedule.iterations), only when this
-evaluation reproduces the box AP in its metrics.json (to 1e-6), and atomically. Exit status 1 if
+--write-matches writes the run's ``val_box_matches.json`` and, for Mask R-CNN, ``val_mask_matches.json``
+(COCOeval's per-image matches, which the detection tables' per-image paired tests read) for runs
+that finished before the trainer wrote them: only from the run's final checkpoint (iteration =
+schedule.iterations), only when this evaluation reproduces the box (and mask) AP in its
+metrics.json (to 1e-6), and atomically, all of a run's files or none. Exit status 1 if
 any run could not be evaluated or did not reproduce; 2 on bad arguments.
 """
 
@@ -19,6 +20,7 @@ import json
 import os
 import sys
 
+from mabn.detection.coco_eval import MATCHES_FILES
 from mabn.detection.evaluation import evaluate_detection_checkpoint
 from mabn.engine import checkpoint, files
 from mabn.engine.config import ConfigError
@@ -33,18 +35,20 @@ def evaluate_run(run_dir: str, data_root: str | None, write: bool) -> dict:
         recorded = json.load(f)
     if recorded.get("status") != "finished" or iteration != recorded.get("iterations"):
         raise ValueError(f"{run_dir}: the newest checkpoint is iteration {iteration}, not the finished run's final one")
-    if abs(metrics["bbox_AP"] - recorded["bbox_AP"]) > 1e-6:
-        raise ValueError(f"{run_dir}: box AP {metrics['bbox_AP']:.6f} does not reproduce metrics.json's "
-                         f"{recorded['bbox_AP']:.6f}; nothing written")
-    files.atomic_write({os.path.join(run_dir, "val_box_matches.json"): json.dumps(matches)})
-    return {**line, "wrote": os.path.join(run_dir, "val_box_matches.json")}
+    for t in matches:
+        if abs(metrics[f"{t}_AP"] - recorded[f"{t}_AP"]) > 1e-6:
+            raise ValueError(f"{run_dir}: {t}_AP {metrics[f'{t}_AP']:.6f} does not reproduce metrics.json's "
+                             f"{recorded[f'{t}_AP']:.6f}; nothing written")
+    paths = {os.path.join(run_dir, MATCHES_FILES[t]): json.dumps(m) for t, m in matches.items()}
+    files.atomic_write(paths)
+    return {**line, "wrote": sorted(paths)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories (their newest checkpoint) or checkpoint files")
     p.add_argument("--data-root", help="the data set's folder, when it moved since training (data.root)")
-    p.add_argument("--write-matches", action="store_true", help="write val_box_matches.json into each run")
+    p.add_argument("--write-matches", action="store_true", help="write val_box_matches.json (and val_mask_matches.json) into each run")
     args = p.parse_args(argv)
     failed = 0
     for run_dir in args.runs:

@@ -279,8 +279,9 @@ def test_validation_of_a_perfect_detector_gives_ap_100(data_root, tmp_path):
     res = task.evaluate(s)
     assert res["bbox_AP"] == pytest.approx(100.0) and res["segm_AP"] == pytest.approx(100.0)
     assert res["bbox_AP50"] == pytest.approx(100.0) and res["segm_AP75"] == pytest.approx(100.0)
-    from mabn.lab.box_ap import read_box_matches  # the final validation's matches: every box found
-    assert read_box_matches(str(tmp_path)).ap() == pytest.approx({"AP": 100.0, "AP50": 100.0, "AP75": 100.0})
+    from mabn.lab.ap_matches import read_matches  # the final validation's matches: every box and mask found
+    for iou_type in ("bbox", "segm"):
+        assert read_matches(str(tmp_path), iou_type).ap() == pytest.approx({"AP": 100.0, "AP50": 100.0, "AP75": 100.0})
 
 
 def test_table9_benchmark_prints_its_tables(data_root, tmp_path):
@@ -301,24 +302,28 @@ def test_table9_benchmark_prints_its_tables(data_root, tmp_path):
     assert r.returncode == 2 and "make_detection_data.py" in r.stderr
 
 
-def test_final_box_matches_reproduce_the_box_ap_and_eval_rewrites_them(data_root, tmp_path):
-    """The final validation writes val_box_matches.json, whose recomputed AP (mabn.lab.box_ap) is
-    metrics.json's box AP; scripts/eval_detection.py --write-matches rewrites the same file from
-    the final checkpoint, and refuses a run whose newest checkpoint is not its final one."""
-    from mabn.lab.box_ap import read_box_matches
+def test_final_matches_reproduce_box_and_mask_ap_and_eval_rewrites_them(data_root, tmp_path):
+    """The final validation writes val_box_matches.json and val_mask_matches.json, whose recomputed
+    APs (mabn.lab.ap_matches) are metrics.json's box and mask AP; scripts/eval_detection.py
+    --write-matches rewrites the same files from the final checkpoint, and refuses a run whose
+    newest checkpoint is not its final one."""
+    from mabn.lab.ap_matches import read_matches
 
     out = tmp_path / "run"
     m = train_det(small(data_root, out, iterations=3, **{"data.val_images": 6}))
-    first = (out / "val_box_matches.json").read_text()
-    assert abs(read_box_matches(str(out)).ap()["AP"] - m["bbox_AP"]) < 1e-9
-    assert len(json.loads(first)["images"]) == 6
-    (out / "val_box_matches.json").unlink()
+    files = {"bbox": out / "val_box_matches.json", "segm": out / "val_mask_matches.json"}
+    first = {t: f.read_text() for t, f in files.items()}
+    for t in files:
+        assert abs(read_matches(str(out), t).ap()["AP"] - m[f"{t}_AP"]) < 1e-9, t
+        assert len(json.loads(first[t])["images"]) == 6 and json.loads(first[t])["iou_type"] == t
+    for f in files.values():
+        f.unlink()
     r = run_script([PYTHON, os.path.join(REPO, "scripts", "eval_detection.py"), str(out), "--write-matches"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.splitlines()[-1])["bbox_AP"] == m["bbox_AP"]
-    assert (out / "val_box_matches.json").read_text() == first
+    assert {t: f.read_text() for t, f in files.items()} == first
     part = tmp_path / "part"
     train_det(small(data_root, part, iterations=4, stop_after=2, **{"data.val_images": 6}))
     r = run_script([PYTHON, os.path.join(REPO, "scripts", "eval_detection.py"), str(part), "--write-matches"])
     assert r.returncode == 1 and "not the finished run's final one" in r.stderr, r.stderr[-3000:]
-    assert not (part / "val_box_matches.json").exists()
+    assert not (part / "val_box_matches.json").exists() and not (part / "val_mask_matches.json").exists()

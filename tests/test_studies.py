@@ -472,20 +472,26 @@ def test_collector_keys_probe_runs_by_a_tuple_of_settings(tmp_path):
 
 def test_detection_claims_get_the_per_image_box_ap_bootstrap(tmp_path):
     """Runs that kept val_box_matches.json get the images x seeds columns: the observed gap is the
-    mean over seeds of the recomputed box APs' difference; mask AP claims say the test is box only."""
-    from test_box_ap import random_case
+    mean over seeds of the recomputed box APs' difference; the mask AP claims read
+    val_mask_matches.json, and say so where the runs did not keep it."""
+    from test_ap_matches import random_case
 
     from mabn.detection.coco_eval import match_records
-    from mabn.lab.box_ap import BoxMatches
+    from mabn.lab.ap_matches import ApMatches
 
     runs, aps = tmp_path / "runs", {}
     for seed in (0, 1):
         for name, quality in (("table3_bn", 0.5), ("table3_mabn", 0.9), ("table3_syncbn", 0.88)):
             gt, dets = random_case(10 + seed, quality=quality)
             record = match_records(gt, dets, [i["id"] for i in gt.dataset["images"]])
-            aps[name, seed] = BoxMatches(record).ap()["AP"]
+            aps[name, seed] = ApMatches(record).ap()["AP"]
             make_det_run(runs, name, seed, aps[name, seed], aps[name, seed] - 1)
             (runs / name / f"seed{seed}" / "val_box_matches.json").write_text(json.dumps(record))
+            if name != "table3_syncbn":  # mask matches (here another draw) for BN and MABN only
+                gt, dets = random_case(20 + seed, quality=quality)
+                record = match_records(gt, dets, [i["id"] for i in gt.dataset["images"]])
+                aps["mask", name, seed] = ApMatches(record).ap()["AP"]
+                (runs / name / f"seed{seed}" / "val_mask_matches.json").write_text(json.dumps(record))
     out = tmp_path / "t3.md"
     assert collect_results.main(["det_table3", str(runs), "--out", str(out)]) == 0
     text = out.read_text()
@@ -495,5 +501,9 @@ def test_detection_claims_get_the_per_image_box_ap_bootstrap(tmp_path):
     assert cells[7] == f"{gap:+.2f}" and cells[9] == "2", line
     assert cells[10] in ("agrees", "cannot tell (same sign, interval includes 0)"), line
     mask = next(ln for ln in text.splitlines() if ln.startswith("| 5.2: MABN(2) clearly outperforms BN(2), mask AP"))
-    assert mask.endswith("| - | - | 0 | box AP only |"), mask
+    cells = [c.strip() for c in mask.strip("|").split("|")]
+    gap = sum(aps["mask", "table3_mabn", s] - aps["mask", "table3_bn", s] for s in (0, 1)) / 2
+    assert cells[7] == f"{gap:+.2f}" and cells[9] == "2", mask
+    mask = next(ln for ln in text.splitlines() if ln.startswith("| 5.2: MABN(2) is comparable with SyncBN, mask AP"))
+    assert mask.endswith("| - | - | 0 | no mask AP matches |"), mask
     assert "val_box_matches.json" in text

@@ -20,12 +20,15 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 __all__ = ["SUMMARY_NAMES", "MASK_THRESHOLD", "evaluate_coco", "evaluate_coco_with_summary",
-           "evaluate_results", "coco_results", "match_records"]
+           "evaluate_results", "coco_results", "match_records", "MATCHES_FILES"]
 
 # The 12 numbers of COCOeval.summarize(), in its order.
 SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                  "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 MASK_THRESHOLD = 0.5
+#: Where a run keeps the final validation's :func:`match_records`, per iou type (the detection
+#: tables' per-image paired tests of box AP and mask AP read them).
+MATCHES_FILES = {"bbox": "val_box_matches.json", "segm": "val_mask_matches.json"}
 
 
 def _numpy(values: Any) -> np.ndarray:
@@ -70,10 +73,12 @@ def coco_results(predictions: Mapping[Any, Mapping[str, Any]], label_to_category
 
 
 def _results_index(coco_gt: COCO, results: list[dict]) -> COCO:
-    """pycocotools' index of the results; an empty one when there are none (loadRes fails on [])."""
+    """pycocotools' index of the results; an empty one when there are none (loadRes fails on []).
+    loadRes adds keys to the entries it is given (a mask entry gets a "bbox", which a second
+    loadRes of the same entries would read as a box result): it indexes copies."""
     with contextlib.redirect_stdout(io.StringIO()):
         if results:
-            return coco_gt.loadRes(results)
+            return coco_gt.loadRes([dict(r) for r in results])
         coco_dt = COCO()
         coco_dt.dataset = {"images": list(coco_gt.dataset["images"]),
                            "categories": list(coco_gt.dataset["categories"]), "annotations": []}
@@ -143,7 +148,7 @@ def evaluate_coco(coco_gt: COCO, predictions: Mapping[Any, Mapping[str, Any]],
 
 def match_records(coco_gt: COCO, results: list[dict], image_ids: Sequence[int], iou_type: str = "bbox") -> dict:
     """COCOeval's per-image matching of one iou type, enough to recompute its AP on any resample of
-    the images (``mabn.lab.box_ap``: a paired bootstrap over validation images): for the area range
+    the images (``mabn.lab.ap_matches``: a paired bootstrap over validation images): for the area range
     "all" and the largest maxDets, every evaluated image, each (image, category)'s count of ground
     truth that is not ignored (crowd), and each detection as [image id, category id, score,
     matched, ignored], matched and ignored being bit masks over the IoU thresholds (bit t: at

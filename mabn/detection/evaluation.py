@@ -1,6 +1,6 @@
 """Evaluate a detection checkpoint: COCO AP of the detector as trained, on its validation split,
-and COCOeval's per-image box matches (``val_box_matches.json``, the detection tables' per-image
-paired test), e.g. for a run that finished before the trainer wrote that file."""
+and COCOeval's per-image matches of boxes and masks (``coco_eval.MATCHES_FILES``, the detection
+tables' per-image paired tests), e.g. for a run that finished before the trainer wrote them."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_detection_checkpoint(path: str, data_root: str | None = None) -> tuple[dict, dict, int]:
-    """(COCO numbers in percent, the box matches of :func:`coco_eval.match_records`, the
+    """(COCO numbers in percent, iou type -> its matches (:func:`coco_eval.match_records`), the
     checkpoint's iteration) of the checkpoint ``path`` (a file, or a run directory: its newest
     usable checkpoint) on its config's validation split (``data_root`` replaces data.root), on
     the CPU, as one process of the trainer validates: the same images (the first
@@ -49,4 +49,5 @@ def evaluate_detection_checkpoint(path: str, data_root: str | None = None) -> tu
     metrics, _ = coco_eval.evaluate_results(val.coco, results, ids, task.iou_types)
     log.info("%s (iteration %d): %s", file, state["iteration"],
              ", ".join(f"{t}_AP {metrics[f'{t}_AP']:.2f}" for t in task.iou_types))
-    return metrics, coco_eval.match_records(val.coco, results["bbox"], ids, "bbox"), int(state["iteration"])
+    matches = {t: coco_eval.match_records(val.coco, results[t], ids, t) for t in task.iou_types}
+    return metrics, matches, int(state["iteration"])

@@ -59,9 +59,9 @@ import yaml
 
 from mabn.engine import files
 
-from .box_ap import AP_REPLICATES, paired_ap_bootstrap, read_box_matches
+from .ap_matches import AP_REPLICATES, paired_ap_bootstrap, read_matches
 from .studies import (BOX_AP, CLAIMS, COLLAPSE_RISE, EQUIVALENCE_MARGIN, FIGURE1B_METHODS, FIGURE1B_SIZES, REFERENCE,
-                      SAME_AS, SHOWN, STUDIES, SWEPT_KEY, TOLERANCE, TOP1, Measure, Row, measure_of)
+                      IOU_TYPE, SAME_AS, SHOWN, STUDIES, SWEPT_KEY, TOLERANCE, TOP1, Measure, Row, measure_of)
 from .verdicts import BOOTSTRAP_REPLICATES, decide, paired_bootstrap, t_interval
 
 
@@ -82,7 +82,7 @@ def find_runs(root: str) -> list[dict]:
             runs.append({"dir": os.path.relpath(dirpath, root), "root": root, "metrics": metrics, "config": config, "env": env,
                          "predictions": read_predictions(os.path.join(dirpath, "val_predictions.csv")),
                          "loss_rise": loss_rise(os.path.join(dirpath, "train_log.jsonl")),
-                         "box_matches": read_box_matches(dirpath)})
+                         "matches": {t: read_matches(dirpath, t) for t in IOU_TYPE.values()}})
     return runs
 
 
@@ -176,7 +176,9 @@ def _summary(row: Row, rs: list[dict], measures: tuple[Measure, ...], same_as: s
         "other": [r for r in rs if r not in finished and r not in diverged],
         "same_as": same_as,  # the preset whose runs these are (studies.SAME_AS), or None
         "wrong": _wrong_by_seed(finished),  # seed -> 0/1 per validation image, where predictions were kept
-        "box_matches": {r["config"]["seed"]: r["box_matches"] for r in finished if r.get("box_matches")},
+        # iou type -> seed -> the final validation's matches (ap_matches), where the run kept them
+        "matches": {t: {r["config"]["seed"]: r["matches"][t] for r in finished if r.get("matches", {}).get(t)}
+                    for t in IOU_TYPE.values()},
     }
 
 
@@ -375,7 +377,8 @@ def claim_verdict(kind: str, diffs: list[float], margin: float) -> tuple[str, st
 def image_verdict(kind: str, sa: dict | None, sb: dict | None, margin: float, measure: Measure = TOP1) -> str:
     """The claim's cells of the per-image test: the two-way (seeds x images) paired bootstrap of
     the gap on the validation images both rows predicted (the error: :func:`verdicts.paired_bootstrap`
-    over val_predictions.csv; box AP: :func:`box_ap.paired_ap_bootstrap` over val_box_matches.json),
+    over val_predictions.csv; box / mask AP: :func:`ap_matches.paired_ap_bootstrap` over
+    val_box_matches.json / val_mask_matches.json),
     its interval (95%; 90% for a claim of no difference), the seeds it used and its verdict."""
     level = 0.90 if kind == "equal" else 0.95
     if measure == TOP1:
@@ -383,13 +386,12 @@ def image_verdict(kind: str, sa: dict | None, sb: dict | None, margin: float, me
         if not set(wa) & set(wb):
             return "- | - | 0 | no predictions"
         g, lo, hi, n = paired_bootstrap(wa, wb, level=level)
-    elif measure == BOX_AP:
-        ma, mb = (sa or {}).get("box_matches", {}), (sb or {}).get("box_matches", {})
-        if not set(ma) & set(mb):
-            return "- | - | 0 | no box matches"
-        g, lo, hi, n = paired_ap_bootstrap(ma, mb, level=level)
     else:
-        return "- | - | 0 | box AP only"
+        t = IOU_TYPE[measure]
+        ma, mb = ((s or {}).get("matches", {}).get(t, {}) for s in (sa, sb))
+        if not set(ma) & set(mb):
+            return f"- | - | 0 | no {measure.noun} matches"
+        g, lo, hi, n = paired_ap_bootstrap(ma, mb, level=level)
     # With one seed the interval holds the images' sampling error only, not the training's.
     verdict = decide(kind, lo, hi, margin) if n > 1 else "one seed: cannot tell"
     return f"{fmt(g, signed=True)} | [{fmt(lo, signed=True)}, {fmt(hi, signed=True)}] | {n} | {verdict}"
@@ -403,7 +405,7 @@ def _claims_lines(study: str, summary: list[dict]) -> list[str]:
         return []
     by_key = {row_key(s["row"]): s for s in summary}
     m, margin = measure_of(study), EQUIVALENCE_MARGIN[study]
-    per_image = m in (TOP1, BOX_AP)
+    per_image = m in (TOP1, BOX_AP)  # a box AP study's mask AP claims get the test too
     lines = ["## The paper's claims against these runs", "",
              f"Gap: {m.short}(first row) - {m.short}(second row), paired over the seeds both finished. "
              f"Claims that one row's {m.noun} is higher or lower are tested with the 95% Student's t "
@@ -413,10 +415,10 @@ def _claims_lines(study: str, summary: list[dict]) -> list[str]:
              f"the interval lies inside the margin and disagree when it lies wholly beyond it."]
     if m == BOX_AP:
         lines += ["", "The last four columns compare the two rows' final detections on the same validation "
-                  "images: a paired bootstrap of the box AP gap that resamples seeds and images together "
+                  "images: a paired bootstrap of the AP gap that resamples seeds and images together "
                   f"({AP_REPLICATES} replicates, percentile interval, 95%; 90% for the equivalence claims; "
-                  "COCOeval's AP recomputed on each resample from the runs' `val_box_matches.json`), over the "
-                  "seeds whose runs kept that file. It treats the validation images as a sample once for both "
+                  "COCOeval's AP recomputed on each resample from the runs' `val_box_matches.json`, or "
+                  "`val_mask_matches.json` for mask AP), over the seeds whose runs kept that file. It treats the validation images as a sample once for both "
                   "rows, where the seed-level test takes them as fixed."]
     elif per_image:
         lines += ["", "The last four columns compare the two rows' final predictions on the same validation "

@@ -27,6 +27,8 @@ class Measure:
 TOP1 = Measure("val_top1_err", "Top-1 validation error (%)", "top-1 err", "error", "err", False)
 BOX_AP = Measure("bbox_AP", "Box AP (%)", "box AP", "box AP", "AP", True)
 MASK_AP = Measure("segm_AP", "Mask AP (%)", "mask AP", "mask AP", "mask AP", True)
+#: The COCOeval iou type of each AP measure (whose per-image matches a run keeps).
+IOU_TYPE = {BOX_AP: "bbox", MASK_AP: "segm"}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""mabn.lab.box_ap: box AP recomputed from COCOeval's per-image matches equals pycocotools' own
+"""mabn.lab.ap_matches: box AP recomputed from COCOeval's per-image matches equals pycocotools' own
 AP, on the images as they are and on a resample (images counted twice or dropped: pycocotools on a
 data set holding copies of them); and the paired bootstrap over seeds and images."""
 
@@ -11,7 +11,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from mabn.detection.coco_eval import match_records
-from mabn.lab.box_ap import BoxMatches, paired_ap_bootstrap
+from mabn.lab.ap_matches import ApMatches, paired_ap_bootstrap
 
 
 def random_case(seed, n_images=12, categories=(3, 7, 8), quality=0.7):
@@ -76,7 +76,7 @@ def with_copies(gt, dets, counts):
 def test_ap_from_matches_equals_cocoeval(seed):
     gt, dets = random_case(seed)
     ids = [i["id"] for i in gt.dataset["images"]]
-    ours = BoxMatches(match_records(gt, dets, ids)).ap()
+    ours = ApMatches(match_records(gt, dets, ids)).ap()
     theirs = cocoeval_ap(gt, dets, ids)
     for k in ("AP", "AP50", "AP75"):
         assert abs(ours[k] - theirs[k]) < 1e-9, (k, ours, theirs)
@@ -87,7 +87,7 @@ def test_weighted_ap_equals_cocoeval_on_copies_of_the_images(seed):
     gt, dets = random_case(seed)
     ids = [i["id"] for i in gt.dataset["images"]]
     counts = {i: int(c) for i, c in zip(ids, np.random.default_rng(seed).integers(0, 3, len(ids)))}
-    ours = BoxMatches(match_records(gt, dets, ids)).ap(np.array([counts[i] for i in ids], dtype=float))
+    ours = ApMatches(match_records(gt, dets, ids)).ap(np.array([counts[i] for i in ids], dtype=float))
     copy, copy_dets, copy_ids = with_copies(gt, dets, counts)
     theirs = cocoeval_ap(copy, copy_dets, copy_ids)
     for k in ("AP", "AP50", "AP75"):
@@ -98,14 +98,14 @@ def test_paired_bootstrap_of_two_rows():
     gt, good = random_case(5, quality=0.9)
     _, bad = random_case(5, quality=0.5)
     ids = [i["id"] for i in gt.dataset["images"]]
-    a = {s: BoxMatches(match_records(gt, good, ids)) for s in (0, 1)}
-    b = {s: BoxMatches(match_records(gt, bad, ids)) for s in (0, 1)}
+    a = {s: ApMatches(match_records(gt, good, ids)) for s in (0, 1)}
+    b = {s: ApMatches(match_records(gt, bad, ids)) for s in (0, 1)}
     g, lo, hi, n = paired_ap_bootstrap(a, a, replicates=50)
     assert (g, lo, hi, n) == (0.0, 0.0, 0.0, 2)
     g, lo, hi, n = paired_ap_bootstrap(a, b, replicates=200)
     expected = cocoeval_ap(gt, good, ids)["AP"] - cocoeval_ap(gt, bad, ids)["AP"]
     assert abs(g - expected) < 1e-9 and lo <= g <= hi and n == 2
-    other = BoxMatches(match_records(gt, bad, ids[:-1]))
+    other = ApMatches(match_records(gt, bad, ids[:-1]))
     with pytest.raises(ValueError, match="different images"):
         paired_ap_bootstrap(a, {0: other})
     with pytest.raises(ValueError, match="no seed"):

@@ -1,12 +1,14 @@
-"""Box AP recomputed from COCOeval's per-image matches, on any weighting of the validation images:
-the per-image paired test of the detection tables (a bootstrap over seeds and images, as the
+"""Box or mask AP recomputed from COCOeval's per-image matches, on any weighting of the validation
+images: the per-image paired tests of the detection tables (a bootstrap over seeds and images, as the
 classifier's :func:`mabn.lab.verdicts.paired_bootstrap`), so that the validation images' sampling
 error is counted once for both rows.
 
-A run's ``val_box_matches.json`` (written at the final validation by the detection task, from
-:func:`mabn.detection.coco_eval.match_records`) lists every evaluated image, each (image,
-category)'s ground-truth count and each detection's score and matches at the ten IoU thresholds.
-:meth:`BoxMatches.ap` is COCOeval.accumulate()'s AP for the area range "all" and 100 detections
+A run's ``val_box_matches.json`` (and, for Mask R-CNN, ``val_mask_matches.json``: the files of
+:data:`mabn.detection.coco_eval.MATCHES_FILES`, written at the final validation by the detection
+task from :func:`mabn.detection.coco_eval.match_records`) lists every evaluated image, each
+(image, category)'s ground-truth count and each detection's score and matches at the ten IoU
+thresholds (box IoU, or mask IoU).
+:meth:`ApMatches.ap` is COCOeval.accumulate()'s AP for the area range "all" and 100 detections
 per image: per category with ground truth and per IoU threshold, the detections ranked by score
 (a stable sort, COCOeval's order), precision made monotone from the right and read at the 101
 recall points, averaged. An image drawn w times counts w times (its ground truth and its
@@ -20,14 +22,16 @@ import os
 
 import numpy as np
 
-__all__ = ["BoxMatches", "read_box_matches", "paired_ap_bootstrap", "AP_REPLICATES"]
+from mabn.detection.coco_eval import MATCHES_FILES
+
+__all__ = ["ApMatches", "read_matches", "paired_ap_bootstrap", "AP_REPLICATES"]
 
 #: Bootstrap replicates of the detection tables' per-image test (each needs two AP computations
 #: per drawn seed).
 AP_REPLICATES = 1000
 
 
-class BoxMatches:
+class ApMatches:
     """One run's matches, indexed for fast AP on reweighted images."""
 
     def __init__(self, record: dict):
@@ -82,16 +86,17 @@ class BoxMatches:
         return q
 
 
-def read_box_matches(run_dir: str) -> BoxMatches | None:
-    """The run's ``val_box_matches.json`` as :class:`BoxMatches`; None without the file."""
-    path = os.path.join(run_dir, "val_box_matches.json")
+def read_matches(run_dir: str, iou_type: str = "bbox") -> ApMatches | None:
+    """The run's matches of ``iou_type`` ("bbox": ``val_box_matches.json``, "segm":
+    ``val_mask_matches.json``) as :class:`ApMatches`; None without the file."""
+    path = os.path.join(run_dir, MATCHES_FILES[iou_type])
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return BoxMatches(json.load(f))
+        return ApMatches(json.load(f))
 
 
-def paired_ap_bootstrap(a: dict[int, BoxMatches], b: dict[int, BoxMatches], key: str = "AP", level: float = 0.95,
+def paired_ap_bootstrap(a: dict[int, ApMatches], b: dict[int, ApMatches], key: str = "AP", level: float = 0.95,
                         replicates: int = AP_REPLICATES, seed: int = 0) -> tuple[float, float, float, int]:
     """The AP gap (points) of row a over row b on the same validation images, with a percentile
     interval of a two-way bootstrap: each replicate draws the seeds with replacement and,
@@ -100,7 +105,7 @@ def paired_ap_bootstrap(a: dict[int, BoxMatches], b: dict[int, BoxMatches], key:
     rows have are used. Returns the observed gap, the interval's bounds and the number of seeds."""
     seeds = sorted(set(a) & set(b))
     if not seeds:
-        raise ValueError("no seed has box matches of both rows")
+        raise ValueError("no seed has matches of both rows")
     for s in seeds:
         if a[s].images != b[s].images:
             raise ValueError(f"seed {s}: the two rows were validated on different images")
