@@ -24,6 +24,8 @@ import numpy as np
 
 from mabn.detection.coco_eval import MATCHES_FILES
 
+from .verdicts import shared_seeds
+
 __all__ = ["ApMatches", "read_matches", "paired_ap_bootstrap", "AP_REPLICATES"]
 
 #: Bootstrap replicates of the detection tables' per-image test (each needs two AP computations
@@ -103,12 +105,8 @@ def paired_ap_bootstrap(a: dict[int, ApMatches], b: dict[int, ApMatches], key: s
     independently, the images with replacement (the same images for both rows and every seed),
     and takes the mean over the drawn seeds of AP_a - AP_b on the drawn images. Only the seeds both
     rows have are used. Returns the observed gap, the interval's bounds and the number of seeds."""
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        raise ValueError("no seed has matches of both rows")
-    for s in seeds:
-        if a[s].images != b[s].images:
-            raise ValueError(f"seed {s}: the two rows were validated on different images")
+    seeds = shared_seeds(a, b, "matches",
+                         lambda x, y: x.images != y.images and "the two rows were validated on different images")
     n_images = len(a[seeds[0]].images)
     observed = float(np.mean([a[s].ap()[key] - b[s].ap()[key] for s in seeds]))
     rng = np.random.Generator(np.random.PCG64(seed))

@@ -102,6 +102,19 @@ def tost(diffs: list[float], margin: float) -> tuple[str, float, float | None, f
     return "undecided", g, half, p
 
 
+def shared_seeds(a: dict, b: dict, what: str, differ) -> list[int]:
+    """The seeds both rows have (sorted), for a paired per-image test over ``what`` ("predictions",
+    "matches"); ValueError when there is none, or when ``differ(a[s], b[s])`` names a way the two
+    rows' records of seed s do not cover the same images."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError(f"no seed has {what} of both rows")
+    for s in seeds:
+        if why := differ(a[s], b[s]):
+            raise ValueError(f"seed {s}: {why}")
+    return seeds
+
+
 def paired_bootstrap(wrong_a: dict[int, np.ndarray], wrong_b: dict[int, np.ndarray], level: float = 0.95,
                      replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0) -> tuple[float, float, float, int]:
     """The gap in error rate (points) of row a over row b on the same validation images, with a
@@ -112,12 +125,8 @@ def paired_bootstrap(wrong_a: dict[int, np.ndarray], wrong_b: dict[int, np.ndarr
     Each replicate draws the seeds with replacement and, independently, the images with
     replacement, and takes the mean over the drawn (seed, image) cells of wrong_a - wrong_b.
     Returns the observed gap, the interval's bounds and the number of seeds."""
-    seeds = sorted(set(wrong_a) & set(wrong_b))
-    if not seeds:
-        raise ValueError("no seed has predictions of both rows")
-    for s in seeds:
-        if wrong_a[s].shape != wrong_b[s].shape:
-            raise ValueError(f"seed {s}: {wrong_a[s].shape[0]} vs {wrong_b[s].shape[0]} predictions")
+    seeds = shared_seeds(wrong_a, wrong_b, "predictions",
+                         lambda x, y: x.shape != y.shape and f"{x.shape[0]} vs {y.shape[0]} predictions")
     d = np.stack([wrong_a[s].astype(np.float64) - wrong_b[s].astype(np.float64) for s in seeds])
     n_seeds, n_images = d.shape
     rng = np.random.Generator(np.random.PCG64(seed))
