@@ -17,6 +17,9 @@ of a COCO-format data set (--data; the built det-tiny10 by default):
 - SyncBN (--sync-ranks 2): a 2-rank gloo DDP run, each rank --batch / 2 images, every rank one
   thread, SyncBN (mabn.SyncBatchNorm2d over both ranks' images) against BN (each rank its own
   groups of 2), iterations/s of the whole step;
+- RoIAlign (CPU only): the first network's training step with torchvision's RoI poolers against
+  mabn's (mabn.detection.roi_align: torchvision's forward, the backward one sparse product),
+  round-robin as above;
 - inference: eval mode, one image per call (the paper's Table 9 measures inference of single
   images), every network as trained and folded (mabn.fold.fold_model: the normalizations torch.fx
   can trace go into their convolutions), images/s over --infer-images images.
@@ -39,6 +42,7 @@ import torch
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from torchvision.ops import MultiScaleRoIAlign
 
 import mabn
 from mabn.detection import config as det_config
@@ -93,6 +97,26 @@ def train_times(args, data, device) -> dict[str, list[float]]:
     num_classes = data[3]
     steps = {name: make_step(build(name, args, num_classes, device), images, targets) for name in args.networks}
     for step in steps.values():  # the first step allocates: not timed
+        step()
+    return bench.round_robin(steps, args.iters, args.warmup, device)
+
+
+def roi_align_times(args, data, device) -> dict[str, list[float]]:
+    """Seconds per training step of the first network with torchvision's RoI poolers and with
+    mabn's (the detector's own), round-robin; {} off the CPU (there both are torchvision's)."""
+    if device.type != "cpu":
+        return {}
+    images, targets = batch_to(*data[:2], device)
+    steps = {}
+    for poolers in ("torchvision", "mabn"):
+        model = build(args.networks[0], args, data[3], device)
+        if poolers == "torchvision":
+            for part in ("box_roi_pool", "mask_roi_pool"):
+                mine = getattr(model.roi_heads, part, None)
+                if mine is not None:
+                    setattr(model.roi_heads, part, MultiScaleRoIAlign(mine.featmap_names, mine.output_size,
+                                                                      mine.sampling_ratio))
+        steps[f"{args.networks[0]}, {poolers}'s RoIAlign"] = step = make_step(model, images, targets)
         step()
     return bench.round_robin(steps, args.iters, args.warmup, device)
 
@@ -239,6 +263,18 @@ def sync_lines(args, times) -> list[str]:
     return L + [""]
 
 
+def roi_align_lines(args, times) -> list[str]:
+    if not times:
+        return []
+    tv_xs = next(iter(times.values()))  # torchvision's poolers: the speed-up's base
+    L = ["## RoIAlign's CPU backward: torchvision's poolers against mabn's\n",
+         "| network | step (ms) | iterations/s | speed-up |", "|---|---:|---:|---:|"]
+    for name, xs in times.items():
+        L.append(f"| {name} | {_ms(xs)} | {1 / statistics.median(xs):.2f} | "
+                 f"{statistics.median(tv_xs) / statistics.median(xs):.3f} |")
+    return L + [""]
+
+
 def infer_lines(args, times) -> list[str]:
     base = statistics.median(times["BN"]) if "BN" in times else None
     L = ["## Inference (eval mode, one image per call)\n",
@@ -285,6 +321,7 @@ def main(argv=None) -> int:
     load_start = bench.load_average()
     data = samples(args, masks=True)
     train, infer = train_times(args, data, device), infer_times(args, data, device)
+    pooling = roi_align_times(args, data, device)
     memory = peak_memory(args)
     sync = {}
     if args.sync_ranks:
@@ -302,7 +339,7 @@ def main(argv=None) -> int:
             "- The paper's Table 9 (Mask R-CNN R50-FPN, 8 GPUs x 2 images): training 2.35 / 2.22 / 1.81 it/s and "
             "58.9 / 58.9 / 60.6 GB for BN / GN / MABN; inference 12.73 / 6.34 / 12.73 it/s (MABN folded).", ""]
     bench.write_report("\n".join(head + train_lines(args, train, memory) + sync_lines(args, sync)
-                                 + infer_lines(args, infer)), args.out)
+                                 + roi_align_lines(args, pooling) + infer_lines(args, infer)), args.out)
     return 0
 
 

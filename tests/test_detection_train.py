@@ -111,6 +111,10 @@ def test_every_norm_builds_a_detector_holding_only_that_norm(data_root, preset, 
         assert all(layers[n].norm_batch_size is None and layers[n].warmup_iters == 7 for n in box + mask)
     centralized = [n for n, m in model.named_modules() if isinstance(m, mabn.CenConv2d)]
     assert bool(centralized) == bool(cfg.norm.weight_centralization)
+    from mabn.detection.roi_align import MultiScaleRoIAlign  # the poolers with the sparse CPU backward
+    pools = (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool)
+    assert all(type(p) is MultiScaleRoIAlign for p in pools)
+    assert [(p.output_size, p.sampling_ratio) for p in pools] == [((7, 7), 2), ((14, 14), 2)]
 
 
 def test_retinanet_head_takes_only_group_norm(data_root):
@@ -294,8 +298,11 @@ def test_table9_benchmark_prints_its_tables(data_root, tmp_path):
                     "model.backbone_width=8", "model.fpn_channels=32", "model.fc_dim=64"])
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
-    for title in ("## Training", "## SyncBN: 2-rank gloo", "## Inference"):
+    for title in ("## Training", "## SyncBN: 2-rank gloo", "## RoIAlign's CPU backward", "## Inference"):
         assert title in text
+    pooling = [line for line in text.splitlines() if line.startswith("| BN, ")]
+    assert [line.split("|")[1].strip() for line in pooling] == ["BN, torchvision's RoIAlign", "BN, mabn's RoIAlign"]
+    assert all(float(line.split("|")[4]) > 0 for line in pooling), pooling
     rows = [line for line in text.splitlines() if line.startswith("| MABN folded |") or line.startswith("| SyncBN |")]
     assert len(rows) == 2 and all(float(line.split("|")[2]) > 0 for line in rows), rows
     r = run_script([PYTHON, "scripts/bench_detection.py", "--data", str(tmp_path / "none")])

@@ -44,6 +44,7 @@ import mabn
 from ..engine.config import ConfigError
 from ..engine.models import init_weights
 from ..engine.registry import norm_options
+from .roi_align import MultiScaleRoIAlign
 
 __all__ = ["ARCHS", "BACKBONES", "ResNetBody", "build_detector", "load_backbone_checkpoint", "norm_layers"]
 
@@ -105,7 +106,8 @@ def _anchors(m, levels: int, per_octave: int) -> AnchorGenerator:
 
 
 def _rcnn(m, num_classes: int) -> nn.Module:
-    """Mask R-CNN or Faster R-CNN: 2fc or 4conv1fc box head, the mask head (Mask R-CNN)."""
+    """Mask R-CNN or Faster R-CNN: 2fc or 4conv1fc box head, the mask head (Mask R-CNN); the RoI
+    poolers torchvision's (7 x 7 boxes, 14 x 14 masks, 2 x 2 samples) through mabn's roi_align."""
     backbone = _backbone(m, (1, 2, 3, 4), LastLevelMaxPool())
     c = m.fpn_channels
     head_norm = nn.BatchNorm2d if m.norm_in == "backbone_and_heads" else None
@@ -113,7 +115,9 @@ def _rcnn(m, num_classes: int) -> nn.Module:
         box_head = FastRCNNConvFCHead((c, 7, 7), [c] * 4, [m.fc_dim], norm_layer=head_norm)
     else:
         box_head = TwoMLPHead(c * 7 * 7, m.fc_dim)
+    levels = ["0", "1", "2", "3"]  # torchvision's poolers (P2-P5), their CPU backward a sparse product
     kw = dict(min_size=m.min_size, max_size=m.max_size, rpn_anchor_generator=_anchors(m, 5, 1),
+              box_roi_pool=MultiScaleRoIAlign(levels, 7, 2),
               box_head=box_head, box_predictor=FastRCNNPredictor(m.fc_dim, num_classes),
               rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=m.rpn_pre_nms_top_n_test,
               rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
@@ -124,7 +128,8 @@ def _rcnn(m, num_classes: int) -> nn.Module:
     if m.arch == "faster_rcnn":
         return FasterRCNN(backbone, **kw)
     mask_head = MaskRCNNHeads(c, [c] * 4, 1, norm_layer=head_norm)
-    return MaskRCNN(backbone, mask_head=mask_head, mask_predictor=MaskRCNNPredictor(c, c, num_classes), **kw)
+    return MaskRCNN(backbone, mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2), mask_head=mask_head,
+                    mask_predictor=MaskRCNNPredictor(c, c, num_classes), **kw)
 
 
 def _retinanet(m, norm, num_classes: int) -> nn.Module:
