@@ -370,7 +370,8 @@ def test_collector_detection_convergence(tmp_path):
 
 
 def test_validation_curves_from_val_logs(tmp_path):
-    """scripts/plot_curves.py: each row's curve is the mean over its seeds at every iteration."""
+    """scripts/plot_curves.py: each row's curve is the mean over its seeds at every iteration, one
+    curve per schedule length."""
     from mabn.lab.curves import plot_curves, study_curves
     runs = tmp_path / "runs"
     for seed in (0, 1):
@@ -378,8 +379,12 @@ def test_validation_curves_from_val_logs(tmp_path):
         with open(runs / "table3_mabn" / f"seed{seed}" / "val_log.jsonl", "w") as f:
             for it, ap in ((1000, 2.0 + seed), (2000, 6.0 + seed), (3000, 10.0)):
                 f.write(json.dumps({"iteration": it, "bbox_AP": ap, "segm_AP": ap - 1}) + "\n")
-    curves = study_curves([str(runs)], "bbox_AP", ["table3_mabn", "table3_bn"])
-    assert curves == {"table3_mabn": {1000: [2.0, 3.0], 2000: [6.0, 7.0], 3000: [10.0, 10.0]}, "table3_bn": {}}
+    longer = tmp_path / "longer"
+    make_det_run(longer, "table3_mabn", 0, 11.0, 10.0, iterations=6000)
+    (longer / "table3_mabn" / "seed0" / "val_log.jsonl").write_text(json.dumps({"iteration": 6000, "bbox_AP": 11.0}))
+    curves = study_curves([str(longer), str(runs)], "bbox_AP", ["table3_mabn", "table3_bn"])
+    assert curves == {("table3_mabn", 3000): {1000: [2.0, 3.0], 2000: [6.0, 7.0], 3000: [10.0, 10.0]},
+                      ("table3_mabn", 6000): {6000: [11.0]}}
     out = tmp_path / "curves.png"
     plot_curves(curves, {"table3_mabn": "MABN(2)"}, "box AP", str(out))
     assert out.read_bytes()[:4] == b"\x89PNG"
