@@ -6,7 +6,7 @@ with respect to the features is therefore ``A^T @ grad`` for a sparse matrix ``A
 pooled cell, one column per feature-map cell, 4 x sampling_ratio**2 taps per row), the same for
 every channel. torchvision's CPU backward instead recomputes every tap's bilinear weights for
 every channel, one element at a time: on the small detection protocol it took 25% of a Mask
-R-CNN step, ~40x its forward (results/profile.md). :func:`roi_align` keeps torchvision's forward
+R-CNN step, ~12x its forward (results/README.md, "Detector speed"). :func:`roi_align` keeps torchvision's forward
 and, on the CPU, computes each tap once (:func:`bilinear_taps`, the arithmetic of torchvision's
 kernel in the features' dtype) and the gradient as one ``torch.sparse.mm`` over all channels.
 On CUDA, and for the adaptive sampling grid (``sampling_ratio <= 0``: a grid per RoI), it is
