@@ -139,5 +139,6 @@ class MultiScaleRoIAlign(poolers.MultiScaleRoIAlign):
         pooled = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             index = torch.where(levels == level)[0]
-            pooled[index] = roi_align(feature, rois[index], self.output_size, scale, self.sampling_ratio).to(pooled.dtype)
+            level_pooled = roi_align(feature, rois[index], self.output_size, scale, self.sampling_ratio)
+            pooled[index] = level_pooled.to(pooled.dtype)
         return pooled
