@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from mabn.detection.coco_eval import (SUMMARY_NAMES, coco_results, evaluate_coco, evaluate_coco_with_summary,
-                                      evaluate_results)
+                                      evaluate_results, evaluate_results_and_matches, match_records)
 
 
 def ground_truth(images, annotations, category_ids=(1,)):
@@ -155,3 +155,17 @@ def test_evaluate_results_of_gathered_entries_matches_evaluate_coco():
     assert text.count("IoU metric") == 2
     assert per_rank[1]["bbox"][0]["bbox"] == [0, 0, 50, 31]  # xywh
     assert isinstance(per_rank[1]["segm"][0]["segmentation"]["counts"], str)
+
+
+def test_matches_read_from_the_evaluation_equal_a_separate_matching():
+    coco = ground_truth([(1, 100, 100), (2, 100, 100)], [box_annotation(1, 1, (10, 10, 20, 20)),
+                                                         box_annotation(2, 2, (0, 0, 50, 50))])
+    outputs = {1: prediction([[10, 10, 30, 30], [60, 60, 90, 90]], [0.9, 0.3], [1, 1]),
+               2: prediction([[0, 0, 50, 31]], [0.8], [1])}
+    results = {t: coco_results(outputs, {1: 1}, t) for t in ("bbox", "segm")}
+    metrics, text, matches = evaluate_results_and_matches(coco, results, [2, 1])
+    assert (metrics, text) == evaluate_results(coco, results, [2, 1])
+    for iou_type in ("bbox", "segm"):
+        assert matches[iou_type] == match_records(coco, results[iou_type], [1, 2], iou_type)
+        assert matches[iou_type]["iou_type"] == iou_type and matches[iou_type]["images"] == [1, 2]
+        assert len(matches[iou_type]["detections"]) == 3

@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 __all__ = ["SUMMARY_NAMES", "MASK_THRESHOLD", "evaluate_coco", "evaluate_coco_with_summary",
-           "evaluate_results", "coco_results", "match_records", "MATCHES_FILES"]
+           "evaluate_results", "evaluate_results_and_matches", "coco_results", "match_records", "MATCHES_FILES"]
 
 # The 12 numbers of COCOeval.summarize(), in its order.
 SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -87,9 +87,10 @@ def _results_index(coco_gt: COCO, results: list[dict]) -> COCO:
 
 
 def _evaluate_one(coco_gt: COCO, results: list[dict], image_ids: list[int],
-                  iou_type: str) -> tuple[dict[str, float | None], str]:
+                  iou_type: str) -> tuple[dict[str, float | None], str, COCOeval]:
     """COCOeval of one iou type over ``image_ids``: the summary in percent (None where COCOeval
-    gives -1, i.e. no ground truth in that size range) and COCOeval's printed summary."""
+    gives -1, i.e. no ground truth in that size range), COCOeval's printed summary, and the
+    evaluator itself (its per-image matching, for :func:`_matches`)."""
     evaluator = COCOeval(coco_gt, _results_index(coco_gt, results), iou_type)
     evaluator.params.imgIds = image_ids
     printed = io.StringIO()
@@ -100,7 +101,22 @@ def _evaluate_one(coco_gt: COCO, results: list[dict], image_ids: list[int],
         evaluator.summarize()
     metrics = {f"{iou_type}_{name}": (None if value < 0 else 100.0 * float(value))
                for name, value in zip(SUMMARY_NAMES, evaluator.stats)}
-    return metrics, f"IoU metric: {iou_type}\n{printed.getvalue()}"
+    return metrics, f"IoU metric: {iou_type}\n{printed.getvalue()}", evaluator
+
+
+def evaluate_results_and_matches(coco_gt: COCO, results: Mapping[str, list[dict]], image_ids: Sequence[int],
+                                 iou_types: Sequence[str] = ("bbox", "segm"),
+                                 ) -> tuple[dict[str, float | None], str, dict[str, dict]]:
+    """:func:`evaluate_results` and, from the same evaluation, each iou type's per-image matches
+    (:func:`match_records`' record): one COCOeval per iou type."""
+    image_ids = sorted({int(image_id) for image_id in image_ids})
+    metrics, texts, matches = {}, [], {}
+    for iou_type in iou_types:
+        numbers, text, evaluator = _evaluate_one(coco_gt, list(results[iou_type]), image_ids, iou_type)
+        metrics.update(numbers)
+        texts.append(text)
+        matches[iou_type] = _matches(evaluator)
+    return metrics, "".join(texts), matches
 
 
 def evaluate_results(coco_gt: COCO, results: Mapping[str, list[dict]], image_ids: Sequence[int],
@@ -109,13 +125,8 @@ def evaluate_results(coco_gt: COCO, results: Mapping[str, list[dict]], image_ids
     several processes): ``results[iou_type]`` the entries, ``image_ids`` the images evaluated
     (duplicates are ignored; the results should hold each image's detections once). Returns
     :func:`evaluate_coco`'s numbers and COCOeval's printed summary text."""
-    image_ids = sorted({int(image_id) for image_id in image_ids})
-    metrics, texts = {}, []
-    for iou_type in iou_types:
-        numbers, text = _evaluate_one(coco_gt, list(results[iou_type]), image_ids, iou_type)
-        metrics.update(numbers)
-        texts.append(text)
-    return metrics, "".join(texts)
+    metrics, text, _ = evaluate_results_and_matches(coco_gt, results, image_ids, iou_types)
+    return metrics, text
 
 
 def evaluate_coco_with_summary(coco_gt: COCO, predictions: Mapping[Any, Mapping[str, Any]],
@@ -160,6 +171,11 @@ def match_records(coco_gt: COCO, results: list[dict], image_ids: Sequence[int], 
     evaluator.params.imgIds = image_ids
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
+    return _matches(evaluator)
+
+
+def _matches(evaluator: COCOeval) -> dict:
+    """:func:`match_records`' record, read from an evaluator that has run ``evaluate()``."""
     p = evaluator.params
     all_range = [list(r) for r in p.areaRng].index(list(p.areaRng[0]))
     bits = 1 << np.arange(len(p.iouThrs))
@@ -174,6 +190,6 @@ def match_records(coco_gt: COCO, results: list[dict], image_ids: Sequence[int], 
         ignored = np.asarray(e["dtIgnore"], dtype=bool).reshape(len(bits), -1).T @ bits
         for score, m, ig in zip(e["dtScores"], matched, ignored):
             detections.append([int(e["image_id"]), int(e["category_id"]), float(score), int(m), int(ig)])
-    return {"iou_type": iou_type, "iou_thresholds": [round(float(t), 4) for t in p.iouThrs],
+    return {"iou_type": evaluator.params.iouType, "iou_thresholds": [round(float(t), 4) for t in p.iouThrs],
             "recall_thresholds": len(p.recThrs), "max_detections": int(p.maxDets[-1]),
-            "images": image_ids, "gt": gt, "detections": detections}
+            "images": [int(i) for i in p.imgIds], "gt": gt, "detections": detections}

@@ -46,8 +46,7 @@ def evaluate_detection_checkpoint(path: str, data_root: str | None = None) -> tu
                         val_loader=data.build_val_loader(shown, cfg.data, 0, 1, device, collate_fn=collate),
                         autocast=lambda: torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext())
     results, ids = task.predict(s)
-    metrics, _ = coco_eval.evaluate_results(val.coco, results, ids, task.iou_types)
+    metrics, _, matches = coco_eval.evaluate_results_and_matches(val.coco, results, ids, task.iou_types)
     log.info("%s (iteration %d): %s", file, state["iteration"],
              ", ".join(f"{t}_AP {metrics[f'{t}_AP']:.2f}" for t in task.iou_types))
-    matches = {t: coco_eval.match_records(val.coco, results[t], ids, t) for t in task.iou_types}
     return metrics, matches, int(state["iteration"])

@@ -47,7 +47,7 @@ def bilinear_taps(rois: torch.Tensor, height: int, width: int, output_size: tupl
     unless aligned; sample iy of bin ph at ``y1 + ph * bin_h + (iy + 0.5) * bin_h / g``, clamped
     to >= 0 and, from row H - 1 on, onto the last row."""
     ph_n, pw_n = output_size
-    g, dt = sampling_ratio, rois.dtype
+    g = sampling_ratio
     offset = 0.5 if aligned else 0.0
     start_x, start_y = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
     roi_w = rois[:, 3] * spatial_scale - offset - start_x
@@ -73,7 +73,7 @@ def bilinear_taps(rois: torch.Tensor, height: int, width: int, output_size: tupl
     ph = torch.arange(ph_n, device=rois.device)[None, :, None, None, None, None]
     pw = torch.arange(pw_n, device=rois.device)[None, None, None, :, None, None]
     pooled = (r * (ph_n * pw_n) + ph * pw_n + pw).expand_as(cell)
-    return cell.reshape(-1), pooled.reshape(-1), weight.to(dt).reshape(-1)
+    return cell.reshape(-1), pooled.reshape(-1), weight.reshape(-1)
 
 
 def _samples(start: torch.Tensor, bin_size: torch.Tensor, bins: int, g: int) -> torch.Tensor:
