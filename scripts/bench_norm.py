@@ -119,13 +119,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, torch.device, dict[str, i
     device, with --network {shape: layers} (else None) and the shapes to time. A bad value is a
     command-line error (exit 2)."""
     p = build_parser()
-    args = p.parse_args(argv)
-    bench.apply_allocator(p, args)
-    bench.apply_kernels(args)
-    try:
-        device = bench.resolve_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    args, device = bench.parse_and_apply(p, argv)
     if args.compile and (reason := compiling.unavailable_reason(device.type)):
         p.error(f"--compile: torch.compile cannot run on this machine: {reason}")
     if args.network and args.shapes:

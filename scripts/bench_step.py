@@ -212,13 +212,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, torch.device]:
     """The command line, checked and applied (allocator, kernels, threads): the arguments and the
     device. A bad value is a command-line error (exit 2)."""
     p = build_parser()
-    args = p.parse_args(argv)
-    bench.apply_allocator(p, args)
-    bench.apply_kernels(args)
-    try:
-        device = bench.resolve_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    args, device = bench.parse_and_apply(p, argv)
     bench.require_positive(p, args, "batch", "image_size", "norm_batch_size", "iters")
     if args.warmup < 0:
         p.error(f"--warmup={args.warmup} must be >= 0")

@@ -9,6 +9,7 @@ every timed call is bracketed by ``torch.cuda.synchronize``.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import os
@@ -182,6 +183,20 @@ def apply_kernels(args) -> None:
     kernels.MODE = args.cpu_kernels
     if kernels.MODE == "auto":
         kernels.load()
+
+
+def parse_and_apply(parser, argv=None) -> tuple[argparse.Namespace, torch.device]:
+    """The command line of a benchmark with ``--allocator``, ``--cpu-kernels`` and ``--device``,
+    parsed and applied (:func:`apply_allocator`, :func:`apply_kernels`): the arguments and the
+    device. A bad value is a command-line error (exit 2)."""
+    args = parser.parse_args(argv)
+    apply_allocator(parser, args)
+    apply_kernels(args)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    return args, device
 
 
 def kernels_description() -> str:
