@@ -79,7 +79,8 @@ def find_runs(root: str) -> list[dict]:
             if os.path.exists(os.path.join(dirpath, "env.json")):
                 with open(os.path.join(dirpath, "env.json")) as f:
                     env = json.load(f)
-            runs.append({"dir": os.path.relpath(dirpath, root), "root": root, "metrics": metrics, "config": config, "env": env,
+            runs.append({"dir": os.path.relpath(dirpath, root), "root": root, "metrics": metrics,
+                         "config": config, "env": env,
                          "predictions": read_predictions(os.path.join(dirpath, "val_predictions.csv")),
                          "loss_rise": loss_rise(os.path.join(dirpath, "train_log.jsonl")),
                          "matches": {t: read_matches(dirpath, t) for t in IOU_TYPE.values()}})
@@ -290,7 +291,8 @@ def _table_lines(study: str, summary: list[dict]) -> tuple[list[str], list[Row]]
             gap = fmt(g, signed=True) + (f" ± {gstd:.2f}" if gstd is not None else "")
         paper = fmt(row.paper)
         paper_gap = fmt(row.paper - ref_paper, signed=True) if row.paper is not None and ref_paper is not None else "-"
-        lines.append(f"| {row.label} | {ours} | {std} | {gap} | {paper} | {paper_gap} | {_seeds(s)} | {status_text(s)} |")
+        lines.append(f"| {row.label} | {ours} | {std} | {gap} | {paper} | {paper_gap} | {_seeds(s)} "
+                     f"| {status_text(s)} |")
     return lines, missing
 
 
@@ -334,7 +336,8 @@ def _convergence_lines(summary: list[dict], study: str = "convergence") -> tuple
              f"less than {tolerance} points. The change's standard error is "
              f"sqrt(std_1^2 / n_1 + std_2^2 / n_2) from the two lengths' seed spreads (n seeds each): a "
              f"change within about two of them is not distinguishable from seed noise.", "",
-             f"| row | iterations | ours: {m.column} | ours: std | change from half as long | std. error of the change | seeds | status |",
+             f"| row | iterations | ours: {m.column} | ours: std | change from half as long "
+             "| std. error of the change | seeds | status |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
     by_len = {row_key(s["row"]): s for s in summary}
     verdicts = []
@@ -418,7 +421,8 @@ def _claims_lines(study: str, summary: list[dict]) -> list[str]:
                   "images: a paired bootstrap of the AP gap that resamples seeds and images together "
                   f"({AP_REPLICATES} replicates, percentile interval, 95%; 90% for the equivalence claims; "
                   "COCOeval's AP recomputed on each resample from the runs' `val_box_matches.json`, or "
-                  "`val_mask_matches.json` for mask AP), over the seeds whose runs kept that file. It treats the validation images as a sample once for both "
+                  "`val_mask_matches.json` for mask AP), over the seeds whose runs kept that file. "
+                  "It treats the validation images as a sample once for both "
                   "rows, where the seed-level test takes them as fixed."]
     elif per_image:
         lines += ["", "The last four columns compare the two rows' final predictions on the same validation "
@@ -502,7 +506,8 @@ def _detection_lines(study: str, summary: list[dict]) -> tuple[list[str], list[R
         g, gstd, _ = paired_gap(s, ref)
         gap = fmt(g, signed=True) + (f" ± {gstd:.2f}" if gstd is not None else "")
         paper = " / ".join(fmt(_paper(s["row"], None if i == 0 else m.key)) for i, m in enumerate(shown))
-        lines.append(f"| {s['row'].label} | " + " | ".join(cells) + f" | {gap} | {paper} | {_seeds(s)} | {status_text(s)} |")
+        lines.append(f"| {s['row'].label} | " + " | ".join(cells)
+                     + f" | {gap} | {paper} | {_seeds(s)} | {status_text(s)} |")
     return lines, missing
 
 
@@ -541,7 +546,8 @@ def _provenance(all_runs: list[dict]) -> list[str]:
     if not all_runs:
         return []
     hosts = sorted({r["env"].get("host", "?") for r in all_runs})
-    commits = sorted({(r["env"].get("git_commit") or "?")[:10] + ("+dirty" if r["env"].get("git_dirty") else "") for r in all_runs})
+    commits = sorted({(r["env"].get("git_commit") or "?")[:10] + ("+dirty" if r["env"].get("git_dirty") else "")
+                      for r in all_runs})
     torch_v = sorted({(r["env"].get("packages") or {}).get("torch") or "?" for r in all_runs})
     starts = sorted(r["metrics"].get("started_at", "") for r in all_runs if r["metrics"].get("started_at"))
     ends = sorted(r["metrics"].get("ended_at", "") for r in all_runs if r["metrics"].get("ended_at"))

@@ -185,13 +185,18 @@ def measure_of(study: str) -> Measure:
     """The measure ``study`` compares."""
     return MEASURE.get(study, TOP1)
 
+
+def _probe(rows: list[Row], i: int) -> tuple:
+    """A probe's row ``i`` as a claim's (key, swept value)."""
+    return (rows[i].key, rows[i].swept_value)
+
+
 #: The regular-batch BN row that the "gap" column is measured against, per study.
 REFERENCE = {"table2": ("table2_row1_bn_regular", None), "table4": ("table4_row11_modified_regular", None),
              "figure1b": ("table2_row3_bn_small", 32), "convergence": ("table2_row1_bn_regular", None),
              "det_table3": ("table3_syncbn", None), "det_convergence": ("table3_bn", None),
              "det_table5": ("table5_syncbn", None), "det_table7": ("table7_syncbn", None),
-             "row5_probe": (ROW5_PROBE[4].key, ROW5_PROBE[4].swept_value),
-             "brn_b32_probe": (BRN_B32_PROBE[0].key, BRN_B32_PROBE[0].swept_value)}
+             "row5_probe": _probe(ROW5_PROBE, 4), "brn_b32_probe": _probe(BRN_B32_PROBE, 0)}
 
 
 @dataclass(frozen=True)
@@ -238,8 +243,10 @@ CLAIMS = {
         Claim("5.1: EMAS in FP (BRN) restores BN(2) to some extent (4 vs 3)", "lower", _t2(4), _t2(3)),
         Claim("5.1: SMAS in BP with BRN collapses during training (row 5)", "diverges", _t2(5)),
         Claim("5.1: modified normalization slightly outperforms BRN at b = 2 (6 vs 4)", "lower", _t2(6), _t2(4)),
-        Claim("5.1: modified normalization shows no superiority to vanilla at b = 32 (2 vs 1)", "equal", _t2(2), _t2(1)),
-        Claim("5.1: with EMAS in FP, modified normalization reduces the error further (7 vs 6)", "lower", _t2(7), _t2(6)),
+        Claim("5.1: modified normalization shows no superiority to vanilla at b = 32 (2 vs 1)", "equal",
+              _t2(2), _t2(1)),
+        Claim("5.1: with EMAS in FP, modified normalization reduces the error further (7 vs 6)", "lower",
+              _t2(7), _t2(6)),
         Claim("5.1: modified + EMAS in FP still fails to restore BN(32) (7 vs 1)", "higher", _t2(7), _t2(1)),
         Claim("5.1: SMAS in BP fills the rest of the gap (8 vs 7)", "lower", _t2(8), _t2(7)),
     ],
@@ -261,21 +268,21 @@ CLAIMS = {
               _f1b("MABN", 2), _f1b("MABN", 32)),
     ],
     "row5_probe": [
-        Claim("5.1: row 5 collapses, the paper's step schedule", "diverges", (ROW5_PROBE[1].key, ROW5_PROBE[1].swept_value)),
-        Claim("5.1: row 5 collapses, lr 0.2", "diverges", (ROW5_PROBE[2].key, ROW5_PROBE[2].swept_value)),
-        Claim("5.1: row 5 collapses, no renorm clipping", "diverges", (ROW5_PROBE[3].key, ROW5_PROBE[3].swept_value)),
+        Claim("5.1: row 5 collapses, the paper's step schedule", "diverges", _probe(ROW5_PROBE, 1)),
+        Claim("5.1: row 5 collapses, lr 0.2", "diverges", _probe(ROW5_PROBE, 2)),
+        Claim("5.1: row 5 collapses, no renorm clipping", "diverges", _probe(ROW5_PROBE, 3)),
         Claim("row 5 worse than MABN (row 8), the paper's step schedule", "higher",
-              (ROW5_PROBE[1].key, ROW5_PROBE[1].swept_value), (ROW5_PROBE[5].key, ROW5_PROBE[5].swept_value)),
+              _probe(ROW5_PROBE, 1), _probe(ROW5_PROBE, 5)),
         Claim("row 5 worse than MABN (row 8), lr 0.2", "higher",
-              (ROW5_PROBE[2].key, ROW5_PROBE[2].swept_value), (ROW5_PROBE[6].key, ROW5_PROBE[6].swept_value)),
+              _probe(ROW5_PROBE, 2), _probe(ROW5_PROBE, 6)),
     ],
     "brn_b32_probe": [
         Claim("BRN at a large batch trains like BN (Ioffe 2017): BRN vs BN(32)", "equal",
-              (BRN_B32_PROBE[1].key, BRN_B32_PROBE[1].swept_value), (BRN_B32_PROBE[0].key, BRN_B32_PROBE[0].swept_value)),
+              _probe(BRN_B32_PROBE, 1), _probe(BRN_B32_PROBE, 0)),
         Claim("without renormalization BRN is BN: BRN (r = 1, d = 0) vs BN(32)", "equal",
-              (BRN_B32_PROBE[2].key, BRN_B32_PROBE[2].swept_value), (BRN_B32_PROBE[0].key, BRN_B32_PROBE[0].swept_value)),
+              _probe(BRN_B32_PROBE, 2), _probe(BRN_B32_PROBE, 0)),
         Claim("renormalization costs error at b = 32: BRN vs BRN (r = 1, d = 0)", "higher",
-              (BRN_B32_PROBE[1].key, BRN_B32_PROBE[1].swept_value), (BRN_B32_PROBE[2].key, BRN_B32_PROBE[2].swept_value)),
+              _probe(BRN_B32_PROBE, 1), _probe(BRN_B32_PROBE, 2)),
     ],
     "det_table3": [
         Claim("5.2: MABN(2) clearly outperforms BN(2), box AP", "higher", _t3("mabn"), _t3("bn")),
@@ -288,7 +295,8 @@ CLAIMS = {
     ],
     "det_table5": [
         Claim("B.3: with norm in the heads, MABN(2) outperforms BN(2), box AP", "higher", _t3("mabn", 5), _t3("bn", 5)),
-        Claim("B.3: with norm in the heads, MABN(2) outperforms BRN(2), box AP", "higher", _t3("mabn", 5), _t3("brn", 5)),
+        Claim("B.3: with norm in the heads, MABN(2) outperforms BRN(2), box AP", "higher",
+              _t3("mabn", 5), _t3("brn", 5)),
         Claim("B.3: with norm in the heads, MABN(2) is comparable with SyncBN, box AP", "equal",
               _t3("mabn", 5), _t3("syncbn", 5)),
         Claim("B.3: with norm in the heads, MABN(2) is comparable with SyncBN, mask AP", "equal",
