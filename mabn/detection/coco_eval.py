@@ -104,19 +104,26 @@ def _evaluate_one(coco_gt: COCO, results: list[dict], image_ids: list[int],
     return metrics, f"IoU metric: {iou_type}\n{printed.getvalue()}", evaluator
 
 
+def _evaluate_all(coco_gt: COCO, results: Mapping[str, list[dict]], image_ids: Sequence[int],
+                  iou_types: Sequence[str]) -> tuple[dict[str, float | None], str, dict[str, COCOeval]]:
+    """:func:`_evaluate_one` for each iou type over the distinct ``image_ids``: the numbers, the
+    printed summaries joined, and each iou type's evaluator."""
+    image_ids = sorted({int(image_id) for image_id in image_ids})
+    metrics, texts, evaluators = {}, [], {}
+    for iou_type in iou_types:
+        numbers, text, evaluators[iou_type] = _evaluate_one(coco_gt, list(results[iou_type]), image_ids, iou_type)
+        metrics.update(numbers)
+        texts.append(text)
+    return metrics, "".join(texts), evaluators
+
+
 def evaluate_results_and_matches(coco_gt: COCO, results: Mapping[str, list[dict]], image_ids: Sequence[int],
                                  iou_types: Sequence[str] = ("bbox", "segm"),
                                  ) -> tuple[dict[str, float | None], str, dict[str, dict]]:
     """:func:`evaluate_results` and, from the same evaluation, each iou type's per-image matches
     (:func:`match_records`' record): one COCOeval per iou type."""
-    image_ids = sorted({int(image_id) for image_id in image_ids})
-    metrics, texts, matches = {}, [], {}
-    for iou_type in iou_types:
-        numbers, text, evaluator = _evaluate_one(coco_gt, list(results[iou_type]), image_ids, iou_type)
-        metrics.update(numbers)
-        texts.append(text)
-        matches[iou_type] = _matches(evaluator)
-    return metrics, "".join(texts), matches
+    metrics, text, evaluators = _evaluate_all(coco_gt, results, image_ids, iou_types)
+    return metrics, text, {t: _matches(e) for t, e in evaluators.items()}
 
 
 def evaluate_results(coco_gt: COCO, results: Mapping[str, list[dict]], image_ids: Sequence[int],
@@ -125,7 +132,7 @@ def evaluate_results(coco_gt: COCO, results: Mapping[str, list[dict]], image_ids
     several processes): ``results[iou_type]`` the entries, ``image_ids`` the images evaluated
     (duplicates are ignored; the results should hold each image's detections once). Returns
     :func:`evaluate_coco`'s numbers and COCOeval's printed summary text."""
-    metrics, text, _ = evaluate_results_and_matches(coco_gt, results, image_ids, iou_types)
+    metrics, text, _ = _evaluate_all(coco_gt, results, image_ids, iou_types)
     return metrics, text
 
 
@@ -190,6 +197,6 @@ def _matches(evaluator: COCOeval) -> dict:
         ignored = np.asarray(e["dtIgnore"], dtype=bool).reshape(len(bits), -1).T @ bits
         for score, m, ig in zip(e["dtScores"], matched, ignored):
             detections.append([int(e["image_id"]), int(e["category_id"]), float(score), int(m), int(ig)])
-    return {"iou_type": evaluator.params.iouType, "iou_thresholds": [round(float(t), 4) for t in p.iouThrs],
+    return {"iou_type": p.iouType, "iou_thresholds": [round(float(t), 4) for t in p.iouThrs],
             "recall_thresholds": len(p.recThrs), "max_detections": int(p.maxDets[-1]),
             "images": [int(i) for i in p.imgIds], "gt": gt, "detections": detections}

@@ -86,10 +86,13 @@ class DetectionTask(Task):
         if s.di.is_main:
             results = {t: [r for rank_results, _ in gathered for r in rank_results[t]] for t in self.iou_types}
             ids = [i for _, rank_ids in gathered for i in rank_ids]
-            res, text, matches = coco_eval.evaluate_results_and_matches(s.val_set.coco, results, ids, self.iou_types)
             if s.it == s.cfg.schedule.iterations:  # the final model's matches, for per-image paired tests
+                res, text, matches = coco_eval.evaluate_results_and_matches(s.val_set.coco, results, ids,
+                                                                            self.iou_types)
                 files.atomic_write({os.path.join(s.cfg.out_dir, coco_eval.MATCHES_FILES[t]): json.dumps(matches[t])
                                     for t in self.iou_types})
+            else:
+                res, text = coco_eval.evaluate_results(s.val_set.coco, results, ids, self.iou_types)
             log.info("iter %d: COCO evaluation of %d images:\n%s", s.it, len(ids), text)
             log.info("iter %d: val %s", s.it, ", ".join(
                 f"{t}_AP {res[f'{t}_AP']:.2f} (AP50 {res[f'{t}_AP50']:.2f}, AP75 {res[f'{t}_AP75']:.2f})"
