@@ -123,7 +123,10 @@ def test_collector_on_fabricated_runs(tmp_path):
     make_run(runs, "table2_row1_bn_regular", 0, "finished", 40.0, nbs=32)
     make_run(runs, "table2_row1_bn_regular", 1, "finished", 42.0, nbs=32)
     make_run(runs, "table2_row1_bn_regular", 2, "finished", 43.0, nbs=32)
-    make_run(runs, "table2_row2_modified_regular", 0, "finished", 41.5, nbs=32)
+    resumed = make_run(runs, "table2_row2_modified_regular", 0, "finished", 41.5, nbs=32)
+    m = json.loads((resumed / "metrics.json").read_text())  # a resumed run: its totals over 3 invocations
+    m.update(total_wall_time_s=300.0, invocations=3)
+    (resumed / "metrics.json").write_text(json.dumps(m))
     make_run(runs, "table2_row3_bn_small", 0, "finished", 55.0)
     make_run(runs, "table2_row3_bn_small", 1, "finished", 58.0)
     make_run(runs, "table2_row3_bn_small", 3, "finished", 70.0)  # seed 3: no partner in row 1
@@ -158,6 +161,8 @@ def test_collector_on_fabricated_runs(tmp_path):
             "| runs: non-finite loss or a loss rise > 1 | | 0 | agrees | | | |") in text
     assert "(8 vs 1) | +0.17 | - | TOST ± 1.5 (90%) | - | 0 | not run |" in text  # row 8 missing
     assert "(2 vs 1) | +0.12 | +1.50 | TOST ± 1.5 (90%) | - | 1 | one seed: cannot tell |" in text
+    # 11 runs of 60 s each, but the resumed one counts its 300 s over all its invocations: 900 s
+    assert "summed wall time 15.0 min" in text
     # Deterministic: the same runs give the same file.
     assert collect_results.main(args) == 0
     assert out.read_text() == text

@@ -71,8 +71,10 @@ def test_resume_is_exact(tmp_path):
     train_in_process(tiny(a, **common))
     r1 = train_in_process(tiny(b, stop_after=4, **common))
     assert r1["status"] == "interrupted" and metrics(b)["iteration"] == 4
+    before = checkpoint.load(str(b / "checkpoints" / "ckpt_0000004.pt"))["time"]
     r2 = train_in_process(tiny(b, resume="auto", **{"data.workers": 2}, **common))
     assert r2["status"] == "finished"
+    _check_time_over_invocations(metrics(a), metrics(b), r1, before)
     (ma, ba), (mb, bb) = _final_state(a), _final_state(b)
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
     assert ba.keys() == bb.keys() and all(torch.equal(ba[k], bb[k]) for k in ba)
@@ -82,6 +84,35 @@ def test_resume_is_exact(tmp_path):
     assert [x["loss"] for x in la] == [x["loss"] for x in lb]
     assert [x["lr"] for x in lb] == pytest.approx([0.02] * 5 + [0.002] * 3)  # lr / 10 after iteration 5
     assert metrics(a)["val_top1_err"] == metrics(b)["val_top1_err"]
+
+
+def _check_time_over_invocations(straight, split, first, before):
+    """metrics.json's totals: one invocation's own time for a straight run; for a resumed one the
+    time recorded in the checkpoint it resumed from plus the last invocation's."""
+    assert straight["invocations"] == 1 and straight["first_started_at"] == straight["started_at"]
+    assert straight["total_wall_time_s"] == pytest.approx(straight["wall_time_s"], abs=0.15)
+    # the checkpoint of iteration 4 was written before the first invocation ended
+    assert before["invocations"] == 1 and 0 < before["wall_s"] <= first["wall_time_s"] + 0.1
+    assert split["invocations"] == 2 and split["first_started_at"] == first["started_at"]
+    assert split["total_wall_time_s"] == pytest.approx(before["wall_s"] + split["wall_time_s"], abs=0.15)
+    assert split["total_cpu_time_s"] == pytest.approx(before["cpu_s"] + split["cpu_time_s"], abs=0.15)
+    assert split["total_wall_time_s"] > split["wall_time_s"]
+
+
+def test_resume_from_a_checkpoint_without_time_records_no_totals(tmp_path):
+    """A checkpoint written before checkpoints recorded time: the run's totals are unknown, so
+    metrics.json leaves them out rather than report the last invocation as the whole run."""
+    out = tmp_path / "run"
+    train_in_process(tiny(out, iterations=4, stop_after=2))
+    path = str(out / "checkpoints" / "ckpt_0000002.pt")
+    state = checkpoint.load(path)
+    del state["time"]
+    os.remove(path)
+    checkpoint.save(state, str(out / "checkpoints"), keep=1)
+    assert train_in_process(tiny(out, iterations=4, resume="auto"))["status"] == "finished"
+    m = metrics(out)
+    assert m["wall_time_s"] > 0
+    assert not {"total_wall_time_s", "total_cpu_time_s", "invocations", "first_started_at"} & m.keys()
 
 
 def test_sigterm_writes_a_checkpoint(tmp_path):

@@ -236,6 +236,7 @@ class _State:
     t_start: float = 0.0
     cpu_start: float = 0.0  # time.process_time() at the start: metrics.json cpu_time_s
     steal_start: float | None = None  # the VM's steal time then (machine.steal_seconds)
+    time_before: dict | None = None  # the earlier invocations' time (checkpoint "time"; None: unknown)
     compile_logged: bool = False  # the first (compiling) iteration's time is in log.txt
 
     @property
@@ -278,6 +279,7 @@ def _train(s: _State) -> dict:
     cfg = s.cfg
     s.started_at, s.t_start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     s.cpu_start, s.steal_start = time.process_time(), steal_seconds()
+    s.time_before = {"wall_s": 0.0, "cpu_s": 0.0, "first_started_at": s.started_at, "invocations": 0}
     run.setup_logging(cfg.out_dir, s.di.is_main, defer_file=True)  # log.txt once the run starts
     if _finished_record(s):
         log.info("the run in %s already finished (metrics.json: status finished at iteration %d); "
@@ -373,6 +375,7 @@ def _resume(s: _State) -> bool:
     if not state:
         return True
     s.it = state["iteration"]
+    s.time_before = state.get("time")  # None: the checkpoint predates the record of time
     _warn_unchecked(check_checkpoint_fits(state["config"], cfg, s.it, f"resume: the checkpoint {source}"))
     _warn_free_changes(state["config"], cfg)
     if s.record.armed:
@@ -606,7 +609,7 @@ def _save_checkpoint(s: _State) -> None:
             "iteration": s.it, "status": s.status, "model": s.model.state_dict(),
             "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
             "ranks": ranks, "config": OmegaConf.to_container(s.cfg, resolve=True),
-            "val": s.last_val,
+            "val": s.last_val, "time": _time_so_far(s),
         }, s.ckpt_dir, s.cfg.keep_checkpoints)
         log.info("checkpoint %s", path)
     distributed.barrier()
@@ -619,6 +622,10 @@ def _finish(s: _State) -> dict:
                   ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   wall_time_s=round(time.perf_counter() - s.t_start, 1),  # of this invocation
                   cpu_time_s=round(time.process_time() - s.cpu_start, 1))  # this process's, same span
+    total = _time_so_far(s)
+    if total:  # over every invocation of the run (resumes included)
+        result.update(total_wall_time_s=total["wall_s"], total_cpu_time_s=total["cpu_s"],
+                      first_started_at=total["first_started_at"], invocations=total["invocations"])
     steal = steal_seconds()
     if steal is not None and s.steal_start is not None:
         result["machine_steal_s"] = round(steal - s.steal_start, 1)  # all of the VM's CPUs
@@ -636,6 +643,18 @@ def _finish(s: _State) -> dict:
         s.writer.close()
         log.info("status %s at iteration %d; %s", s.status, s.it, s.record.path)
     return result
+
+
+def _time_so_far(s: _State) -> dict | None:
+    """Wall and CPU time of the run over all its invocations until now: those up to the checkpoint
+    it resumed from plus this one (time after a run's last checkpoint is lost with a crash); None
+    when it resumed from a checkpoint written before checkpoints recorded it."""
+    before = s.time_before
+    if before is None:
+        return None
+    return {"wall_s": round(before["wall_s"] + time.perf_counter() - s.t_start, 1),
+            "cpu_s": round(before["cpu_s"] + time.process_time() - s.cpu_start, 1),
+            "first_started_at": before["first_started_at"], "invocations": before["invocations"] + 1}
 
 
 def _params_digest(model: nn.Module) -> str | None:

@@ -549,9 +549,10 @@ def _provenance(all_runs: list[dict]) -> list[str]:
     commits = sorted({(r["env"].get("git_commit") or "?")[:10] + ("+dirty" if r["env"].get("git_dirty") else "")
                       for r in all_runs})
     torch_v = sorted({(r["env"].get("packages") or {}).get("torch") or "?" for r in all_runs})
-    starts = sorted(r["metrics"].get("started_at", "") for r in all_runs if r["metrics"].get("started_at"))
-    ends = sorted(r["metrics"].get("ended_at", "") for r in all_runs if r["metrics"].get("ended_at"))
-    wall = sum(float(r["metrics"].get("wall_time_s") or 0) for r in all_runs)
+    metrics = [r["metrics"] for r in all_runs]  # a resumed run's totals when recorded, else its last invocation's
+    starts = sorted(m.get("first_started_at") or m["started_at"] for m in metrics if m.get("started_at"))
+    ends = sorted(m["ended_at"] for m in metrics if m.get("ended_at"))
+    wall = sum(float(m.get("total_wall_time_s") or m.get("wall_time_s") or 0) for m in metrics)
     iters = sorted({r["config"]["schedule"]["iterations"] for r in all_runs})
     cfg0 = all_runs[0]["config"]
     model, data = cfg0["model"], cfg0["data"]
