@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Evaluate detection checkpoints (scripts/train_detection.py runs): COCO box (and mask) AP on the
-validation split, one JSON line per run on stdout.
+validation split (or, with --split, another split of its data set), one JSON line per run on stdout.
 
     python scripts/eval_detection.py runs/det_table3/det_small_x2/table3_mabn/seed0        # newest checkpoint
     python scripts/eval_detection.py runs/det_table3/det_small_x2/*/seed* --write-matches     # + val_*_matches.json
+    python scripts/eval_detection.py runs/det_table3/det_small_x2/*/seed0 --split train --images 250  # fit to the training images
 
 --write-matches writes the run's ``val_box_matches.json`` and, for Mask R-CNN, ``val_mask_matches.json``
 (COCOeval's per-image matches, which the detection tables' per-image paired tests read) for runs
@@ -26,9 +27,12 @@ from mabn.engine import checkpoint, files
 from mabn.engine.config import ConfigError
 
 
-def evaluate_run(run_dir: str, data_root: str | None, write: bool) -> dict:
-    metrics, matches, iteration = evaluate_detection_checkpoint(run_dir, data_root)
-    line = {"run": run_dir, "iteration": iteration, **{k: metrics[k] for k in metrics if k.endswith(("AP", "AP50", "AP75"))}}
+def evaluate_run(run_dir: str, data_root: str | None, write: bool, split: str | None = None,
+                 images: int | None = None) -> dict:
+    metrics, matches, iteration = evaluate_detection_checkpoint(run_dir, data_root, split, images)
+    line = {"run": run_dir, "iteration": iteration, **({"split": split} if split else {}),
+            **({"images": images} if images is not None else {}),
+            **{k: metrics[k] for k in metrics if k.endswith(("AP", "AP50", "AP75"))}}
     if not write:
         return line
     with open(os.path.join(run_dir, "metrics.json")) as f:
@@ -49,14 +53,25 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", help="run directories (their newest checkpoint) or checkpoint files")
     p.add_argument("--data-root", help="the data set's folder, when it moved since training (data.root)")
     p.add_argument("--write-matches", action="store_true", help="write val_box_matches.json (and val_mask_matches.json) into each run")
+    p.add_argument("--split", help="evaluate this split of the run's data set (e.g. train, without augmentation) "
+                                   "instead of its validation split")
+    p.add_argument("--images", type=int, help="only the first IMAGES images of the split evaluated")
     args = p.parse_args(argv)
+    if args.write_matches and (args.split or args.images is not None):
+        print("--write-matches writes the validation split's matches of the run as trained; it takes no "
+              "--split or --images", file=sys.stderr)
+        return 2
+    if args.images is not None and args.images < 1:
+        print(f"--images must be at least 1, got {args.images}", file=sys.stderr)
+        return 2
     failed = 0
     for run_dir in args.runs:
         if args.write_matches and not os.path.isdir(run_dir):
             print(f"--write-matches takes run directories; {run_dir!r} is not one", file=sys.stderr)
             return 2
         try:
-            print(json.dumps(evaluate_run(run_dir, args.data_root, args.write_matches)), flush=True)
+            print(json.dumps(evaluate_run(run_dir, args.data_root, args.write_matches, args.split, args.images)),
+                  flush=True)
         except (checkpoint.CheckpointError, ConfigError, ValueError, OSError) as e:
             print(f"{run_dir}: {e}", file=sys.stderr)
             failed += 1

@@ -309,6 +309,26 @@ def test_table9_benchmark_prints_its_tables(data_root, tmp_path):
     assert r.returncode == 2 and "make_detection_data.py" in r.stderr
 
 
+def _check_other_split(data_root, out, m):
+    """eval_detection's --split / --images: the training split's first images (the generalization
+    gap), and the validation split again with the run's own count reproduces its AP."""
+    from mabn.detection.coco import CocoDetection
+    from mabn.detection.evaluation import evaluate_detection_checkpoint
+
+    metrics, matches, _ = evaluate_detection_checkpoint(str(out), split="train", images=5)
+    assert matches["bbox"]["images"] == sorted(CocoDetection(data_root, "train").image_ids[:5])
+    assert 0 <= metrics["bbox_AP"] <= 100
+    again, _, _ = evaluate_detection_checkpoint(str(out), split="val", images=6)
+    assert again["bbox_AP"] == m["bbox_AP"] and again["segm_AP"] == m["segm_AP"]
+    eval_script = [PYTHON, os.path.join(REPO, "scripts", "eval_detection.py"), str(out)]
+    r = run_script(eval_script + ["--split", "train", "--images", "3"])
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["split"] == "train", r.stderr[-3000:]
+    for bad, said in ((["--split", "train", "--write-matches"], "takes no --split"), (["--images", "0"], "at least 1"),
+                      (["--split", "nosuch"], "nosuch")):
+        r = run_script(eval_script + bad)
+        assert r.returncode in (1, 2) and said in r.stderr, (bad, r.stderr[-2000:])
+
+
 def test_final_matches_reproduce_box_and_mask_ap_and_eval_rewrites_them(data_root, tmp_path):
     """The final validation writes val_box_matches.json and val_mask_matches.json, whose recomputed
     APs (mabn.lab.ap_matches) are metrics.json's box and mask AP; scripts/eval_detection.py
@@ -329,6 +349,7 @@ def test_final_matches_reproduce_box_and_mask_ap_and_eval_rewrites_them(data_roo
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.splitlines()[-1])["bbox_AP"] == m["bbox_AP"]
     assert {t: f.read_text() for t, f in files.items()} == first
+    _check_other_split(data_root, out, m)
     part = tmp_path / "part"
     train_det(small(data_root, part, iterations=4, stop_after=2, **{"data.val_images": 6}))
     r = run_script([PYTHON, os.path.join(REPO, "scripts", "eval_detection.py"), str(part), "--write-matches"])

@@ -23,13 +23,17 @@ __all__ = ["evaluate_detection_checkpoint"]
 log = logging.getLogger(__name__)
 
 
-def evaluate_detection_checkpoint(path: str, data_root: str | None = None) -> tuple[dict, dict, int]:
+def evaluate_detection_checkpoint(path: str, data_root: str | None = None, split: str | None = None,
+                                  images: int | None = None) -> tuple[dict, dict, int]:
     """(COCO numbers in percent, iou type -> its matches (:func:`coco_eval.match_records`), the
     checkpoint's iteration) of the checkpoint ``path`` (a file, or a run directory: its newest
     usable checkpoint) on its config's validation split (``data_root`` replaces data.root), on
     the CPU, as one process of the trainer validates: the same images (the first
     data.val_images when that is set), batches and autocast, through the task's own prediction
-    code, so that a single-process run's final numbers reproduce exactly."""
+    code, so that a single-process run's final numbers reproduce exactly.
+
+    ``split`` evaluates another split of the data set instead (e.g. the training split, without
+    its augmentation: the generalization gap), ``images`` its first that many images."""
     state, file = resolve_checkpoint(path)
     cfg = saved_config(state)
     if data_root is not None:
@@ -37,8 +41,9 @@ def evaluate_detection_checkpoint(path: str, data_root: str | None = None) -> tu
     cfg = config.load(cfg)
     task, device = DetectionTask(), torch.device("cpu")
     task.iou_types = iou_types(cfg.model.arch)
-    val = CocoDetection(cfg.data.root, cfg.data.val_split, masks="segm" in task.iou_types, train=False)
-    shown = val if cfg.data.val_images is None else Subset(val, range(min(cfg.data.val_images, len(val))))
+    val = CocoDetection(cfg.data.root, split or cfg.data.val_split, masks="segm" in task.iou_types, train=False)
+    count = images if images is not None else (cfg.data.val_images if split is None else None)
+    shown = val if count is None else Subset(val, range(min(count, len(val))))
     model = build_detector(cfg.model, cfg.norm, val.num_classes)
     models.load_weights({"model": model}, state)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
