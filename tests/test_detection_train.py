@@ -323,8 +323,13 @@ def _check_other_split(data_root, out, m):
     eval_script = [PYTHON, os.path.join(REPO, "scripts", "eval_detection.py"), str(out)]
     r = run_script(eval_script + ["--split", "train", "--images", "3"])
     assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["split"] == "train", r.stderr[-3000:]
+    r = run_script(eval_script + ["--split", "train", "--images", "5", "--record"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    recorded = json.loads((out / "train_eval.json").read_text())
+    assert recorded["split"] == "train" and recorded["images"] == 5 and recorded["bbox_AP"] == metrics["bbox_AP"]
     for bad, said in ((["--split", "train", "--write-matches"], "takes no --split"), (["--images", "0"], "at least 1"),
-                      (["--split", "nosuch"], "nosuch")):
+                      (["--split", "nosuch"], "nosuch"), (["--record"], "--record takes --split"),
+                      (["--split", "val", "--record"], "--record takes --split")):
         r = run_script(eval_script + bad)
         assert r.returncode in (1, 2) and said in r.stderr, (bad, r.stderr[-2000:])
 
@@ -355,3 +360,6 @@ def test_final_matches_reproduce_box_and_mask_ap_and_eval_rewrites_them(data_roo
     r = run_script([PYTHON, os.path.join(REPO, "scripts", "eval_detection.py"), str(part), "--write-matches"])
     assert r.returncode == 1 and "not the finished run's final one" in r.stderr, r.stderr[-3000:]
     assert not (part / "val_box_matches.json").exists() and not (part / "val_mask_matches.json").exists()
+    r = run_script([PYTHON, os.path.join(REPO, "scripts", "eval_detection.py"), str(part), "--split", "train", "--record"])
+    assert r.returncode == 1 and "not the finished run's final one" in r.stderr, r.stderr[-3000:]
+    assert not (part / "train_eval.json").exists()

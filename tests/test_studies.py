@@ -359,6 +359,31 @@ def test_collector_detection_table3_and_claims(tmp_path):
     assert "| 5.2: MABN(2) outperforms BRN(2), box AP | +2.92 | - | t (95%) | - | 0 | not run |" in text
 
 
+def test_collector_detection_fit_to_training_images(tmp_path):
+    """Runs with train_eval.json (eval_detection.py --split train --record) get a second table: the
+    training-image AP and the per-seed gap to the validation AP; rows without it are left out,
+    and a table without any keeps no such section."""
+    runs = tmp_path / "runs"
+    for seed, (mabn, train_box, train_mask) in enumerate([(13.5, 30.0, 28.0), (15.0, 32.0, 29.0)]):
+        make_det_run(runs, "table3_bn", seed, 10.0 + seed, 9.0 + seed)
+        make_det_run(runs, "table3_mabn", seed, mabn, mabn - 1)
+        (runs / "table3_mabn" / f"seed{seed}" / "train_eval.json").write_text(json.dumps(
+            {"split": "train", "images": 250, "iteration": 3000, "bbox_AP": train_box, "segm_AP": train_mask}))
+    out = tmp_path / "table3.md"
+    assert collect_results.main(["det_table3", str(runs), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "(the first 250 of the training split" in text
+    # train box 30, 32 -> 31.00 ± 1.41; gaps 30 - 13.5 = 16.5, 32 - 15 = 17 -> +16.75 ± 0.35;
+    # train mask 28, 29 -> 28.50 ± 0.71; gaps 28 - 12.5 = 15.5, 29 - 14 = 15 -> +15.25 ± 0.35
+    assert "| MABN(2) | 31.00 ± 1.41 | +16.75 ± 0.35 | 28.50 ± 0.71 | +15.25 ± 0.35 | 0,1 |" in text
+    fit = text.split("(the first 250 of the training split")[1].split("## ")[0]
+    assert "| BN(2) |" not in fit
+    for seed in (0, 1):
+        (runs / "table3_mabn" / f"seed{seed}" / "train_eval.json").unlink()
+    assert collect_results.main(["det_table3", str(runs), "--out", str(out)]) == 0
+    assert "training split" not in out.read_text()
+
+
 def test_collector_detection_convergence(tmp_path):
     runs = tmp_path / "runs"
     for seed in (0, 1):

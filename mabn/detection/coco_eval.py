@@ -20,7 +20,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 __all__ = ["SUMMARY_NAMES", "MASK_THRESHOLD", "evaluate_coco", "evaluate_coco_with_summary",
-           "evaluate_results", "evaluate_results_and_matches", "coco_results", "match_records", "MATCHES_FILES"]
+           "evaluate_results", "evaluate_results_and_matches", "coco_results", "match_records", "MATCHES_FILES",
+           "SPLIT_EVAL_FILE"]
 
 # The 12 numbers of COCOeval.summarize(), in its order.
 SUMMARY_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -29,6 +30,9 @@ MASK_THRESHOLD = 0.5
 #: Where a run keeps the final validation's :func:`match_records`, per iou type (the detection
 #: tables' per-image paired tests of box AP and mask AP read them).
 MATCHES_FILES = {"bbox": "val_box_matches.json", "segm": "val_mask_matches.json"}
+#: A run's final AP on another split of its data set (``scripts/eval_detection.py --split S --record``),
+#: e.g. ``train_eval.json``: the detection tables' fit to the training images.
+SPLIT_EVAL_FILE = "{split}_eval.json"
 
 
 def _numpy(values: Any) -> np.ndarray:

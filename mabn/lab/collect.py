@@ -57,6 +57,7 @@ import sys
 import numpy as np
 import yaml
 
+from mabn.detection.coco_eval import SPLIT_EVAL_FILE
 from mabn.engine import files
 
 from .ap_matches import AP_REPLICATES, paired_ap_bootstrap, read_matches
@@ -83,8 +84,17 @@ def find_runs(root: str) -> list[dict]:
                          "config": config, "env": env,
                          "predictions": read_predictions(os.path.join(dirpath, "val_predictions.csv")),
                          "loss_rise": loss_rise(os.path.join(dirpath, "train_log.jsonl")),
-                         "matches": {t: read_matches(dirpath, t) for t in IOU_TYPE.values()}})
+                         "matches": {t: read_matches(dirpath, t) for t in IOU_TYPE.values()},
+                         "train_eval": read_json_if_any(os.path.join(dirpath, SPLIT_EVAL_FILE.format(split="train")))})
     return runs
+
+
+def read_json_if_any(path: str) -> dict | None:
+    """The JSON object in ``path`` (a detection run's ``train_eval.json``), or None without one."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def loss_rise(path: str) -> tuple[float, int] | None:
@@ -508,7 +518,40 @@ def _detection_lines(study: str, summary: list[dict]) -> tuple[list[str], list[R
         paper = " / ".join(fmt(_paper(s["row"], None if i == 0 else m.key)) for i, m in enumerate(shown))
         lines.append(f"| {s['row'].label} | " + " | ".join(cells)
                      + f" | {gap} | {paper} | {_seeds(s)} | {status_text(s)} |")
-    return lines, missing
+    return lines + _train_fit_lines(summary, shown), missing
+
+
+def _train_fit_lines(summary: list[dict], shown: tuple[Measure, ...]) -> list[str]:
+    """Where the runs recorded it (``train_eval.json``): each row's final AP on training images
+    beside its validation AP, and the generalization gap (training - validation, per seed)."""
+    fits = {id(s): {r["config"]["seed"]: r for r in s["runs"] if r["metrics"].get("status") == "finished"
+                    and r.get("train_eval")} for s in summary}
+    if not any(fits.values()):
+        return []
+    images = sorted({r["train_eval"].get("images") or "all" for f in fits.values() for r in f.values()}, key=str)
+    lines = ["", f"The final models on training images (the first {' / '.join(map(str, images))} of the training "
+             "split, evaluation mode, no augmentation: `scripts/eval_detection.py --split train --images N "
+             "--record`, each run's `train_eval.json`): AP mean over seeds ± sample std, and the generalization "
+             "gap, training minus validation AP of the same run (mean over those seeds ± std).", "",
+             "| row | " + " | ".join(f"train {m.column} | {m.column} gap (train - val)" for m in shown) + " | seeds |",
+             "|---|" + "---:|---:|" * len(shown) + "---|"]
+    for s in summary:
+        by_seed = fits[id(s)]
+        if not by_seed:
+            continue
+        cells = []
+        for m in shown:
+            train = [float(r["train_eval"][m.key]) for r in by_seed.values()]
+            gaps = [float(r["train_eval"][m.key]) - float(r["metrics"][m.key]) for r in by_seed.values()]
+            cells += [_mean_std(train), _mean_std(gaps, signed=True)]
+        lines.append(f"| {s['row'].label} | " + " | ".join(cells) + f" | {','.join(map(str, sorted(by_seed)))} |")
+    return lines
+
+
+def _mean_std(values: list[float], signed: bool = False) -> str:
+    """"mean ± sample std" (the std only with two values or more)."""
+    std = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return fmt(statistics.mean(values), signed=signed) + std
 
 
 def render(study: str, summary: list[dict], runs_dir: str, title: str | None, notes: str | None,
