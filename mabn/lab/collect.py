@@ -76,10 +76,7 @@ def find_runs(root: str) -> list[dict]:
                 metrics = json.load(f)
             with open(os.path.join(dirpath, "config.yaml")) as f:
                 config = yaml.safe_load(f)
-            env = {}
-            if os.path.exists(os.path.join(dirpath, "env.json")):
-                with open(os.path.join(dirpath, "env.json")) as f:
-                    env = json.load(f)
+            env = read_json_if_any(os.path.join(dirpath, "env.json")) or {}
             runs.append({"dir": os.path.relpath(dirpath, root), "root": root, "metrics": metrics,
                          "config": config, "env": env,
                          "predictions": read_predictions(os.path.join(dirpath, "val_predictions.csv")),
@@ -90,7 +87,8 @@ def find_runs(root: str) -> list[dict]:
 
 
 def read_json_if_any(path: str) -> dict | None:
-    """The JSON object in ``path`` (a detection run's ``train_eval.json``), or None without one."""
+    """The JSON object in ``path`` (a run's ``env.json``, a detection run's ``train_eval.json``), or None
+    without the file."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -512,7 +510,7 @@ def _detection_lines(study: str, summary: list[dict]) -> tuple[list[str], list[R
         cells = []
         for m, suffix in kinds:
             v = _values([r for r in s["runs"] if r["metrics"].get("status") == "finished"], m.key + suffix)
-            cells.append(fmt(v["mean"]) + (f" ± {v['std']:.2f}" if v["std"] is not None else ""))
+            cells.append(_mean_std(v["errs"]))
         g, gstd, _ = paired_gap(s, ref)
         gap = fmt(g, signed=True) + (f" ± {gstd:.2f}" if gstd is not None else "")
         paper = " / ".join(fmt(_paper(s["row"], None if i == 0 else m.key)) for i, m in enumerate(shown))
@@ -549,7 +547,9 @@ def _train_fit_lines(summary: list[dict], shown: tuple[Measure, ...]) -> list[st
 
 
 def _mean_std(values: list[float], signed: bool = False) -> str:
-    """"mean ± sample std" (the std only with two values or more)."""
+    """"mean ± sample std" (the std only with two values or more; "-" without any)."""
+    if not values:
+        return fmt(None)
     std = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
     return fmt(statistics.mean(values), signed=signed) + std
 
