@@ -26,6 +26,8 @@ import json
 import os
 import sys
 
+from omegaconf import OmegaConf
+
 from mabn.detection.coco_eval import MATCHES_FILES, SPLIT_EVAL_FILE
 from mabn.detection.evaluation import evaluate_detection_checkpoint
 from mabn.engine import checkpoint, files
@@ -34,6 +36,9 @@ from mabn.engine.config import ConfigError
 
 def evaluate_run(run_dir: str, data_root: str | None, write: bool, split: str | None = None,
                  images: int | None = None, record: bool = False) -> dict:
+    if record and split == _val_split(run_dir):
+        raise ValueError(f"--split {split!r} is the run's validation split (data.val_split): its AP is metrics.json's; "
+                         "--record takes another split")
     metrics, matches, iteration = evaluate_detection_checkpoint(run_dir, data_root, split, images)
     line = {"run": run_dir, "iteration": iteration, **({"split": split} if split else {}),
             **({"images": images} if images is not None else {}),
@@ -53,6 +58,11 @@ def evaluate_run(run_dir: str, data_root: str | None, write: bool, split: str | 
     paths = {os.path.join(run_dir, MATCHES_FILES[t]): json.dumps(m) for t, m in matches.items()}
     files.atomic_write(paths)
     return {**line, "wrote": sorted(paths)}
+
+
+def _val_split(run_dir: str) -> str:
+    """The validation split the run was trained with (its config.yaml's data.val_split)."""
+    return OmegaConf.load(os.path.join(run_dir, "config.yaml")).data.val_split
 
 
 def _final_record(run_dir: str, iteration: int) -> dict:
@@ -75,8 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--record", action="store_true", help="with --split: write the evaluation into each run "
                                                          "as <split>_eval.json (final checkpoints only)")
     args = p.parse_args(argv)
-    if args.record and (not args.split or args.split == "val" or args.write_matches):
-        print("--record takes --split with a split other than the validation split, and no --write-matches",
+    if args.record and (not args.split or args.write_matches):
+        print("--record takes --split with a split other than the run's validation split, and no --write-matches",
               file=sys.stderr)
         return 2
     if args.write_matches and (args.split or args.images is not None):

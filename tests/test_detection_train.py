@@ -329,7 +329,7 @@ def _check_other_split(data_root, out, m):
     assert recorded["split"] == "train" and recorded["images"] == 5 and recorded["bbox_AP"] == metrics["bbox_AP"]
     for bad, said in ((["--split", "train", "--write-matches"], "takes no --split"), (["--images", "0"], "at least 1"),
                       (["--split", "nosuch"], "nosuch"), (["--record"], "--record takes --split"),
-                      (["--split", "val", "--record"], "--record takes --split")):
+                      (["--split", "val", "--record"], "is the run's validation split")):
         r = run_script(eval_script + bad)
         assert r.returncode in (1, 2) and said in r.stderr, (bad, r.stderr[-2000:])
 
