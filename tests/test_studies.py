@@ -315,13 +315,13 @@ def test_every_claim_names_rows_of_its_study():
                 assert (gap > 0) == (c.kind == "higher"), c  # the paper's own numbers agree
 
 
-def make_det_run(root, name, seed, box, mask, iterations=3000, status="finished"):
+def make_det_run(root, name, seed, box, mask, iterations=3000, status="finished", data="det-tiny10"):
     """A fabricated detection run directory: box / mask AP (and AP50 = AP + 20, AP75 = AP - 5)."""
     d = root / name / f"seed{seed}"
     d.mkdir(parents=True)
     cfg = {"name": name, "seed": seed, "norm": {"norm_batch_size": 2},
            "model": {"arch": "mask_rcnn", "backbone": "resnet18", "backbone_width": 16, "min_size": 128},
-           "data": {"name": "det-tiny10", "root": "data/det-tiny10", "batch_size": 8},
+           "data": {"name": data, "root": f"data/{data}", "batch_size": 8},
            "schedule": {"iterations": iterations}}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     metrics = {"status": status, "iteration": iterations, "wall_time_s": 60.0}
@@ -397,6 +397,31 @@ def test_collector_detection_convergence(tmp_path):
     assert "| BN(2) | 6000 | 11.00 | 0.71 | +0.50 | 0.71 | 0,1 | 2 finished |" in text
     assert "changes the mean box AP by +0.50 points: converged." in text
     assert "changes the mean box AP by +2.00 points: NOT converged (|change| >= 1.0)." in text
+
+
+def test_collector_detection_data_size_probe(tmp_path):
+    """det_data_size keys runs by data.name: the same presets on 2,000 (Table 3's folder) and on
+    8,000 training images are separate rows, and the claims pair them by seed."""
+    for seed in (0, 1):
+        make_det_run(tmp_path / "table3", "table3_bn", seed, 12.0 + seed, 12.0)
+        make_det_run(tmp_path / "table3", "table3_mabn", seed, 11.0 + seed, 11.0)
+        make_det_run(tmp_path / "size", "table3_bn", seed, 13.0 + seed, 13.0, data="det-tiny10-8k")
+        make_det_run(tmp_path / "size", "table3_mabn", seed, 14.0 + 2 * seed, 14.0, data="det-tiny10-8k")
+    out = tmp_path / "size.md"
+    assert collect_results.main(["det_data_size", str(tmp_path / "size"), str(tmp_path / "table3"),
+                                 "--out", str(out)]) == 0
+    lines = table_lines(out.read_text())
+    # The paired gap to BN(2) on 2,000 images (12, 13): MABN(2) on 8,000 (14, 16) -> +2, +3.
+    assert lines["MABN(2), 8,000 training images"].startswith(
+        "| MABN(2), 8,000 training images | 15.00 ± 1.41 |"), lines
+    assert "| +2.50 ± 0.71 |" in lines["MABN(2), 8,000 training images"]
+    assert "| +0.00 ± 0.00 |" in lines["BN(2), 2,000 training images"]
+    text = out.read_text()
+    # On 2,000 images MABN - BN = -1, -1: the opposite of the claim; on 8,000 +1, +2.
+    assert "| 5.2: MABN(2) outperforms BN(2), box AP, on 2,000 training images (Table 3) | - | -1.00 |" in text
+    assert "| 5.2: MABN(2) outperforms BN(2), box AP, on 8,000 training images | - | +1.50 |" in text
+    assert "| 4x the training images raise MABN(2)'s box AP | - | +3.50 |" in text
+    assert "data det-tiny10 data/det-tiny10, det-tiny10-8k data/det-tiny10-8k at 128 px" in text
 
 
 def test_validation_curves_from_val_logs(tmp_path):

@@ -599,12 +599,13 @@ def _provenance(all_runs: list[dict]) -> list[str]:
     iters = sorted({r["config"]["schedule"]["iterations"] for r in all_runs})
     cfg0 = all_runs[0]["config"]
     model, data = cfg0["model"], cfg0["data"]
+    datasets = sorted({f"{r['config']['data']['name']} {r['config']['data'].get('root') or ''}".rstrip() for r in all_runs})
     shape = (f"(small_input={model['small_input']})" if "small_input" in model
              else f"({model.get('backbone')} at base width {model.get('backbone_width')})")
     return [
         "Runs: " + f"{len(all_runs)} run directories; host(s) {', '.join(hosts)}; git {', '.join(commits)}; "
         f"torch {', '.join(torch_v)}; model {model['arch']} {shape}, "
-        f"data {data['name']} {data.get('root') or ''} at {data.get('image_size') or model.get('min_size')} px, "
+        f"data {', '.join(datasets)} at {data.get('image_size') or model.get('min_size')} px, "
         f"{'/'.join(map(str, iters))} iterations of {cfg0['data']['batch_size']} images"
         + (f"; first start {starts[0]}, last end {ends[-1]}" if starts and ends else "")
         + (f"; summed wall time {wall / 60:.1f} min" if wall else "") + ".",

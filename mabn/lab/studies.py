@@ -49,7 +49,7 @@ class Row:
 #: keys (a row's swept_value is then the tuple of their values); studies not named here sweep only
 #: presets. The collector groups a study's runs by (preset, this key's value).
 SWEPT_KEY = {"figure1b": "norm.norm_batch_size", "convergence": "schedule.iterations",
-             "det_convergence": "schedule.iterations",
+             "det_convergence": "schedule.iterations", "det_data_size": "data.name",
              "row5_probe": ("schedule.policy", "optim.lr", "norm.r_max"),
              "brn_b32_probe": ("norm.norm_batch_size", "norm.r_max", "norm.alpha")}
 
@@ -151,6 +151,12 @@ DET_TABLE5 = [
     Row("table5_mabn", "MABN(2)", 36.50, paper_more=(("segm_AP", 32.69),)),
     Row("table5_gn", "GN (not in the paper's table)", None),
 ]
+# The data-size probe of Table 3 at 6,000 iterations (configs/study/det_data_size.yaml): BN(2) and
+# MABN(2) on the protocol's 2,000 training images (Table 3's runs: give their folders too) and on
+# det-tiny10-8k's 8,000 (the same first 2,000, the same validation images), keyed by data.name.
+DET_DATA_SIZES = {"det-tiny10": "2,000", "det-tiny10-8k": "8,000"}
+DET_DATA_SIZE = [Row(DET_TABLE3[i].key, f"{DET_TABLE3[i].label}, {images} training images", None, name)
+                 for name, images in DET_DATA_SIZES.items() for i in (0, 3)]
 DET_TABLE7 = [
     Row("table7_syncbn", "RetinaNet, SyncBN(16); one process: SyncBN(2k)", 29.80),
     Row("table7_mabn", "RetinaNet, MABN(2)", 29.52),
@@ -158,11 +164,14 @@ DET_TABLE7 = [
 
 STUDIES = {"table2": TABLE2, "table4": TABLE4, "figure1b": FIGURE1B, "convergence": CONVERGENCE,
            "det_table3": DET_TABLE3, "det_convergence": DET_CONVERGENCE, "det_table5": DET_TABLE5,
-           "det_table7": DET_TABLE7, "row5_probe": ROW5_PROBE, "brn_b32_probe": BRN_B32_PROBE}
+           "det_table7": DET_TABLE7, "det_data_size": DET_DATA_SIZE, "row5_probe": ROW5_PROBE,
+           "brn_b32_probe": BRN_B32_PROBE}
 #: The measure each study compares (TOP1 unless named here).
-MEASURE = {"det_table3": BOX_AP, "det_convergence": BOX_AP, "det_table5": BOX_AP, "det_table7": BOX_AP}
+MEASURE = {"det_table3": BOX_AP, "det_convergence": BOX_AP, "det_table5": BOX_AP, "det_table7": BOX_AP,
+           "det_data_size": BOX_AP}
 #: The measures a study's table shows, its own first.
 SHOWN = {"det_table3": (BOX_AP, MASK_AP), "det_convergence": (BOX_AP, MASK_AP), "det_table5": (BOX_AP, MASK_AP),
+         "det_data_size": (BOX_AP, MASK_AP),
          "det_table7": (BOX_AP,)}
 #: A schedule is converged when doubling it moves each row's mean by less than this (points).
 TOLERANCE = {"convergence": CONVERGENCE_TOLERANCE, "det_convergence": 1.0}
@@ -178,7 +187,8 @@ COLLAPSE_RISE = 1.0
 
 EQUIVALENCE_MARGIN = {"table2": 1.5, "table4": 1.5, "figure1b": 1.5, "convergence": 1.5,
                       "row5_probe": 1.5, "brn_b32_probe": 1.5,
-                      "det_table3": 1.0, "det_convergence": 1.0, "det_table5": 1.0, "det_table7": 1.0}
+                      "det_table3": 1.0, "det_convergence": 1.0, "det_table5": 1.0, "det_table7": 1.0,
+                      "det_data_size": 1.0}
 
 
 def measure_of(study: str) -> Measure:
@@ -196,6 +206,7 @@ REFERENCE = {"table2": ("table2_row1_bn_regular", None), "table4": ("table4_row1
              "figure1b": ("table2_row3_bn_small", 32), "convergence": ("table2_row1_bn_regular", None),
              "det_table3": ("table3_syncbn", None), "det_convergence": ("table3_bn", None),
              "det_table5": ("table5_syncbn", None), "det_table7": ("table7_syncbn", None),
+             "det_data_size": _probe(DET_DATA_SIZE, 0),
              "row5_probe": _probe(ROW5_PROBE, 4), "brn_b32_probe": _probe(BRN_B32_PROBE, 0)}
 
 
@@ -301,6 +312,14 @@ CLAIMS = {
               _t3("mabn", 5), _t3("syncbn", 5)),
         Claim("B.3: with norm in the heads, MABN(2) is comparable with SyncBN, mask AP", "equal",
               _t3("mabn", 5), _t3("syncbn", 5), MASK_AP),
+    ],
+    "det_data_size": [
+        Claim("5.2: MABN(2) outperforms BN(2), box AP, on 2,000 training images (Table 3)", "higher",
+              _probe(DET_DATA_SIZE, 1), _probe(DET_DATA_SIZE, 0)),
+        Claim("5.2: MABN(2) outperforms BN(2), box AP, on 8,000 training images", "higher",
+              _probe(DET_DATA_SIZE, 3), _probe(DET_DATA_SIZE, 2)),
+        Claim("4x the training images raise MABN(2)'s box AP", "higher", _probe(DET_DATA_SIZE, 3), _probe(DET_DATA_SIZE, 1)),
+        Claim("4x the training images raise BN(2)'s box AP", "higher", _probe(DET_DATA_SIZE, 2), _probe(DET_DATA_SIZE, 0)),
     ],
     "det_table7": [
         Claim("B.3: RetinaNet, MABN(2) is comparable with SyncBN, box AP", "equal", _t3("mabn", 7), _t3("syncbn", 7)),
