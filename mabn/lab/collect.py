@@ -599,7 +599,7 @@ def _provenance(all_runs: list[dict]) -> list[str]:
     iters = sorted({r["config"]["schedule"]["iterations"] for r in all_runs})
     cfg0 = all_runs[0]["config"]
     model, data = cfg0["model"], cfg0["data"]
-    datasets = sorted({f"{r['config']['data']['name']} {r['config']['data'].get('root') or ''}".rstrip() for r in all_runs})
+    datasets = sorted({f"{d['name']} {d.get('root') or ''}".rstrip() for d in (r["config"]["data"] for r in all_runs)})
     shape = (f"(small_input={model['small_input']})" if "small_input" in model
              else f"({model.get('backbone')} at base width {model.get('backbone_width')})")
     return [
