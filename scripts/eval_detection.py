@@ -39,6 +39,8 @@ def evaluate_run(run_dir: str, data_root: str | None, write: bool, split: str | 
     if record and split == _val_split(run_dir):
         raise ValueError(f"--split {split!r} is the run's validation split (data.val_split): its AP is metrics.json's; "
                          "--record takes another split")
+    if record or write:
+        _finished_record(run_dir)  # refused before the evaluation, not after it
     metrics, matches, iteration = evaluate_detection_checkpoint(run_dir, data_root, split, images)
     line = {"run": run_dir, "iteration": iteration, **({"split": split} if split else {}),
             **({"images": images} if images is not None else {}),
@@ -65,11 +67,20 @@ def _val_split(run_dir: str) -> str:
     return OmegaConf.load(os.path.join(run_dir, "config.yaml")).data.val_split
 
 
-def _final_record(run_dir: str, iteration: int) -> dict:
-    """The run's metrics.json, when the evaluated checkpoint is its finished run's final one."""
+def _finished_record(run_dir: str) -> dict:
+    """The run's metrics.json, when the run has finished (status "finished")."""
     with open(os.path.join(run_dir, "metrics.json")) as f:
         recorded = json.load(f)
-    if recorded.get("status") != "finished" or iteration != recorded.get("iterations"):
+    if recorded.get("status") != "finished":
+        raise ValueError(f"{run_dir}: the run is {recorded.get('status')!r}, not finished; --record and "
+                         "--write-matches take a finished run's final checkpoint")
+    return recorded
+
+
+def _final_record(run_dir: str, iteration: int) -> dict:
+    """The run's metrics.json, when the evaluated checkpoint is its finished run's final one."""
+    recorded = _finished_record(run_dir)
+    if iteration != recorded.get("iterations"):
         raise ValueError(f"{run_dir}: the newest checkpoint is iteration {iteration}, not the finished run's final one")
     return recorded
 

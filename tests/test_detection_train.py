@@ -357,9 +357,12 @@ def test_final_matches_reproduce_box_and_mask_ap_and_eval_rewrites_them(data_roo
     _check_other_split(data_root, out, m)
     part = tmp_path / "part"
     train_det(small(data_root, part, iterations=4, stop_after=2, **{"data.val_images": 6}))
-    r = run_script([PYTHON, os.path.join(REPO, "scripts", "eval_detection.py"), str(part), "--write-matches"])
-    assert r.returncode == 1 and "not the finished run's final one" in r.stderr, r.stderr[-3000:]
+    # refused before evaluating: a data root that does not exist is never reached
+    nowhere = ["--data-root", str(tmp_path / "nowhere")]
+    r = run_script([PYTHON, os.path.join(REPO, "scripts", "eval_detection.py"), str(part), "--write-matches"] + nowhere)
+    assert r.returncode == 1 and "'interrupted', not finished" in r.stderr, r.stderr[-3000:]
     assert not (part / "val_box_matches.json").exists() and not (part / "val_mask_matches.json").exists()
-    r = run_script([PYTHON, os.path.join(REPO, "scripts", "eval_detection.py"), str(part), "--split", "train", "--record"])
-    assert r.returncode == 1 and "not the finished run's final one" in r.stderr, r.stderr[-3000:]
+    r = run_script([PYTHON, os.path.join(REPO, "scripts", "eval_detection.py"), str(part), "--split", "train",
+                    "--record"] + nowhere)
+    assert r.returncode == 1 and "'interrupted', not finished" in r.stderr, r.stderr[-3000:]
     assert not (part / "train_eval.json").exists()
