@@ -90,16 +90,24 @@ def _results_index(coco_gt: COCO, results: list[dict]) -> COCO:
         return coco_dt
 
 
+def _matched_evaluator(coco_gt: COCO, results: list[dict], image_ids: list[int], iou_type: str) -> COCOeval:
+    """A COCOeval of one iou type over ``image_ids`` that has run ``evaluate()`` (the per-image
+    matching), quietly."""
+    evaluator = COCOeval(coco_gt, _results_index(coco_gt, results), iou_type)
+    evaluator.params.imgIds = image_ids
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+    return evaluator
+
+
 def _evaluate_one(coco_gt: COCO, results: list[dict], image_ids: list[int],
                   iou_type: str) -> tuple[dict[str, float | None], str, COCOeval]:
     """COCOeval of one iou type over ``image_ids``: the summary in percent (None where COCOeval
     gives -1, i.e. no ground truth in that size range), COCOeval's printed summary, and the
     evaluator itself (its per-image matching, for :func:`_matches`)."""
-    evaluator = COCOeval(coco_gt, _results_index(coco_gt, results), iou_type)
-    evaluator.params.imgIds = image_ids
+    evaluator = _matched_evaluator(coco_gt, results, image_ids, iou_type)
     printed = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()):
-        evaluator.evaluate()
         evaluator.accumulate()
     with contextlib.redirect_stdout(printed):
         evaluator.summarize()
@@ -177,12 +185,7 @@ def match_records(coco_gt: COCO, results: list[dict], image_ids: Sequence[int], 
     ``iou_thresholds[t]`` it matched a ground truth / it is ignored). Detections are listed in
     COCOeval's own order (category, image, descending score), so a stable sort by score gives
     its ranking. JSON-serializable."""
-    image_ids = sorted({int(i) for i in image_ids})
-    evaluator = COCOeval(coco_gt, _results_index(coco_gt, results), iou_type)
-    evaluator.params.imgIds = image_ids
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluator.evaluate()
-    return _matches(evaluator)
+    return _matches(_matched_evaluator(coco_gt, results, sorted({int(i) for i in image_ids}), iou_type))
 
 
 def _matches(evaluator: COCOeval) -> dict:
