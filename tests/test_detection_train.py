@@ -366,3 +366,10 @@ def test_final_matches_reproduce_box_and_mask_ap_and_eval_rewrites_them(data_roo
                     "--record"] + nowhere)
     assert r.returncode == 1 and "'interrupted', not finished" in r.stderr, r.stderr[-3000:]
     assert not (part / "train_eval.json").exists()
+    # a record that says finished while its newest checkpoint is not the final one: refused after evaluating
+    record = json.loads((part / "metrics.json").read_text())
+    (part / "metrics.json").write_text(json.dumps({**record, "status": "finished"}))
+    r = run_script([PYTHON, os.path.join(REPO, "scripts", "eval_detection.py"), str(part), "--split", "train",
+                    "--images", "2", "--record"])
+    assert r.returncode == 1 and "iteration 2, not the finished run's final one" in r.stderr, r.stderr[-3000:]
+    assert not (part / "train_eval.json").exists()
