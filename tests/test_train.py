@@ -193,3 +193,37 @@ def test_the_final_validation_keeps_every_images_prediction(tmp_path):
     assert sorted(preds) == list(range(25))
     wrong = sum(t != p for t, p in preds.values())
     assert m["val_top1_err"] == pytest.approx(100.0 * wrong / 25)
+
+
+def test_provenance_names_uncommitted_changes(tmp_path, monkeypatch):
+    """env.json says which files made a run's checkout dirty, not only that it was."""
+    from omegaconf import OmegaConf
+    from mabn.engine import run
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (repo / "tracked.py").write_text("a = 1\n")
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "tracked.py"], check=True)
+    subprocess.run(git + ["commit", "-qm", "first"], check=True)
+    monkeypatch.setattr(run, "_REPO", str(repo))
+    cfg = OmegaConf.create({"seed": 0})
+
+    run.write_provenance(cfg, str(tmp_path / "clean"), world_size=1)
+    env = json.loads((tmp_path / "clean" / "env.json").read_text())
+    assert env["git_dirty"] is False and env["git_changes"] == [], env
+    assert len(env["git_commit"]) == 40
+
+    (repo / "tracked.py").write_text("a = 2\n")
+    (repo / "notes.txt").write_text("x\n")
+    run.write_provenance(cfg, str(tmp_path / "dirty"), world_size=1)
+    env = json.loads((tmp_path / "dirty" / "env.json").read_text())
+    assert env["git_dirty"] is True
+    assert env["git_changes"] == [" M tracked.py", "?? notes.txt"], env["git_changes"]
+
+    for i in range(run._MAX_CHANGES + 5):
+        (repo / f"new{i:03d}.txt").write_text("x\n")
+    run.write_provenance(cfg, str(tmp_path / "many"), world_size=1)
+    changes = json.loads((tmp_path / "many" / "env.json").read_text())["git_changes"]
+    assert len(changes) == run._MAX_CHANGES + 1 and changes[-1] == "... and 7 more", changes[-3:]

@@ -144,10 +144,13 @@ def lock_out_dir(out_dir: str):
     return f
 
 
+_MAX_CHANGES = 100  # env.json's git_changes keeps this many `git status` lines
+
+
 def _git(*args: str) -> str | None:
     try:
         return subprocess.run(["git", *args], cwd=_REPO, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+                              timeout=10, check=True).stdout.rstrip()
     except Exception:
         return None
 
@@ -165,9 +168,14 @@ def write_provenance(cfg, out_dir: str, world_size: int) -> None:
     os.makedirs(out_dir, exist_ok=True)
     files.atomic_write({os.path.join(out_dir, "config.yaml"): OmegaConf.to_yaml(cfg)})
     status = _git("status", "--porcelain")
+    changes = None if status is None else status.splitlines()
+    if changes is not None and len(changes) > _MAX_CHANGES:
+        changes = changes[:_MAX_CHANGES] + [f"... and {len(changes) - _MAX_CHANGES} more"]
     env = {
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
+        "git_dirty": None if changes is None else bool(changes),
+        # what made it dirty: `git status --porcelain` lines (" M mabn/norm.py", "?? notes.txt")
+        "git_changes": changes,
         "packages": {p: _version(p) for p in ("torch", "torchvision", "hydra-core", "omegaconf",
                                               "tensorboard", "tqdm", "numpy", "pillow")},
         "python": platform.python_version(),
